@@ -1,0 +1,23 @@
+"""ctxcore: long contexts for PyTorch language models.
+
+The KV cache is compressed with product quantization, kept in fixed-size pages that spill from
+a RAM budget to disk, and attention is computed over the compressed pages (Rust on the CPU,
+CUDA on NVIDIA GPUs).
+"""
+
+from __future__ import annotations
+
+from . import exceptions
+from ._ctxcore import __version__, cpu_has_avx2, get_num_threads, set_num_threads
+from .exceptions import CtxcoreError
+from .pq import ProductQuantizer
+
+__all__ = [
+    "__version__",
+    "CtxcoreError",
+    "ProductQuantizer",
+    "cpu_has_avx2",
+    "exceptions",
+    "get_num_threads",
+    "set_num_threads",
+]

@@ -1,0 +1,74 @@
+"""Exceptions raised by ctxcore.
+
+Every error ctxcore raises derives from :class:`CtxcoreError`. Each class also derives from the
+builtin a caller would naturally catch (``ValueError`` for bad values, ``TypeError`` for bad
+dtypes, ``OSError`` for I/O), so ``except ValueError`` keeps working.
+
+The Rust core maps its one ``Error`` enum to these classes in a single place
+(``rust/src/py/error.rs``); the class names are part of the public API.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CtxcoreError",
+    "ConfigError",
+    "NotTrainedError",
+    "ShapeError",
+    "DTypeError",
+    "NonFiniteError",
+    "InsufficientDataError",
+    "CorruptDataError",
+    "FormatVersionError",
+    "DeviceError",
+    "CtxcoreIOError",
+    "InternalError",
+]
+
+
+class CtxcoreError(Exception):
+    """Base class of every ctxcore error."""
+
+
+class ConfigError(CtxcoreError, ValueError):
+    """An invalid construction parameter, e.g. ``dim % m != 0`` or an unsupported ``nbits``."""
+
+
+class NotTrainedError(CtxcoreError, RuntimeError):
+    """An operation that needs trained codebooks was called before ``train``."""
+
+
+class ShapeError(CtxcoreError, ValueError):
+    """An array had the wrong rank or extent (or could not be viewed contiguously)."""
+
+
+class DTypeError(CtxcoreError, TypeError):
+    """An array had the wrong element type."""
+
+
+class NonFiniteError(CtxcoreError, ValueError):
+    """An input contained NaN or infinity."""
+
+
+class InsufficientDataError(CtxcoreError, ValueError):
+    """Too few vectors to train the requested codebooks."""
+
+
+class CorruptDataError(CtxcoreError, ValueError):
+    """Serialized data failed validation: bad magic, truncation, length or checksum mismatch."""
+
+
+class FormatVersionError(CorruptDataError):
+    """Serialized data has a format version this build cannot read."""
+
+
+class DeviceError(CtxcoreError, ValueError):
+    """A tensor lives on a device this build or operation does not support."""
+
+
+class CtxcoreIOError(CtxcoreError, OSError):
+    """Reading or writing a file failed; the message names the file."""
+
+
+class InternalError(CtxcoreError, RuntimeError):
+    """A bug in ctxcore (an invariant was violated). Please report it."""

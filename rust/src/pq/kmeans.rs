@@ -1,0 +1,176 @@
+//! k-means for one PQ subspace: k-means++ seeding, Lloyd iterations, empty-cluster re-seeding.
+
+use super::kernels::{nearest, LANES};
+use crate::rng::SplitMix64;
+
+/// Transpose centroids `(k, d)` into `(d, k)` and compute their squared norms.
+pub fn transpose_with_norms(c: &[f32], k: usize, d: usize, ct: &mut [f32], norms: &mut [f32]) {
+    for kk in 0..k {
+        let row = &c[kk * d..(kk + 1) * d];
+        norms[kk] = row.iter().map(|v| v * v).sum();
+        for (dd, &v) in row.iter().enumerate() {
+            ct[dd * k + kk] = v;
+        }
+    }
+}
+
+#[inline(always)]
+fn sqdist(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// k-means++ seeding: `k` rows of `x` (`[n, d]`), chosen with probability proportional to the
+/// squared distance to the nearest already chosen center.
+fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    let mut c = Vec::with_capacity(k * d);
+    let first = rng.below(n);
+    c.extend_from_slice(&x[first * d..(first + 1) * d]);
+    let mut dist: Vec<f64> = (0..n)
+        .map(|i| sqdist(&x[i * d..(i + 1) * d], &c[..d]) as f64)
+        .collect();
+    for _ in 1..k {
+        let total: f64 = dist.iter().sum();
+        let pick = if total > 0.0 && total.is_finite() {
+            let mut r = rng.next_f64() * total;
+            let mut pick = n - 1;
+            for (i, &w) in dist.iter().enumerate() {
+                if r < w {
+                    pick = i;
+                    break;
+                }
+                r -= w;
+            }
+            // Never pick a point with zero weight (it is already a center).
+            if dist[pick] == 0.0 {
+                dist.iter().rposition(|&w| w > 0.0).unwrap_or(pick)
+            } else {
+                pick
+            }
+        } else {
+            rng.below(n) // all points coincide with centers: duplicates are unavoidable
+        };
+        let start = c.len();
+        c.extend_from_slice(&x[pick * d..(pick + 1) * d]);
+        let newc = &c[start..start + d];
+        for (i, w) in dist.iter_mut().enumerate() {
+            let dn = sqdist(&x[i * d..(i + 1) * d], newc) as f64;
+            if dn < *w {
+                *w = dn;
+            }
+        }
+    }
+    c
+}
+
+/// Train `k` centroids on `x` (`[n, d]`, `n >= k`, `k % 8 == 0`). Returns Layout `(k, d)`.
+///
+/// Deterministic for a given `rng` state. Empty clusters are re-seeded with the points farthest
+/// from their assigned centroid.
+pub fn kmeans(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    k: usize,
+    iters: usize,
+    rng: &mut SplitMix64,
+) -> Vec<f32> {
+    debug_assert!(n >= k && k % LANES == 0);
+    let mut c = kmeanspp(x, n, d, k, rng);
+    let mut ct = vec![0f32; k * d];
+    let mut norms = vec![0f32; k];
+    let mut assign = vec![0u32; n];
+    let mut err = vec![0f32; n];
+    let mut sums = vec![0f64; k * d];
+    let mut counts = vec![0usize; k];
+    for _ in 0..iters {
+        transpose_with_norms(&c, k, d, &mut ct, &mut norms);
+        crate::dispatch!(assign_all(x, d, &ct, &norms, k, &mut assign, &mut err));
+        sums.fill(0.0);
+        counts.fill(0);
+        for (i, &a) in assign.iter().enumerate() {
+            let a = a as usize;
+            counts[a] += 1;
+            for (s, &v) in sums[a * d..(a + 1) * d]
+                .iter_mut()
+                .zip(&x[i * d..(i + 1) * d])
+            {
+                *s += v as f64;
+            }
+        }
+        for kk in 0..k {
+            if counts[kk] > 0 {
+                let inv = 1.0 / counts[kk] as f64;
+                for dd in 0..d {
+                    c[kk * d + dd] = (sums[kk * d + dd] * inv) as f32;
+                }
+            }
+        }
+        // Re-seed empty clusters with the worst-served points (distinct points each time).
+        let empty: Vec<usize> = (0..k).filter(|&kk| counts[kk] == 0).collect();
+        if !empty.is_empty() {
+            let mut order: Vec<usize> = (0..n).collect();
+            // err holds ||c||^2 - 2x.c; add ||x||^2 to get the true squared distance.
+            let full: Vec<f32> = (0..n)
+                .map(|i| err[i] + x[i * d..(i + 1) * d].iter().map(|v| v * v).sum::<f32>())
+                .collect();
+            order.sort_by(|&a, &b| full[b].total_cmp(&full[a]).then(a.cmp(&b)));
+            for (slot, &kk) in empty.iter().enumerate() {
+                let p = order[slot % n];
+                c[kk * d..(kk + 1) * d].copy_from_slice(&x[p * d..(p + 1) * d]);
+            }
+        }
+    }
+    c
+}
+
+#[inline(always)]
+fn assign_all(
+    x: &[f32],
+    d: usize,
+    ct: &[f32],
+    norms: &[f32],
+    k: usize,
+    assign: &mut [u32],
+    err: &mut [f32],
+) {
+    for ((xi, a), e) in x.chunks_exact(d).zip(assign.iter_mut()).zip(err.iter_mut()) {
+        let (i, v) = nearest(xi, ct, norms, k);
+        *a = i;
+        *e = v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_separated_clusters() {
+        // Four well separated 2-D blobs, k = 8: every blob must get at least one centroid.
+        let mut rng = SplitMix64::new(1, 0);
+        let centers = [(0.0, 0.0), (10.0, 0.0), (0.0, 10.0), (10.0, 10.0)];
+        let mut x = Vec::new();
+        for i in 0..400 {
+            let (cx, cy) = centers[i % 4];
+            x.push(cx + rng.next_f64() as f32 * 0.1);
+            x.push(cy + rng.next_f64() as f32 * 0.1);
+        }
+        let c = kmeans(&x, 400, 2, 8, 10, &mut SplitMix64::new(3, 0));
+        for (cx, cy) in centers {
+            let best = (0..8)
+                .map(|k| (c[2 * k] - cx).powi(2) + (c[2 * k + 1] - cy).powi(2))
+                .fold(f32::MAX, f32::min);
+            assert!(
+                best < 0.1,
+                "blob ({cx},{cy}) has no centroid nearby: {best}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicates_do_not_break_training() {
+        let x = vec![1.0f32; 64 * 3];
+        let c = kmeans(&x, 64, 3, 16, 5, &mut SplitMix64::new(0, 0));
+        assert!(c.iter().all(|&v| v == 1.0));
+    }
+}

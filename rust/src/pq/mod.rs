@@ -1,0 +1,554 @@
+//! Product quantization: the codec that compresses KV vectors.
+//!
+//! A vector of `dim` floats is split into `m` sub-vectors of `dsub = dim / m` floats; each
+//! sub-vector is replaced by the index of its nearest centroid in a per-subspace codebook of
+//! `ksub = 2^nbits` centroids. Codes are stored as bytes, Layout `(n, code_bytes)`: with
+//! `nbits = 8` byte `j` is subquantizer `j`; with `nbits = 4` subquantizer `j` is in byte
+//! `j / 2`, low nibble for even `j`, high nibble for odd `j` (the same packing as faiss).
+//!
+//! Scoring never decompresses: a query is turned into lookup tables (one `ksub`-entry table per
+//! subspace) and a code's score is the sum of `m` table entries (asymmetric distance
+//! computation). 4-bit tables are folded pairwise into 256-entry byte tables so 4-bit and 8-bit
+//! codes share one scan that does one lookup per code byte.
+
+mod kernels;
+mod kmeans;
+mod serialize;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+use kernels::{ip_table, l2_table, nearest, pair_tables_4bit, scan_bytes};
+
+pub use serialize::FORMAT_VERSION;
+
+/// Rows handled per parallel task in encode / decode / scan.
+const BLOCK: usize = 1024;
+/// Training uses at most this many vectors per centroid (sampled deterministically), like faiss.
+pub const MAX_POINTS_PER_CENTROID: usize = 256;
+
+/// Similarity used to build lookup tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// `q . y`
+    InnerProduct,
+    /// `||q - y||^2`
+    L2,
+}
+
+/// A product quantizer: configuration plus (once trained) its codebooks.
+#[derive(Clone, Debug)]
+pub struct ProductQuantizer {
+    dim: usize,
+    m: usize,
+    nbits: u32,
+    trained: Option<Codebooks>,
+}
+
+/// Trained codebooks in the layouts the kernels need.
+#[derive(Clone, Debug)]
+struct Codebooks {
+    /// Layout: `(m, ksub, dsub)`.
+    centroids: Vec<f32>,
+    /// Layout: `(m, dsub, ksub)` — transposed so kernels vectorize over centroids.
+    transposed: Vec<f32>,
+    /// Layout: `(m, ksub)` — squared norms of the centroids.
+    norms: Vec<f32>,
+}
+
+impl Codebooks {
+    fn new(centroids: Vec<f32>, m: usize, ksub: usize, dsub: usize) -> Self {
+        let mut transposed = vec![0f32; centroids.len()];
+        let mut norms = vec![0f32; m * ksub];
+        for j in 0..m {
+            kmeans::transpose_with_norms(
+                &centroids[j * ksub * dsub..(j + 1) * ksub * dsub],
+                ksub,
+                dsub,
+                &mut transposed[j * ksub * dsub..(j + 1) * ksub * dsub],
+                &mut norms[j * ksub..(j + 1) * ksub],
+            );
+        }
+        Codebooks {
+            centroids,
+            transposed,
+            norms,
+        }
+    }
+}
+
+impl ProductQuantizer {
+    /// Check the configuration: `dim > 0`, `1 <= m <= dim`, `dim % m == 0`, `nbits` in {4, 8}.
+    pub fn new(dim: usize, m: usize, nbits: u32) -> Result<Self> {
+        if dim == 0 {
+            return Err(Error::config("dim must be positive"));
+        }
+        if m == 0 || m > dim {
+            return Err(Error::config(format!(
+                "m must be between 1 and dim={dim}, got m={m}"
+            )));
+        }
+        if dim % m != 0 {
+            let divisors: Vec<String> = (1..=dim)
+                .filter(|d| dim % d == 0)
+                .map(|d| d.to_string())
+                .collect();
+            return Err(Error::config(format!(
+                "dim={dim} is not divisible by m={m}; choose m among the divisors of dim: {}",
+                divisors.join(", ")
+            )));
+        }
+        if nbits != 4 && nbits != 8 {
+            return Err(Error::config(format!("nbits must be 4 or 8, got {nbits}")));
+        }
+        Ok(ProductQuantizer {
+            dim,
+            m,
+            nbits,
+            trained: None,
+        })
+    }
+
+    /// Vector dimension.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    /// Number of subquantizers.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    /// Bits per subquantizer code (4 or 8).
+    pub fn nbits(&self) -> u32 {
+        self.nbits
+    }
+    /// Dimensions per subspace (`dim / m`).
+    pub fn dsub(&self) -> usize {
+        self.dim / self.m
+    }
+    /// Centroids per subspace (`2^nbits`).
+    pub fn ksub(&self) -> usize {
+        1 << self.nbits
+    }
+    /// Bytes per encoded vector (`ceil(m * nbits / 8)`).
+    pub fn code_bytes(&self) -> usize {
+        (self.m * self.nbits as usize).div_ceil(8)
+    }
+    /// Whether codebooks are trained.
+    pub fn is_trained(&self) -> bool {
+        self.trained.is_some()
+    }
+    /// Centroids, Layout `(m, ksub, dsub)`, if trained.
+    pub fn centroids(&self) -> Option<&[f32]> {
+        self.trained.as_ref().map(|c| c.centroids.as_slice())
+    }
+
+    fn books(&self, what: &'static str) -> Result<&Codebooks> {
+        self.trained.as_ref().ok_or(Error::NotTrained { what })
+    }
+
+    /// Build a trained quantizer from given centroids, Layout `(m, ksub, dsub)`.
+    pub fn with_centroids(dim: usize, m: usize, nbits: u32, centroids: Vec<f32>) -> Result<Self> {
+        let mut pq = Self::new(dim, m, nbits)?;
+        let expected = m * pq.ksub() * pq.dsub();
+        if centroids.len() != expected {
+            return Err(Error::shape(
+                "centroids",
+                format!("[{m}, {}, {}] ({expected} values)", pq.ksub(), pq.dsub()),
+                format!("{} values", centroids.len()),
+            ));
+        }
+        if let Some(i) = centroids.iter().position(|v| !v.is_finite()) {
+            let row = i / pq.dsub();
+            return Err(Error::NonFinite {
+                what: "centroids".into(),
+                row,
+                col: i % pq.dsub(),
+                value: centroids[i],
+            });
+        }
+        pq.trained = Some(Codebooks::new(centroids, m, pq.ksub(), pq.dsub()));
+        Ok(pq)
+    }
+
+    /// Number of rows in `x` (`[n, dim]` row-major), checking the width.
+    fn rows(&self, what: &str, x: &[f32]) -> Result<usize> {
+        if x.len() % self.dim != 0 {
+            return Err(Error::shape(
+                what,
+                format!("[n, {}]", self.dim),
+                format!("{} values (not a multiple of {})", x.len(), self.dim),
+            ));
+        }
+        Ok(x.len() / self.dim)
+    }
+
+    /// Train codebooks on `x`, Layout `(n, dim)`, with `iters` Lloyd iterations per subspace.
+    ///
+    /// Needs `n >= 2^nbits` finite vectors. Subspaces train in parallel; the result depends only
+    /// on `x`, `iters` and `seed` (not on the thread count). When `n` exceeds
+    /// [`MAX_POINTS_PER_CENTROID`]` * ksub`, a deterministic random subset of that size is used.
+    pub fn train(&mut self, x: &[f32], iters: usize, seed: u64) -> Result<()> {
+        let n = self.rows("train input", x)?;
+        let ksub = self.ksub();
+        if n < ksub {
+            return Err(Error::InsufficientData {
+                what: "train",
+                got: n,
+                needed: ksub,
+                reason: format!(
+                    "nbits={} needs one vector per centroid; use nbits=4 or more data",
+                    self.nbits
+                ),
+            });
+        }
+        check_finite("train input", x, self.dim)?;
+        let (dim, dsub, m) = (self.dim, self.dsub(), self.m);
+        // Deterministic subsample, shared by all subspaces (partial Fisher-Yates).
+        let cap = MAX_POINTS_PER_CENTROID * ksub;
+        let rows: Vec<usize> = if n > cap {
+            let mut idx: Vec<usize> = (0..n).collect();
+            let mut rng = SplitMix64::new(seed, u64::MAX);
+            for i in 0..cap {
+                let j = i + rng.below(n - i);
+                idx.swap(i, j);
+            }
+            idx.truncate(cap);
+            idx.sort_unstable();
+            idx
+        } else {
+            (0..n).collect()
+        };
+        let nt = rows.len();
+        let books: Vec<Vec<f32>> = crate::parallel::install(|| {
+            Ok((0..m)
+                .into_par_iter()
+                .map(|j| {
+                    let mut sub = Vec::with_capacity(nt * dsub);
+                    for &r in &rows {
+                        sub.extend_from_slice(&x[r * dim + j * dsub..r * dim + (j + 1) * dsub]);
+                    }
+                    let mut rng = SplitMix64::new(seed, j as u64);
+                    kmeans::kmeans(&sub, nt, dsub, ksub, iters, &mut rng)
+                })
+                .collect())
+        })?;
+        let centroids = books.concat();
+        self.trained = Some(Codebooks::new(centroids, m, ksub, dsub));
+        Ok(())
+    }
+
+    /// Encode `x`, Layout `(n, dim)`, into codes, Layout `(n, code_bytes)`.
+    pub fn encode(&self, x: &[f32]) -> Result<Vec<u8>> {
+        let n = self.rows("encode input", x)?;
+        let mut codes = vec![0u8; n * self.code_bytes()];
+        self.encode_into(x, &mut codes)?;
+        Ok(codes)
+    }
+
+    /// Encode into a caller-provided buffer of `n * code_bytes` bytes.
+    pub fn encode_into(&self, x: &[f32], codes: &mut [u8]) -> Result<()> {
+        let books = self.books("encode")?;
+        let n = self.rows("encode input", x)?;
+        let cb = self.code_bytes();
+        if codes.len() != n * cb {
+            return Err(Error::shape(
+                "codes buffer",
+                format!("[{n}, {cb}]"),
+                format!("{} bytes", codes.len()),
+            ));
+        }
+        check_finite("encode input", x, self.dim)?;
+        let (dim, m, dsub, ksub, nbits) = (self.dim, self.m, self.dsub(), self.ksub(), self.nbits);
+        crate::parallel::install(|| {
+            codes
+                .par_chunks_mut(BLOCK * cb)
+                .zip(x.par_chunks(BLOCK * dim))
+                .for_each(|(cblk, xblk)| {
+                    crate::dispatch!(encode_block(xblk, cblk, books, dim, m, dsub, ksub, nbits));
+                });
+            Ok(())
+        })
+    }
+
+    /// Decode codes, Layout `(n, code_bytes)`, into vectors, Layout `(n, dim)`.
+    pub fn decode(&self, codes: &[u8]) -> Result<Vec<f32>> {
+        let books = self.books("decode")?;
+        let n = self.code_rows("codes", codes)?;
+        let (dim, m, dsub, ksub, cb) = (
+            self.dim,
+            self.m,
+            self.dsub(),
+            self.ksub(),
+            self.code_bytes(),
+        );
+        let four = self.nbits == 4;
+        let mut out = vec![0f32; n * dim];
+        crate::parallel::install(|| {
+            out.par_chunks_mut(BLOCK * dim)
+                .zip(codes.par_chunks(BLOCK * cb))
+                .for_each(|(oblk, cblk)| {
+                    for (o, c) in oblk.chunks_exact_mut(dim).zip(cblk.chunks_exact(cb)) {
+                        for j in 0..m {
+                            let k = code_at(c, j, four);
+                            let src =
+                                &books.centroids[(j * ksub + k) * dsub..(j * ksub + k + 1) * dsub];
+                            o[j * dsub..(j + 1) * dsub].copy_from_slice(src);
+                        }
+                    }
+                });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn code_rows(&self, what: &str, codes: &[u8]) -> Result<usize> {
+        let cb = self.code_bytes();
+        if codes.len() % cb != 0 {
+            return Err(Error::shape(
+                what,
+                format!(
+                    "[n, {cb}] (code_bytes for m={}, nbits={})",
+                    self.m, self.nbits
+                ),
+                format!("{} bytes (not a multiple of {cb})", codes.len()),
+            ));
+        }
+        Ok(codes.len() / cb)
+    }
+
+    /// Lookup tables of the queries `q`, Layout `(nq, dim)` -> `(nq, m, ksub)`.
+    pub fn lookup_tables(&self, q: &[f32], metric: Metric) -> Result<Vec<f32>> {
+        let books = self.books("lookup_tables")?;
+        let nq = self.rows("queries", q)?;
+        check_finite("queries", q, self.dim)?;
+        let (dim, m, dsub, ksub) = (self.dim, self.m, self.dsub(), self.ksub());
+        let mut out = vec![0f32; nq * m * ksub];
+        for (qi, t) in q.chunks_exact(dim).zip(out.chunks_exact_mut(m * ksub)) {
+            crate::dispatch!(build_tables(qi, books, m, dsub, ksub, metric, t));
+        }
+        Ok(out)
+    }
+
+    /// Scores of every query against every code: Layout `(nq, n)`.
+    ///
+    /// `InnerProduct`: `q . decode(code)`; `L2`: `||q - decode(code)||^2`. Computed from lookup
+    /// tables, never by decoding.
+    pub fn scores(&self, q: &[f32], codes: &[u8], metric: Metric) -> Result<Vec<f32>> {
+        let n = self.code_rows("codes", codes)?;
+        let luts = self.lookup_tables(q, metric)?;
+        let nq = q.len() / self.dim;
+        let (m, ksub, cb) = (self.m, self.ksub(), self.code_bytes());
+        // Byte tables: one 256-entry table per code byte and query.
+        let tables: Vec<[f32; 256]> = if self.nbits == 8 {
+            luts.chunks_exact(256)
+                .map(|c| {
+                    let mut t = [0f32; 256];
+                    t.copy_from_slice(c);
+                    t
+                })
+                .collect()
+        } else {
+            let mut t = vec![[0f32; 256]; nq * cb];
+            for (l, o) in luts.chunks_exact(m * ksub).zip(t.chunks_exact_mut(cb)) {
+                pair_tables_4bit(l, m, o);
+            }
+            t
+        };
+        let mut out = vec![0f32; nq * n];
+        if n == 0 {
+            return Ok(out);
+        }
+        crate::parallel::install(|| {
+            out.par_chunks_mut(n)
+                .zip(tables.par_chunks(cb))
+                .for_each(|(row, t)| {
+                    row.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
+                        let c = &codes[b * BLOCK * cb..(b * BLOCK + o.len()) * cb];
+                        crate::dispatch!(scan_bytes(t, c, o));
+                    });
+                });
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+#[inline(always)]
+fn code_at(c: &[u8], j: usize, four: bool) -> usize {
+    if four {
+        ((c[j / 2] >> ((j & 1) * 4)) & 15) as usize
+    } else {
+        c[j] as usize
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn encode_block(
+    x: &[f32],
+    codes: &mut [u8],
+    books: &Codebooks,
+    dim: usize,
+    m: usize,
+    dsub: usize,
+    ksub: usize,
+    nbits: u32,
+) {
+    let cb = codes.len() / (x.len() / dim);
+    for j in 0..m {
+        let ct = &books.transposed[j * ksub * dsub..(j + 1) * ksub * dsub];
+        let norms = &books.norms[j * ksub..(j + 1) * ksub];
+        for (xi, c) in x.chunks_exact(dim).zip(codes.chunks_exact_mut(cb)) {
+            let (k, _) = nearest(&xi[j * dsub..(j + 1) * dsub], ct, norms, ksub);
+            if nbits == 8 {
+                c[j] = k as u8;
+            } else if j & 1 == 0 {
+                c[j / 2] = k as u8;
+            } else {
+                c[j / 2] |= (k as u8) << 4;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn build_tables(
+    q: &[f32],
+    books: &Codebooks,
+    m: usize,
+    dsub: usize,
+    ksub: usize,
+    metric: Metric,
+    out: &mut [f32],
+) {
+    for j in 0..m {
+        let qs = &q[j * dsub..(j + 1) * dsub];
+        let ct = &books.transposed[j * ksub * dsub..(j + 1) * ksub * dsub];
+        let o = &mut out[j * ksub..(j + 1) * ksub];
+        match metric {
+            Metric::InnerProduct => ip_table(qs, ct, ksub, o),
+            Metric::L2 => l2_table(qs, ct, &books.norms[j * ksub..(j + 1) * ksub], ksub, o),
+        }
+    }
+}
+
+/// Error on the first NaN/Inf in `x` (Layout `(n, dim)`), naming its row and column.
+pub fn check_finite(what: &str, x: &[f32], dim: usize) -> Result<()> {
+    let bad = crate::parallel::install(|| {
+        Ok(x.par_chunks(1 << 16)
+            .position_first(|c| c.iter().any(|v| !v.is_finite())))
+    })?;
+    if let Some(chunk) = bad {
+        let base = chunk << 16;
+        let off = x[base..].iter().position(|v| !v.is_finite()).unwrap_or(0);
+        let i = base + off;
+        return Err(Error::NonFinite {
+            what: what.into(),
+            row: i / dim,
+            col: i % dim,
+            value: x[i],
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed, 0);
+        (0..n * dim)
+            .map(|_| (r.next_f64() as f32 - 0.5) * 4.0)
+            .collect()
+    }
+
+    #[test]
+    fn config_errors() {
+        assert!(matches!(
+            ProductQuantizer::new(64, 7, 8),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            ProductQuantizer::new(64, 16, 6),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            ProductQuantizer::new(0, 1, 8),
+            Err(Error::Config(_))
+        ));
+        assert!(matches!(
+            ProductQuantizer::new(8, 16, 8),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(ProductQuantizer::new(64, 16, 4).unwrap().code_bytes(), 8);
+        assert_eq!(ProductQuantizer::new(63, 9, 4).unwrap().code_bytes(), 5);
+    }
+
+    #[test]
+    fn untrained_and_bad_input() {
+        let mut pq = ProductQuantizer::new(8, 4, 4).unwrap();
+        assert!(matches!(
+            pq.encode(&[0.0; 8]),
+            Err(Error::NotTrained { .. })
+        ));
+        assert!(matches!(
+            pq.train(&data(10, 8, 0), 5, 0),
+            Err(Error::InsufficientData { .. })
+        ));
+        let mut x = data(64, 8, 0);
+        x[8 * 3 + 5] = f32::NAN;
+        match pq.train(&x, 5, 0) {
+            Err(Error::NonFinite { row: 3, col: 5, .. }) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(pq.train(&x[..63], 5, 0), Err(Error::Shape { .. })));
+    }
+
+    #[test]
+    fn scores_match_decoded_both_nbits() {
+        for (nbits, m) in [(8, 8), (4, 8), (4, 3)] {
+            let dim = 24;
+            let mut pq = ProductQuantizer::new(dim, m, nbits).unwrap();
+            let x = data(600, dim, 1);
+            pq.train(&x, 8, 42).unwrap();
+            let codes = pq.encode(&x).unwrap();
+            let y = pq.decode(&codes).unwrap();
+            let q = data(3, dim, 9);
+            let ip = pq.scores(&q, &codes, Metric::InnerProduct).unwrap();
+            let l2 = pq.scores(&q, &codes, Metric::L2).unwrap();
+            for qi in 0..3 {
+                for i in 0..600 {
+                    let yi = &y[i * dim..(i + 1) * dim];
+                    let qq = &q[qi * dim..(qi + 1) * dim];
+                    let e_ip: f32 = yi.iter().zip(qq).map(|(a, b)| a * b).sum();
+                    let e_l2: f32 = yi.iter().zip(qq).map(|(a, b)| (a - b) * (a - b)).sum();
+                    assert!((ip[qi * 600 + i] - e_ip).abs() < 1e-3 * (1.0 + e_ip.abs()));
+                    assert!((l2[qi * 600 + i] - e_l2).abs() < 1e-3 * (1.0 + e_l2.abs()));
+                }
+            }
+            // Encoding decoded vectors gives the same codes (nearest centroid is itself).
+            assert_eq!(pq.encode(&y).unwrap(), codes);
+        }
+    }
+
+    #[test]
+    fn training_is_deterministic_and_reduces_error() {
+        let x = data(2000, 16, 5);
+        let mut a = ProductQuantizer::new(16, 4, 8).unwrap();
+        let mut b = a.clone();
+        a.train(&x, 10, 7).unwrap();
+        b.train(&x, 10, 7).unwrap();
+        assert_eq!(a.centroids(), b.centroids());
+        let y = a.decode(&a.encode(&x).unwrap()).unwrap();
+        let mse: f32 = x
+            .iter()
+            .zip(&y)
+            .map(|(p, q)| (p - q) * (p - q))
+            .sum::<f32>()
+            / x.len() as f32;
+        let var: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        assert!(mse < 0.1 * var, "mse {mse} vs variance {var}");
+    }
+}

@@ -1,0 +1,40 @@
+//! PyO3 bindings: the only module that knows about Python. Mirrors the core module by module.
+//!
+//! Every compute entry point releases the GIL (`Python::detach`) and runs inside
+//! [`crate::error::catch_panic`], so no panic ever unwinds into Python.
+
+mod error;
+mod pq;
+
+use pyo3::prelude::*;
+
+use error::IntoPy;
+
+/// Set the number of worker threads of ctxcore's kernels (≥ 1).
+#[pyfunction]
+fn set_num_threads(n: usize) -> PyResult<()> {
+    crate::parallel::set_num_threads(n).py()
+}
+
+/// Number of worker threads ctxcore's kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::parallel::num_threads()
+}
+
+/// Whether this CPU runs the AVX2+FMA kernels.
+#[pyfunction]
+fn cpu_has_avx2() -> bool {
+    crate::simd::has_avx2_fma()
+}
+
+#[pymodule]
+fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PQ_FORMAT_VERSION", crate::pq::FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_has_avx2, m)?)?;
+    m.add_class::<pq::PQCodec>()?;
+    Ok(())
+}

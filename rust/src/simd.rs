@@ -1,0 +1,46 @@
+//! Runtime CPU-feature dispatch for hot loops.
+//!
+//! Hot kernels are written once as plain Rust loops over fixed-width lane arrays that LLVM
+//! auto-vectorizes, marked `#[inline(always)]`, and instantiated twice by [`dispatch!`]: once
+//! inside a `#[target_feature(enable = "avx2,fma")]` wrapper chosen at run time when the CPU has
+//! AVX2+FMA, once for the baseline target. One source, no `unsafe` arithmetic, and the wheel
+//! stays portable to any x86-64 (or aarch64, where the baseline already has NEON).
+
+/// Whether the running CPU supports the AVX2+FMA fast path.
+#[inline]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `dispatch!(fn_name(args...))` calls `fn_name` compiled for AVX2+FMA when available.
+///
+/// Expands to a call of a local `#[target_feature]` wrapper around the `#[inline(always)]`
+/// generic function, or of the generic function itself.
+#[macro_export]
+macro_rules! dispatch {
+    ($f:ident ( $($arg:expr),* $(,)? )) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if $crate::simd::has_avx2_fma() {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide<F: FnOnce() -> R, R>(f: F) -> R { f() }
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                unsafe { wide(#[inline(always)] || $f($($arg),*)) }
+            } else {
+                $f($($arg),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $f($($arg),*)
+        }
+    }};
+}
