@@ -33,16 +33,23 @@ def as_2d(x: Any, what: str, dtype: np.dtype, width: int | None, width_name: str
             )
         tname = str(x.dtype).replace("torch.", "")
         if tname != dtype.name:
-            raise DTypeError(f"{what}: expected dtype {dtype.name}, got torch.{tname}; convert with .to(torch.{dtype.name})")
+            raise DTypeError(
+                f"{what}: expected dtype {dtype.name}, got torch.{tname}; "
+                f"convert with .to(torch.{dtype.name})"
+            )
         x = x.detach().contiguous().numpy()
     elif isinstance(x, np.ndarray):
         if x.dtype != dtype:
-            raise DTypeError(f"{what}: expected dtype {dtype.name}, got {x.dtype}; convert with .astype(np.{dtype.name})")
+            raise DTypeError(
+                f"{what}: expected dtype {dtype.name}, got {x.dtype}; convert with .astype(np.{dtype.name})"
+            )
     else:
         try:
             x = np.asarray(x, dtype=dtype)
         except (TypeError, ValueError) as e:
-            raise DTypeError(f"{what}: could not convert {type(x).__name__} to a {dtype.name} array: {e}") from e
+            raise DTypeError(
+                f"{what}: could not convert {type(x).__name__} to a {dtype.name} array: {e}"
+            ) from e
     if x.ndim != 2:
         hint = " (for a single vector use x[None, :])" if x.ndim == 1 else ""
         wdesc = width if width is not None else width_name

@@ -1,73 +1,121 @@
 //! Inner loops of PQ: nearest-centroid search, lookup-table build and scan.
 //!
-//! All functions are `#[inline(always)]` plain Rust over 8-wide lane arrays so that
+//! All functions are `#[inline(always)]` plain Rust over fixed-width lane arrays so that
 //! [`crate::dispatch!`] can compile them for AVX2+FMA at the call site.
 
-/// SIMD lane count the kernels are written for (8 x f32 = one AVX2 register).
-pub const LANES: usize = 8;
+/// Sub-vectors handled together by [`nearest_group`]: two AVX2 registers, lane = vector.
+pub const GROUP: usize = 16;
 
-/// Nearest centroid of one sub-vector.
+/// Nearest centroid of each of [`GROUP`] sub-vectors of width `D`.
 ///
-/// `x`: `[dsub]`; `ct`: centroids transposed, Layout: `(dsub, ksub)`; `norms`: `[ksub]`,
-/// `||c||^2`. `ksub` must be a multiple of [`LANES`]. Returns the index of the first centroid
-/// minimizing `||x - c||^2` and that distance minus `||x||^2` (i.e. `||c||^2 - 2 x.c`).
+/// `xt`: the sub-vectors transposed, Layout `(D, GROUP)`; `cm2`: `-2 * centroids`, Layout
+/// `(ksub, D)`; `norms`: `[ksub]`, `||c||^2`. Lanes run over vectors, so there is no horizontal
+/// reduction: per centroid, `D` fused multiply-adds and a compare/select per register. Returns,
+/// per vector, the first index minimizing `||x - c||^2` and that minimum minus `||x||^2`.
 #[inline(always)]
-pub fn nearest(x: &[f32], ct: &[f32], norms: &[f32], ksub: usize) -> (u32, f32) {
-    let mut best = [f32::INFINITY; LANES];
-    let mut besti = [0u32; LANES];
-    let mut xm2 = [0f32; 64];
-    let dsub = x.len();
-    if dsub <= 64 {
-        for (o, v) in xm2.iter_mut().zip(x) {
-            *o = -2.0 * v;
-        }
-        let xm2 = &xm2[..dsub];
-        for c in 0..ksub / LANES {
-            let base = c * LANES;
-            let mut acc = [0f32; LANES];
-            acc.copy_from_slice(&norms[base..base + LANES]);
-            for (d, &xd) in xm2.iter().enumerate() {
-                let row = &ct[d * ksub + base..d * ksub + base + LANES];
-                for l in 0..LANES {
-                    acc[l] = xd.mul_add(row[l], acc[l]);
-                }
-            }
-            for l in 0..LANES {
-                let better = acc[l] < best[l];
-                best[l] = if better { acc[l] } else { best[l] };
-                besti[l] = if better { (base + l) as u32 } else { besti[l] };
+pub fn nearest_group<const D: usize>(
+    xt: &[f32],
+    cm2: &[f32],
+    norms: &[f32],
+    idx: &mut [u32; GROUP],
+    dist: &mut [f32; GROUP],
+) {
+    let mut xr = [[0f32; GROUP]; D];
+    for (d, r) in xr.iter_mut().enumerate() {
+        r.copy_from_slice(&xt[d * GROUP..(d + 1) * GROUP]);
+    }
+    let mut best = [f32::INFINITY; GROUP];
+    let mut bi = [0u32; GROUP];
+    for (k, (ck, &nk)) in cm2.chunks_exact(D).zip(norms).enumerate() {
+        let mut acc = [nk; GROUP];
+        for d in 0..D {
+            let c = ck[d];
+            for v in 0..GROUP {
+                acc[v] = c.mul_add(xr[d][v], acc[v]);
             }
         }
-    } else {
-        // Wide sub-vectors (dim/m > 64) are rare; a straightforward loop is fine.
-        for c in 0..ksub / LANES {
-            let base = c * LANES;
-            let mut acc = [0f32; LANES];
-            acc.copy_from_slice(&norms[base..base + LANES]);
-            for (d, &xv) in x.iter().enumerate() {
-                let xd = -2.0 * xv;
-                let row = &ct[d * ksub + base..d * ksub + base + LANES];
-                for l in 0..LANES {
-                    acc[l] = xd.mul_add(row[l], acc[l]);
-                }
-            }
-            for l in 0..LANES {
-                let better = acc[l] < best[l];
-                best[l] = if better { acc[l] } else { best[l] };
-                besti[l] = if better { (base + l) as u32 } else { besti[l] };
-            }
+        for v in 0..GROUP {
+            let better = acc[v] < best[v];
+            best[v] = if better { acc[v] } else { best[v] };
+            bi[v] = if better { k as u32 } else { bi[v] };
         }
     }
-    // Reduce lanes: smallest value, ties broken by the smallest index.
-    let mut bi = besti[0];
-    let mut bv = best[0];
-    for l in 1..LANES {
-        if best[l] < bv || (best[l] == bv && besti[l] < bi) {
-            bv = best[l];
-            bi = besti[l];
+    *idx = bi;
+    *dist = best;
+}
+
+/// [`nearest_group`] for any width (runtime `dsub`); slower, used for unusual widths.
+#[inline(always)]
+pub fn nearest_group_dyn(xt: &[f32], cm2: &[f32], norms: &[f32], dsub: usize, idx: &mut [u32; GROUP], dist: &mut [f32; GROUP]) {
+    let mut best = [f32::INFINITY; GROUP];
+    let mut bi = [0u32; GROUP];
+    for (k, (ck, &nk)) in cm2.chunks_exact(dsub).zip(norms).enumerate() {
+        let mut acc = [nk; GROUP];
+        for (d, &c) in ck.iter().enumerate() {
+            let xr = &xt[d * GROUP..(d + 1) * GROUP];
+            for v in 0..GROUP {
+                acc[v] = c.mul_add(xr[v], acc[v]);
+            }
+        }
+        for v in 0..GROUP {
+            let better = acc[v] < best[v];
+            best[v] = if better { acc[v] } else { best[v] };
+            bi[v] = if better { k as u32 } else { bi[v] };
         }
     }
-    (bi, bv)
+    *idx = bi;
+    *dist = best;
+}
+
+/// Nearest centroids of rows of `x` in one subspace.
+///
+/// Row `i`'s sub-vector is `x[i * stride + off .. i * stride + off + dsub]` for `i < n`.
+/// Writes `idx[i]` and `dist[i]` (`||x - c||^2 - ||x||^2`). `cm2`/`norms` as in
+/// [`nearest_group`]. Specialized for the common widths.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn nearest_rows(
+    x: &[f32],
+    n: usize,
+    stride: usize,
+    off: usize,
+    dsub: usize,
+    cm2: &[f32],
+    norms: &[f32],
+    mut emit: impl FnMut(usize, u32, f32),
+) {
+    let mut xt = vec![0f32; dsub * GROUP];
+    let mut idx = [0u32; GROUP];
+    let mut dist = [0f32; GROUP];
+    let mut start = 0;
+    while start < n {
+        let g = GROUP.min(n - start);
+        for v in 0..g {
+            let row = &x[(start + v) * stride + off..(start + v) * stride + off + dsub];
+            for (d, &val) in row.iter().enumerate() {
+                xt[d * GROUP + v] = val;
+            }
+        }
+        for v in g..GROUP {
+            for d in 0..dsub {
+                xt[d * GROUP + v] = 0.0;
+            }
+        }
+        match dsub {
+            1 => nearest_group::<1>(&xt, cm2, norms, &mut idx, &mut dist),
+            2 => nearest_group::<2>(&xt, cm2, norms, &mut idx, &mut dist),
+            3 => nearest_group::<3>(&xt, cm2, norms, &mut idx, &mut dist),
+            4 => nearest_group::<4>(&xt, cm2, norms, &mut idx, &mut dist),
+            6 => nearest_group::<6>(&xt, cm2, norms, &mut idx, &mut dist),
+            8 => nearest_group::<8>(&xt, cm2, norms, &mut idx, &mut dist),
+            16 => nearest_group::<16>(&xt, cm2, norms, &mut idx, &mut dist),
+            _ => nearest_group_dyn(&xt, cm2, norms, dsub, &mut idx, &mut dist),
+        }
+        for v in 0..g {
+            emit(start + v, idx[v], dist[v]);
+        }
+        start += g;
+    }
 }
 
 /// Inner-product lookup table of one sub-query: `out[k] = q . c_k`.

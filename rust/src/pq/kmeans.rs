@@ -1,15 +1,16 @@
 //! k-means for one PQ subspace: k-means++ seeding, Lloyd iterations, empty-cluster re-seeding.
 
-use super::kernels::{nearest, LANES};
+use super::kernels::nearest_rows;
 use crate::rng::SplitMix64;
 
-/// Transpose centroids `(k, d)` into `(d, k)` and compute their squared norms.
-pub fn transpose_with_norms(c: &[f32], k: usize, d: usize, ct: &mut [f32], norms: &mut [f32]) {
+/// From centroids `(k, d)`: the transpose `(d, k)`, `-2 * c` `(k, d)` and squared norms `[k]`.
+pub fn derived(c: &[f32], k: usize, d: usize, ct: &mut [f32], cm2: &mut [f32], norms: &mut [f32]) {
     for kk in 0..k {
         let row = &c[kk * d..(kk + 1) * d];
         norms[kk] = row.iter().map(|v| v * v).sum();
         for (dd, &v) in row.iter().enumerate() {
             ct[dd * k + kk] = v;
+            cm2[kk * d + dd] = -2.0 * v;
         }
     }
 }
@@ -62,7 +63,7 @@ fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, rng: &mut SplitMix64) -> Ve
     c
 }
 
-/// Train `k` centroids on `x` (`[n, d]`, `n >= k`, `k % 8 == 0`). Returns Layout `(k, d)`.
+/// Train `k` centroids on `x` (`[n, d]`, `n >= k`). Returns Layout `(k, d)`.
 ///
 /// Deterministic for a given `rng` state. Empty clusters are re-seeded with the points farthest
 /// from their assigned centroid.
@@ -74,17 +75,18 @@ pub fn kmeans(
     iters: usize,
     rng: &mut SplitMix64,
 ) -> Vec<f32> {
-    debug_assert!(n >= k && k % LANES == 0);
+    debug_assert!(n >= k);
     let mut c = kmeanspp(x, n, d, k, rng);
     let mut ct = vec![0f32; k * d];
+    let mut cm2 = vec![0f32; k * d];
     let mut norms = vec![0f32; k];
     let mut assign = vec![0u32; n];
     let mut err = vec![0f32; n];
     let mut sums = vec![0f64; k * d];
     let mut counts = vec![0usize; k];
     for _ in 0..iters {
-        transpose_with_norms(&c, k, d, &mut ct, &mut norms);
-        crate::dispatch!(assign_all(x, d, &ct, &norms, k, &mut assign, &mut err));
+        derived(&c, k, d, &mut ct, &mut cm2, &mut norms);
+        crate::dispatch!(assign_all(x, n, d, &cm2, &norms, &mut assign, &mut err));
         sums.fill(0.0);
         counts.fill(0);
         for (i, &a) in assign.iter().enumerate() {
@@ -124,20 +126,11 @@ pub fn kmeans(
 }
 
 #[inline(always)]
-fn assign_all(
-    x: &[f32],
-    d: usize,
-    ct: &[f32],
-    norms: &[f32],
-    k: usize,
-    assign: &mut [u32],
-    err: &mut [f32],
-) {
-    for ((xi, a), e) in x.chunks_exact(d).zip(assign.iter_mut()).zip(err.iter_mut()) {
-        let (i, v) = nearest(xi, ct, norms, k);
-        *a = i;
-        *e = v;
-    }
+fn assign_all(x: &[f32], n: usize, d: usize, cm2: &[f32], norms: &[f32], assign: &mut [u32], err: &mut [f32]) {
+    nearest_rows(x, n, d, 0, d, cm2, norms, |i, a, e| {
+        assign[i] = a;
+        err[i] = e;
+    });
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::rng::SplitMix64;
-use kernels::{ip_table, l2_table, nearest, pair_tables_4bit, scan_bytes};
+use kernels::{ip_table, l2_table, nearest_rows, pair_tables_4bit, scan_bytes};
 
 pub use serialize::FORMAT_VERSION;
 
@@ -53,6 +53,8 @@ struct Codebooks {
     centroids: Vec<f32>,
     /// Layout: `(m, dsub, ksub)` — transposed so kernels vectorize over centroids.
     transposed: Vec<f32>,
+    /// Layout: `(m, ksub, dsub)` — `-2 * centroids`, for nearest-centroid search.
+    neg2: Vec<f32>,
     /// Layout: `(m, ksub)` — squared norms of the centroids.
     norms: Vec<f32>,
 }
@@ -60,21 +62,20 @@ struct Codebooks {
 impl Codebooks {
     fn new(centroids: Vec<f32>, m: usize, ksub: usize, dsub: usize) -> Self {
         let mut transposed = vec![0f32; centroids.len()];
+        let mut neg2 = vec![0f32; centroids.len()];
         let mut norms = vec![0f32; m * ksub];
+        let sz = ksub * dsub;
         for j in 0..m {
-            kmeans::transpose_with_norms(
-                &centroids[j * ksub * dsub..(j + 1) * ksub * dsub],
+            kmeans::derived(
+                &centroids[j * sz..(j + 1) * sz],
                 ksub,
                 dsub,
-                &mut transposed[j * ksub * dsub..(j + 1) * ksub * dsub],
+                &mut transposed[j * sz..(j + 1) * sz],
+                &mut neg2[j * sz..(j + 1) * sz],
                 &mut norms[j * ksub..(j + 1) * ksub],
             );
         }
-        Codebooks {
-            centroids,
-            transposed,
-            norms,
-        }
+        Codebooks { centroids, transposed, neg2, norms }
     }
 }
 
@@ -385,29 +386,18 @@ fn code_at(c: &[u8], j: usize, four: bool) -> usize {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn encode_block(
-    x: &[f32],
-    codes: &mut [u8],
-    books: &Codebooks,
-    dim: usize,
-    m: usize,
-    dsub: usize,
-    ksub: usize,
-    nbits: u32,
-) {
-    let cb = codes.len() / (x.len() / dim);
+fn encode_block(x: &[f32], codes: &mut [u8], books: &Codebooks, dim: usize, m: usize, dsub: usize, ksub: usize, nbits: u32) {
+    let n = x.len() / dim;
+    let cb = codes.len() / n.max(1);
     for j in 0..m {
-        let ct = &books.transposed[j * ksub * dsub..(j + 1) * ksub * dsub];
+        let cm2 = &books.neg2[j * ksub * dsub..(j + 1) * ksub * dsub];
         let norms = &books.norms[j * ksub..(j + 1) * ksub];
-        for (xi, c) in x.chunks_exact(dim).zip(codes.chunks_exact_mut(cb)) {
-            let (k, _) = nearest(&xi[j * dsub..(j + 1) * dsub], ct, norms, ksub);
-            if nbits == 8 {
-                c[j] = k as u8;
-            } else if j & 1 == 0 {
-                c[j / 2] = k as u8;
-            } else {
-                c[j / 2] |= (k as u8) << 4;
-            }
+        if nbits == 8 {
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j] = k as u8);
+        } else if j & 1 == 0 {
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j / 2] = k as u8);
+        } else {
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j / 2] |= (k as u8) << 4);
         }
     }
 }
