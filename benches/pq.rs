@@ -36,13 +36,17 @@ pub fn train(c: &mut Criterion) {
     let x = vectors(16_384, 1);
     for (m, nbits) in CONFIGS {
         g.throughput(Throughput::Elements(16_384));
-        g.bench_with_input(BenchmarkId::new(format!("{m}x{nbits}"), "16k_x10it"), &x, |b, x| {
-            b.iter(|| {
-                let mut pq = ProductQuantizer::new(DIM, m, nbits).unwrap();
-                pq.train(black_box(x), 10, 0).unwrap();
-                pq
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::new(format!("{m}x{nbits}"), "16k_x10it"),
+            &x,
+            |b, x| {
+                b.iter(|| {
+                    let mut pq = ProductQuantizer::new(DIM, m, nbits).unwrap();
+                    pq.train(black_box(x), 10, 0).unwrap();
+                    pq
+                })
+            },
+        );
     }
     g.finish();
 }
@@ -54,7 +58,9 @@ pub fn encode(c: &mut Criterion) {
     for (m, nbits) in CONFIGS {
         let pq = trained(m, nbits, &x[..16_384 * DIM]);
         g.throughput(Throughput::Elements(100_000));
-        g.bench_function(BenchmarkId::new(format!("{m}x{nbits}"), "100k"), |b| b.iter(|| pq.encode(black_box(&x)).unwrap()));
+        g.bench_function(BenchmarkId::new(format!("{m}x{nbits}"), "100k"), |b| {
+            b.iter(|| pq.encode(black_box(&x)).unwrap())
+        });
     }
     g.finish();
 }
@@ -69,8 +75,22 @@ pub fn scan(c: &mut Criterion) {
         let codes = pq.encode(&x).unwrap();
         g.throughput(Throughput::Elements(200_000 * 8));
         g.bench_function(BenchmarkId::new(format!("{m}x{nbits}"), "8q_x_200k"), |b| {
-            b.iter(|| pq.scores(black_box(&q), black_box(&codes), Metric::InnerProduct).unwrap())
+            b.iter(|| {
+                pq.scores(black_box(&q), black_box(&codes), Metric::InnerProduct)
+                    .unwrap()
+            })
         });
+        if nbits == 4 {
+            g.bench_function(
+                BenchmarkId::new(format!("{m}x{nbits}_fast"), "8q_x_200k"),
+                |b| {
+                    b.iter(|| {
+                        pq.scores_fast(black_box(&q), black_box(&codes), Metric::InnerProduct)
+                            .unwrap()
+                    })
+                },
+            );
+        }
     }
     g.finish();
 }

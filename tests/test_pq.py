@@ -311,3 +311,27 @@ def test_property_scores_match_decode(dim_m, nbits, n, seed, scale):
     ref = ((q[:, None, :] - y[None]) ** 2).sum(-1)
     np.testing.assert_allclose(pq.l2_distances(q, codes), ref, rtol=1e-4, atol=tol)
     assert ctxcore.ProductQuantizer.from_bytes(pq.to_bytes()) == pq
+
+
+def test_fast_scan_error_bound(trained):
+    pq, x = trained
+    codes = pq.encode(x)
+    q = data(5, pq.dim, seed=8)
+    exact = pq.inner_products(q, codes)
+    fast = pq.inner_products(q, codes, fast=True)
+    assert fast.shape == exact.shape and fast.dtype == np.float32
+    if pq.nbits == 8:
+        np.testing.assert_array_equal(fast, exact)
+        return
+    assert not np.array_equal(fast, exact)  # the quantized-table path really ran
+    luts = pq.lookup_tables(q)
+    span = (luts.max(-1) - luts.min(-1)).max(-1)  # [nq]
+    bound = pq.m * span / 510 + 1e-4 * np.abs(exact).max()
+    assert (np.abs(fast - exact) <= bound[:, None]).all()
+    # Good enough to rank: the exact top-1 is within the fast scan's top-10 for every query.
+    top_fast = np.argsort(-fast, axis=1)[:, :10]
+    assert all(exact[i].argmax() in top_fast[i] for i in range(len(q)))
+    l2_exact = pq.l2_distances(q, codes)
+    l2_luts = pq.lookup_tables(q, "l2")
+    l2_bound = pq.m * (l2_luts.max(-1) - l2_luts.min(-1)).max(-1) / 510 + 1e-4 * l2_exact.max()
+    assert (np.abs(pq.l2_distances(q, codes, fast=True) - l2_exact) <= l2_bound[:, None]).all()

@@ -151,28 +151,36 @@ class ProductQuantizer:
         arr = as_2d(codes, "codes", np.uint8, self.code_bytes, "code_bytes")
         return like(self._codec.decode(arr), codes)
 
-    def inner_products(self, q: Any, codes: Any) -> Any:
+    def inner_products(self, q: Any, codes: Any, *, fast: bool = False) -> Any:
         """Scores float32 ``[nq, n]``: ``q @ decode(codes).T``, computed from lookup tables.
 
         Args:
             q: float32 queries ``[nq, dim]``.
             codes: uint8 codes ``[n, code_bytes]``.
+            fast: for 4-bit codes, scan with 8-bit quantized tables (faiss-style fast scan,
+                several times faster). Each score is then within ``m * max_span / 510`` of the
+                exact one, ``max_span`` being the widest range of a subquantizer's table, which
+                is fine for ranking/selection but not for exact attention. 8-bit codes are
+                always scored exactly.
         """
-        return self._scores(q, codes, "ip")
+        return self._scores(q, codes, "ip", fast)
 
-    def l2_distances(self, q: Any, codes: Any) -> Any:
-        """Squared L2 distances float32 ``[nq, n]`` between ``q`` and ``decode(codes)``."""
-        return self._scores(q, codes, "l2")
+    def l2_distances(self, q: Any, codes: Any, *, fast: bool = False) -> Any:
+        """Squared L2 distances float32 ``[nq, n]`` between ``q`` and ``decode(codes)``.
+
+        ``fast`` as in :meth:`inner_products`.
+        """
+        return self._scores(q, codes, "l2", fast)
 
     def lookup_tables(self, q: Any, metric: str = "ip") -> Any:
         """Per-subquantizer lookup tables float32 ``[nq, m, 2**nbits]`` (metric "ip" or "l2")."""
         arr = as_2d(q, "queries", np.float32, self.dim)
         return like(self._codec.lookup_tables(arr, metric), q)
 
-    def _scores(self, q: Any, codes: Any, metric: str) -> Any:
+    def _scores(self, q: Any, codes: Any, metric: str, fast: bool) -> Any:
         qa = as_2d(q, "queries", np.float32, self.dim)
         ca = as_2d(codes, "codes", np.uint8, self.code_bytes, "code_bytes")
-        return like(self._codec.scores(qa, ca, metric), q)
+        return like(self._codec.scores(qa, ca, metric, bool(fast)), q)
 
     # -- serialization ------------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -46,7 +46,14 @@ pub fn nearest_group<const D: usize>(
 
 /// [`nearest_group`] for any width (runtime `dsub`); slower, used for unusual widths.
 #[inline(always)]
-pub fn nearest_group_dyn(xt: &[f32], cm2: &[f32], norms: &[f32], dsub: usize, idx: &mut [u32; GROUP], dist: &mut [f32; GROUP]) {
+pub fn nearest_group_dyn(
+    xt: &[f32],
+    cm2: &[f32],
+    norms: &[f32],
+    dsub: usize,
+    idx: &mut [u32; GROUP],
+    dist: &mut [f32; GROUP],
+) {
     let mut best = [f32::INFINITY; GROUP];
     let mut bi = [0u32; GROUP];
     for (k, (ck, &nk)) in cm2.chunks_exact(dsub).zip(norms).enumerate() {

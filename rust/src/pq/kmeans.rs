@@ -126,7 +126,15 @@ pub fn kmeans(
 }
 
 #[inline(always)]
-fn assign_all(x: &[f32], n: usize, d: usize, cm2: &[f32], norms: &[f32], assign: &mut [u32], err: &mut [f32]) {
+fn assign_all(
+    x: &[f32],
+    n: usize,
+    d: usize,
+    cm2: &[f32],
+    norms: &[f32],
+    assign: &mut [u32],
+    err: &mut [f32],
+) {
     nearest_rows(x, n, d, 0, d, cm2, norms, |i, a, e| {
         assign[i] = a;
         err[i] = e;

@@ -11,6 +11,7 @@
 //! computation). 4-bit tables are folded pairwise into 256-entry byte tables so 4-bit and 8-bit
 //! codes share one scan that does one lookup per code byte.
 
+pub mod fastscan;
 mod kernels;
 mod kmeans;
 mod serialize;
@@ -75,7 +76,12 @@ impl Codebooks {
                 &mut norms[j * ksub..(j + 1) * ksub],
             );
         }
-        Codebooks { centroids, transposed, neg2, norms }
+        Codebooks {
+            centroids,
+            transposed,
+            neg2,
+            norms,
+        }
     }
 }
 
@@ -375,6 +381,50 @@ impl ProductQuantizer {
     }
 }
 
+impl ProductQuantizer {
+    /// Approximate scores of 4-bit codes with 8-bit quantized tables (see [`fastscan`]).
+    ///
+    /// Layout `(nq, n)` like [`ProductQuantizer::scores`]; each score is within
+    /// `m * max_span / 510` of the exact one, where `max_span` is the largest range of a
+    /// subquantizer's lookup table. For 8-bit codes this returns the exact scores.
+    pub fn scores_fast(&self, q: &[f32], codes: &[u8], metric: Metric) -> Result<Vec<f32>> {
+        if self.nbits != 4 {
+            return self.scores(q, codes, metric);
+        }
+        let n = self.code_rows("codes", codes)?;
+        let luts = self.lookup_tables(q, metric)?;
+        let nq = q.len() / self.dim;
+        let (m, cb) = (self.m, self.code_bytes());
+        let qluts: Vec<fastscan::QuantLut> = luts
+            .chunks_exact(m * 16)
+            .map(|l| fastscan::quantize(l, m))
+            .collect();
+        let mut out = vec![0f32; nq * n];
+        if n == 0 || nq == 0 {
+            return Ok(out);
+        }
+        // One task per block of codes scores all queries (each group of 32 codes is transposed
+        // once), writing a block-major `(nq, blk)` buffer that is then scattered into rows.
+        let blocks: Vec<Vec<f32>> = crate::parallel::install(|| {
+            Ok(codes
+                .par_chunks(BLOCK * cb)
+                .map(|c| {
+                    let mut o = vec![0f32; nq * (c.len() / cb)];
+                    fastscan::scan(&qluts, c, cb, &mut o);
+                    o
+                })
+                .collect())
+        })?;
+        for (b, blk) in blocks.iter().enumerate() {
+            let len = blk.len() / nq;
+            for (qi, src) in blk.chunks_exact(len).enumerate() {
+                out[qi * n + b * BLOCK..qi * n + b * BLOCK + len].copy_from_slice(src);
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[inline(always)]
 fn code_at(c: &[u8], j: usize, four: bool) -> usize {
     if four {
@@ -386,18 +436,33 @@ fn code_at(c: &[u8], j: usize, four: bool) -> usize {
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn encode_block(x: &[f32], codes: &mut [u8], books: &Codebooks, dim: usize, m: usize, dsub: usize, ksub: usize, nbits: u32) {
+fn encode_block(
+    x: &[f32],
+    codes: &mut [u8],
+    books: &Codebooks,
+    dim: usize,
+    m: usize,
+    dsub: usize,
+    ksub: usize,
+    nbits: u32,
+) {
     let n = x.len() / dim;
     let cb = codes.len() / n.max(1);
     for j in 0..m {
         let cm2 = &books.neg2[j * ksub * dsub..(j + 1) * ksub * dsub];
         let norms = &books.norms[j * ksub..(j + 1) * ksub];
         if nbits == 8 {
-            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j] = k as u8);
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {
+                codes[i * cb + j] = k as u8
+            });
         } else if j & 1 == 0 {
-            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j / 2] = k as u8);
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {
+                codes[i * cb + j / 2] = k as u8
+            });
         } else {
-            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| codes[i * cb + j / 2] |= (k as u8) << 4);
+            nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {
+                codes[i * cb + j / 2] |= (k as u8) << 4
+            });
         }
     }
 }

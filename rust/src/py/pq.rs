@@ -154,6 +154,7 @@ impl PQCodec {
         q: PyReadonlyArray2<'py, f32>,
         codes: PyReadonlyArray2<'py, u8>,
         metric_name: &str,
+        fast: bool,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let metric = metric(metric_name)?;
         check_width("queries", q.shape(), self.inner.dim())?;
@@ -162,7 +163,15 @@ impl PQCodec {
         let (qs, cs) = (slice("queries", &q)?, slice("codes", &codes)?);
         let pq = &self.inner;
         let out = py
-            .detach(|| catch_panic(|| pq.scores(qs, cs, metric)))
+            .detach(|| {
+                catch_panic(|| {
+                    if fast {
+                        pq.scores_fast(qs, cs, metric)
+                    } else {
+                        pq.scores(qs, cs, metric)
+                    }
+                })
+            })
             .py()?;
         to_2d(py, out, nq, n)
     }
