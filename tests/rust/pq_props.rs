@@ -5,12 +5,21 @@ use proptest::prelude::*;
 
 fn vectors(n: usize, dim: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut r = _ctxcore::rng::SplitMix64::new(seed, 99);
-    (0..n * dim).map(|_| ((r.next_f64() as f32) - 0.5) * scale).collect()
+    (0..n * dim)
+        .map(|_| ((r.next_f64() as f32) - 0.5) * scale)
+        .collect()
 }
 
 fn configs() -> impl Strategy<Value = (usize, usize, u32)> {
-    prop_oneof![Just((4, 2)), Just((6, 3)), Just((8, 8)), Just((12, 4)), Just((16, 2)), Just((10, 5))]
-        .prop_flat_map(|(dim, m)| prop_oneof![Just(4u32), Just(8u32)].prop_map(move |b| (dim, m, b)))
+    prop_oneof![
+        Just((4, 2)),
+        Just((6, 3)),
+        Just((8, 8)),
+        Just((12, 4)),
+        Just((16, 2)),
+        Just((10, 5))
+    ]
+    .prop_flat_map(|(dim, m)| prop_oneof![Just(4u32), Just(8u32)].prop_map(move |b| (dim, m, b)))
 }
 
 proptest! {
@@ -66,10 +75,19 @@ proptest! {
 #[test]
 fn errors_are_typed() {
     let pq = ProductQuantizer::new(8, 4, 8).unwrap();
-    assert!(matches!(pq.encode(&[0.0; 8]), Err(Error::NotTrained { .. })));
-    assert!(matches!(ProductQuantizer::new(8, 3, 8), Err(Error::Config(_))));
+    assert!(matches!(
+        pq.encode(&[0.0; 8]),
+        Err(Error::NotTrained { .. })
+    ));
+    assert!(matches!(
+        ProductQuantizer::new(8, 3, 8),
+        Err(Error::Config(_))
+    ));
     let mut pq = ProductQuantizer::new(8, 4, 4).unwrap();
     pq.train(&vectors(32, 8, 0, 1.0), 2, 0).unwrap();
     assert!(matches!(pq.decode(&[0u8; 5]), Err(Error::Shape { .. })));
-    assert!(matches!(pq.scores(&[0.0; 8], &[0u8; 3], Metric::L2), Err(Error::Shape { .. })));
+    assert!(matches!(
+        pq.scores(&[0.0; 8], &[0u8; 3], Metric::L2),
+        Err(Error::Shape { .. })
+    ));
 }

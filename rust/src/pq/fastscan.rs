@@ -55,10 +55,9 @@ pub fn quantize(lut: &[f32], m: usize) -> QuantLut {
     }
 }
 
-/// Portable reference: `out[qi * n + i] = bias + scale * sum_j tables[j][code_j]`.
-pub fn scan_portable(qs: &[QuantLut], codes: &[u8], cb: usize, out: &mut [f32]) {
-    let n = codes.len() / cb;
-    for (q, row) in qs.iter().zip(out.chunks_exact_mut(n.max(1))) {
+/// Portable reference: `rows[qi][i] = bias + scale * sum_j tables[j][code_j]`.
+pub fn scan_portable(qs: &[QuantLut], codes: &[u8], cb: usize, rows: &mut [&mut [f32]]) {
+    for (q, row) in qs.iter().zip(rows.iter_mut()) {
         for (o, c) in row.iter_mut().zip(codes.chunks_exact(cb)) {
             let mut s = 0u32;
             for (b, &byte) in c.iter().enumerate() {
@@ -70,21 +69,21 @@ pub fn scan_portable(qs: &[QuantLut], codes: &[u8], cb: usize, out: &mut [f32]) 
     }
 }
 
-/// Scan `codes` (`(n, cb)`) for every query; `out`: Layout `(nq, n)`.
+/// Scan `codes` (`(n, cb)`) for every query; `rows[qi]`: `[n]` scores of query `qi`.
 ///
 /// Each group of 32 codes is transposed once and scored against all queries.
-pub fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, out: &mut [f32]) {
+pub fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, rows: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
     {
         // u16 accumulators hold sums up to 257 * 255; beyond that use the portable path.
         if std::arch::is_x86_feature_detected!("avx2") && cb <= 128 {
             // SAFETY: AVX2 is available (checked above); memory accesses are bounds-checked
             // or derived from checked slice lengths inside.
-            unsafe { avx2::scan(qs, codes, cb, out) };
+            unsafe { avx2::scan(qs, codes, cb, rows) };
             return;
         }
     }
-    scan_portable(qs, codes, cb, out)
+    scan_portable(qs, codes, cb, rows)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,10 +125,10 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2")]
-    pub unsafe fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, out: &mut [f32]) {
+    pub unsafe fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, rows_out: &mut [&mut [f32]]) {
         let n = codes.len() / cb;
         let nq = qs.len();
-        debug_assert_eq!(out.len(), nq * n);
+        assert!(rows_out.len() == nq && rows_out.iter().all(|r| r.len() == n));
         let chunks = cb.div_ceil(16);
         let padded_cb = chunks * 16;
         // Each 16-entry table broadcast to both 128-bit lanes. Layout (nq, 2 * padded_cb).
@@ -205,7 +204,7 @@ mod avx2 {
                     res[4 * k..4 * k + 4].copy_from_slice(&tmp[..4]);
                     res[16 + 4 * k..16 + 4 * k + 4].copy_from_slice(&tmp[4..]);
                 }
-                out[qi * n + start..qi * n + start + rows].copy_from_slice(&res[..rows]);
+                rows_out[qi][start..start + rows].copy_from_slice(&res[..rows]);
             }
             start += rows;
         }
@@ -238,8 +237,12 @@ mod tests {
                 ];
                 let mut a = vec![0f32; 2 * n];
                 let mut b = vec![0f32; 2 * n];
-                scan(&q, &codes, cb, &mut a);
-                scan_portable(&q, &codes, cb, &mut b);
+                {
+                    let (a0, a1) = a.split_at_mut(n);
+                    scan(&q, &codes, cb, &mut [a0, a1]);
+                    let (b0, b1) = b.split_at_mut(n);
+                    scan_portable(&q, &codes, cb, &mut [b0, b1]);
+                }
                 assert_eq!(a, b, "m={m} n={n}");
                 let span = (0..m)
                     .map(|j| {

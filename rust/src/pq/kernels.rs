@@ -159,19 +159,33 @@ pub fn l2_table(q: &[f32], ct: &[f32], norms: &[f32], ksub: usize, out: &mut [f3
 /// Scan byte-indexed tables: `out[i] = sum_b tables[b][codes[i * cb + b]]`.
 ///
 /// `tables`: `[cb]` tables of 256 entries (one per code byte); `codes`: `[n, cb]`; `out`: `[n]`.
-/// Four codes are summed at once to keep four independent add chains in flight.
+/// Four codes are summed at once to keep four independent add chains in flight, and code bytes
+/// are read eight at a time as little-endian words.
 #[inline(always)]
 pub fn scan_bytes(tables: &[[f32; 256]], codes: &[u8], out: &mut [f32]) {
     let cb = tables.len();
+    let words = cb / 8;
     let n = out.len();
     let n4 = n / 4 * 4;
     let (out4, out_rest) = out.split_at_mut(n4);
+    let word = |c: &[u8], w: usize| u64::from_le_bytes(c[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
     for (o, c) in out4.chunks_exact_mut(4).zip(codes.chunks_exact(4 * cb)) {
         let (c0, r) = c.split_at(cb);
         let (c1, r) = r.split_at(cb);
         let (c2, c3) = r.split_at(cb);
         let (mut s0, mut s1, mut s2, mut s3) = (0f32, 0f32, 0f32, 0f32);
-        for (b, t) in tables.iter().enumerate() {
+        for (w, t8) in tables.chunks_exact(8).enumerate() {
+            let (w0, w1, w2, w3) = (word(c0, w), word(c1, w), word(c2, w), word(c3, w));
+            for (k, t) in t8.iter().enumerate() {
+                let sh = 8 * k as u32;
+                s0 += t[((w0 >> sh) & 255) as usize];
+                s1 += t[((w1 >> sh) & 255) as usize];
+                s2 += t[((w2 >> sh) & 255) as usize];
+                s3 += t[((w3 >> sh) & 255) as usize];
+            }
+        }
+        for b in words * 8..cb {
+            let t = &tables[b];
             s0 += t[c0[b] as usize];
             s1 += t[c1[b] as usize];
             s2 += t[c2[b] as usize];

@@ -363,19 +363,10 @@ impl ProductQuantizer {
             t
         };
         let mut out = vec![0f32; nq * n];
-        if n == 0 {
-            return Ok(out);
-        }
-        crate::parallel::install(|| {
-            out.par_chunks_mut(n)
-                .zip(tables.par_chunks(cb))
-                .for_each(|(row, t)| {
-                    row.par_chunks_mut(BLOCK).enumerate().for_each(|(b, o)| {
-                        let c = &codes[b * BLOCK * cb..(b * BLOCK + o.len()) * cb];
-                        crate::dispatch!(scan_bytes(t, c, o));
-                    });
-                });
-            Ok(())
+        par_blocks(codes, cb, nq, &mut out, |c, rows| {
+            for (t, row) in tables.chunks_exact(cb).zip(rows.iter_mut()) {
+                crate::dispatch!(scan_bytes(t, c, row));
+            }
         })?;
         Ok(out)
     }
@@ -400,29 +391,58 @@ impl ProductQuantizer {
             .map(|l| fastscan::quantize(l, m))
             .collect();
         let mut out = vec![0f32; nq * n];
-        if n == 0 || nq == 0 {
-            return Ok(out);
-        }
-        // One task per block of codes scores all queries (each group of 32 codes is transposed
-        // once), writing a block-major `(nq, blk)` buffer that is then scattered into rows.
-        let blocks: Vec<Vec<f32>> = crate::parallel::install(|| {
-            Ok(codes
-                .par_chunks(BLOCK * cb)
-                .map(|c| {
-                    let mut o = vec![0f32; nq * (c.len() / cb)];
-                    fastscan::scan(&qluts, c, cb, &mut o);
-                    o
-                })
-                .collect())
+        // Each group of 32 codes is transposed once and scored against all queries.
+        par_blocks(codes, cb, nq, &mut out, |c, rows| {
+            fastscan::scan(&qluts, c, cb, rows)
         })?;
-        for (b, blk) in blocks.iter().enumerate() {
-            let len = blk.len() / nq;
-            for (qi, src) in blk.chunks_exact(len).enumerate() {
-                out[qi * n + b * BLOCK..qi * n + b * BLOCK + len].copy_from_slice(src);
-            }
-        }
         Ok(out)
     }
+}
+
+/// Raw output pointer shared by the block tasks of [`par_blocks`].
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint ranges (see `par_blocks`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Score codes in parallel blocks of [`BLOCK`] codes, all queries per block so a block of codes
+/// is read from memory once. `out`: Layout `(nq, n)`; `f(codes_block, rows)` gets, per query,
+/// the slice of its output row covering the block.
+fn par_blocks(
+    codes: &[u8],
+    cb: usize,
+    nq: usize,
+    out: &mut [f32],
+    f: impl Fn(&[u8], &mut [&mut [f32]]) + Sync + Send,
+) -> Result<()> {
+    let n = codes.len() / cb;
+    if n == 0 || nq == 0 {
+        return Ok(());
+    }
+    if out.len() != nq * n {
+        return Err(Error::Internal(format!(
+            "output has {} values, expected {nq} x {n}",
+            out.len()
+        )));
+    }
+    let ptr = OutPtr(out.as_mut_ptr());
+    crate::parallel::install(|| {
+        codes.par_chunks(BLOCK * cb).enumerate().for_each(|(b, c)| {
+            let p = &ptr;
+            let len = c.len() / cb;
+            let mut rows: Vec<&mut [f32]> = (0..nq)
+                // SAFETY: `out` holds nq * n values and is exclusively borrowed for this call;
+                // block b of row qi is [qi * n + b * BLOCK, +len) with b * BLOCK + len <= n, so
+                // the slices are in bounds and disjoint across all (block, query) pairs.
+                .map(|qi| unsafe {
+                    std::slice::from_raw_parts_mut(p.0.add(qi * n + b * BLOCK), len)
+                })
+                .collect();
+            f(c, &mut rows);
+        });
+        Ok(())
+    })
 }
 
 #[inline(always)]
