@@ -47,7 +47,7 @@ def test_stubs_match_extension():
         assert members == rt, f"{cls}: stub-only {members - rt}, missing from stub {rt - members}"
 
 
-@pytest.mark.parametrize("module", ["ctxcore.pq", "ctxcore.exceptions"])
+@pytest.mark.parametrize("module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking"])
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

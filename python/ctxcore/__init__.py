@@ -9,15 +9,23 @@ from __future__ import annotations
 
 from . import exceptions
 from ._ctxcore import __version__, cpu_has_avx2, get_num_threads, set_num_threads
+from .chunking import TokenChunk, chunk_tokens, matching_prefix_tokens
 from .exceptions import CtxcoreError
 from .pq import ProductQuantizer
+from .store import KVStore, Page, bits_to_pq
 
 __all__ = [
+    "KVStore",
+    "Page",
+    "bits_to_pq",
     "__version__",
     "CtxcoreError",
     "ProductQuantizer",
+    "TokenChunk",
+    "chunk_tokens",
     "cpu_has_avx2",
     "exceptions",
     "get_num_threads",
+    "matching_prefix_tokens",
     "set_num_threads",
 ]

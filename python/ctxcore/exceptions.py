@@ -22,6 +22,8 @@ __all__ = [
     "FormatVersionError",
     "DeviceError",
     "CtxcoreIOError",
+    "RamBudgetError",
+    "ContextMismatchError",
     "InternalError",
 ]
 
@@ -68,6 +70,14 @@ class DeviceError(CtxcoreError, ValueError):
 
 class CtxcoreIOError(CtxcoreError, OSError):
     """Reading or writing a file failed; the message names the file."""
+
+
+class RamBudgetError(CtxcoreError, MemoryError):
+    """A RAM budget too small for what must stay in RAM; the message states the minimum."""
+
+
+class ContextMismatchError(CtxcoreError, ValueError):
+    """A saved context loaded for a different model, head_dim or configuration."""
 
 
 class InternalError(CtxcoreError, RuntimeError):

@@ -15,6 +15,8 @@
 //! | `Corrupt`          | `CorruptDataError` (also a `ValueError`)          |
 //! | `Version`          | `FormatVersionError` (a `CorruptDataError`)       |
 //! | `Io`               | `CtxcoreIOError` (also an `OSError`)              |
+//! | `Budget`           | `RamBudgetError` (also a `MemoryError`)           |
+//! | `Mismatch`         | `ContextMismatchError` (also a `ValueError`)      |
 //! | `Internal`         | `InternalError` (a bug: please report it)         |
 
 use std::fmt;
@@ -112,6 +114,21 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+
+    /// A RAM budget that cannot hold what must stay in RAM.
+    #[error("{0}")]
+    Budget(String),
+
+    /// A saved context that does not match the model or configuration it is loaded for.
+    #[error("{what} mismatch: the saved context has {saved}, but the current one has {current}")]
+    Mismatch {
+        /// What differs (e.g. "model", "head_dim").
+        what: String,
+        /// The saved side.
+        saved: String,
+        /// The current side.
+        current: String,
     },
 
     /// A bug in ctxcore (a caught panic or a violated internal invariant).

@@ -7,12 +7,14 @@
 
 #![deny(missing_docs)]
 
+pub mod chunk;
 pub mod error;
 pub mod parallel;
 pub mod pq;
 pub mod rng;
 #[doc(hidden)]
 pub mod simd;
+pub mod store;
 
 #[cfg(feature = "python")]
 mod py;

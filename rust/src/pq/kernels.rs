@@ -168,7 +168,8 @@ pub fn scan_bytes(tables: &[[f32; 256]], codes: &[u8], out: &mut [f32]) {
     let n = out.len();
     let n4 = n / 4 * 4;
     let (out4, out_rest) = out.split_at_mut(n4);
-    let word = |c: &[u8], w: usize| u64::from_le_bytes(c[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+    let word =
+        |c: &[u8], w: usize| u64::from_le_bytes(c[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
     for (o, c) in out4.chunks_exact_mut(4).zip(codes.chunks_exact(4 * cb)) {
         let (c0, r) = c.split_at(cb);
         let (c1, r) = r.split_at(cb);

@@ -18,6 +18,8 @@ fn class_name(e: &Error) -> &'static str {
         Error::Corrupt { .. } => "CorruptDataError",
         Error::Version { .. } => "FormatVersionError",
         Error::Io { .. } => "CtxcoreIOError",
+        Error::Budget(_) => "RamBudgetError",
+        Error::Mismatch { .. } => "ContextMismatchError",
         Error::Internal(_) => "InternalError",
     }
 }

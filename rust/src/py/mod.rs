@@ -3,8 +3,10 @@
 //! Every compute entry point releases the GIL (`Python::detach`) and runs inside
 //! [`crate::error::catch_panic`], so no panic ever unwinds into Python.
 
-mod error;
+mod chunk;
+pub(crate) mod error;
 mod pq;
+mod store;
 
 use pyo3::prelude::*;
 
@@ -36,5 +38,9 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_has_avx2, m)?)?;
     m.add_class::<pq::PQCodec>()?;
+    m.add_class::<store::KVStore>()?;
+    m.add("STORE_FORMAT_VERSION", crate::store::STORE_FORMAT_VERSION)?;
+    m.add_function(wrap_pyfunction!(chunk::chunk_tokens, m)?)?;
+    m.add_class::<chunk::TokenChunk>()?;
     Ok(())
 }

@@ -51,7 +51,7 @@ fn metric(name: &str) -> PyResult<Metric> {
 /// Product-quantization codec (see `ctxcore.ProductQuantizer` for the documented API).
 #[pyclass(module = "ctxcore._ctxcore")]
 pub struct PQCodec {
-    inner: ProductQuantizer,
+    pub(crate) inner: ProductQuantizer,
 }
 
 #[pymethods]

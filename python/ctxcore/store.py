@@ -1,0 +1,359 @@
+"""Paged KV store: PQ-coded pages, a RAM budget, a disk tier, prefetch and persistence.
+
+Per sequence and layer, token positions are laid out as::
+
+    [0, sinks)                    sink tokens, float32, always in RAM
+    [sinks, sinks + paged)        pages of ``page_size`` tokens: PQ codes (+ optional fp16 copy)
+    [sinks + paged, num_tokens)   recent window (<= ``window`` tokens), float32, in RAM
+
+Tokens pushed out of the window are encoded with the layer's codebooks into the last page. A
+full page is immutable; its *abstract* (per KV head: per-dimension min, max and mean of the
+keys, 8-bit quantized with conservative rounding) stays in RAM, while the page itself lives in
+the RAM tier until the RAM total exceeds ``ram_budget``, when least-recently-used pages spill to
+segment files in ``offload_dir`` (a private temporary directory if not given).
+
+Example:
+
+>>> import numpy as np, ctxcore
+>>> rng = np.random.default_rng(0)
+>>> store = ctxcore.KVStore(layers=1, kv_heads=2, head_dim=16, page_size=8, window=4, sinks=2,
+...                         bits=4)
+>>> train = rng.standard_normal((512, 16)).astype(np.float32)
+>>> store.calibrate(0, train[None].repeat(2, 0), train[None].repeat(2, 0))
+>>> k = rng.standard_normal((2, 30, 16)).astype(np.float32)
+>>> store.append(0, k, k)
+>>> store.num_tokens(0), store.num_pages(0), store.window(0)[0].shape
+(30, 3, (2, 4, 16))
+>>> page = store.page(0, 0)
+>>> page.k_codes.shape, page.tokens
+((2, 8, 8), 8)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _ctxcore
+from ._convert import is_torch
+from .exceptions import ConfigError, DTypeError, ShapeError
+from .pq import ProductQuantizer
+
+__all__ = ["KVStore", "Page", "bits_to_pq"]
+
+
+def bits_to_pq(bits: float, head_dim: int) -> tuple[int, int]:
+    """Map average stored bits per element to ``(m, nbits)`` for a head dimension.
+
+    8 -> 8-bit codes over 1 dim; 4 -> 4-bit codes over 1 dim; 2 -> 4-bit codes over 2 dims;
+    1 -> 4-bit codes over 4 dims. Each is the choice with the smallest codebooks for that rate.
+    """
+    table = {8: (head_dim, 8), 4: (head_dim, 4), 2: (head_dim // 2, 4), 1: (head_dim // 4, 4)}
+    if bits not in table:
+        raise ConfigError(f"bits must be one of 1, 2, 4, 8, got {bits}")
+    m, nbits = table[bits]
+    if m < 1 or head_dim % m:
+        raise ConfigError(f"bits={bits} needs head_dim divisible by {head_dim // max(m, 1)}; got {head_dim}")
+    return m, nbits
+
+
+def _parse_bytes(v: int | str | None, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        s = v.strip().upper().replace("IB", "B")
+        units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40, "B": 1}
+        for u, mult in units.items():
+            if s.endswith(u):
+                try:
+                    return int(float(s[: -len(u)]) * mult)
+                except ValueError:
+                    break
+        try:
+            return int(s)
+        except ValueError:
+            raise ConfigError(f"{what}: cannot parse {v!r}; use bytes or a size like '256MB'") from None
+    if int(v) < 0:
+        raise ConfigError(f"{what} must be >= 0, got {v}")
+    return int(v)
+
+
+def _as_kv(x: Any, what: str, kv_heads: int, head_dim: int) -> np.ndarray:
+    if is_torch(x):
+        if x.device.type != "cpu":
+            from .exceptions import DeviceError
+
+            raise DeviceError(f"{what} is on {x.device}; the store takes CPU tensors ({what}.cpu())")
+        x = x.detach().float().contiguous().numpy()
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float16, np.float64):
+        raise DTypeError(f"{what}: expected a floating-point array, got {x.dtype}")
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3 or x.shape[0] != kv_heads or x.shape[2] != head_dim:
+        raise ShapeError(
+            f"{what}: expected shape [kv_heads={kv_heads}, t, head_dim={head_dim}], got {tuple(x.shape)}"
+        )
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page as read from the store.
+
+    Attributes:
+        k_codes: uint8 ``[kv_heads, tokens, k_code_bytes]``.
+        v_codes: uint8 ``[kv_heads, tokens, v_code_bytes]``.
+        k_fp16: float16 ``[kv_heads, tokens, head_dim]`` or None (``keep_full_precision=False``).
+        v_fp16: float16 ``[kv_heads, tokens, head_dim]`` or None.
+        tokens: tokens in the page (``page_size`` except for the last, open page).
+    """
+
+    k_codes: np.ndarray
+    v_codes: np.ndarray
+    k_fp16: np.ndarray | None
+    v_fp16: np.ndarray | None
+    tokens: int
+
+
+class KVStore:
+    """Paged, PQ-compressed KV storage for ``layers`` x ``kv_heads`` x ``head_dim``.
+
+    Args:
+        layers, kv_heads, head_dim: model shape.
+        page_size: tokens per page.
+        window: recent tokens kept in float32 (not yet encoded).
+        sinks: leading tokens kept in float32 forever.
+        bits: average bits per stored K/V element (1, 2, 4 or 8), mapped by :func:`bits_to_pq`;
+            or give ``k_m, k_nbits, v_m, v_nbits`` explicitly.
+        keep_full_precision: also keep an fp16 copy of K/V in each page (for exact re-ranking).
+        batch: number of sequences.
+        ram_budget: bytes (or a size string like ``"256MB"``) for everything held in RAM;
+            None = unbounded. Below the fixed minimum (``config["min_ram_budget"]``) raises
+            :class:`~ctxcore.exceptions.RamBudgetError`.
+        offload_dir: directory of the disk tier (checked writable at construction).
+        max_disk_bytes: cap on the disk tier's size.
+        model_id: identity of the model, checked when a saved context is loaded.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        page_size: int = 64,
+        window: int = 128,
+        sinks: int = 4,
+        bits: float = 4,
+        *,
+        k_m: int | None = None,
+        k_nbits: int | None = None,
+        v_m: int | None = None,
+        v_nbits: int | None = None,
+        keep_full_precision: bool = False,
+        batch: int = 1,
+        ram_budget: int | str | None = None,
+        offload_dir: str | os.PathLike | None = None,
+        max_disk_bytes: int | str | None = None,
+        model_id: str = "",
+        _inner: Any = None,
+    ) -> None:
+        if _inner is not None:
+            self._s = _inner
+            self.metadata: dict = {}
+            return
+        for name, v in (
+            ("layers", layers),
+            ("kv_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("page_size", page_size),
+            ("batch", batch),
+            ("window", window),
+            ("sinks", sinks),
+        ):
+            if int(v) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {v}")
+        m, nb = bits_to_pq(bits, head_dim) if (k_m is None or v_m is None) else (0, 0)
+        self._s = _ctxcore.KVStore(
+            int(layers), int(kv_heads), int(head_dim), int(page_size), int(window), int(sinks),
+            int(k_m if k_m is not None else m), int(k_nbits if k_nbits is not None else nb or 4),
+            int(v_m if v_m is not None else m), int(v_nbits if v_nbits is not None else nb or 4),
+            bool(keep_full_precision), int(batch), _parse_bytes(ram_budget, "ram_budget"),
+            None if offload_dir is None else os.fspath(offload_dir),
+            _parse_bytes(max_disk_bytes, "max_disk_bytes"), str(model_id),
+        )  # fmt: skip
+        self.metadata = {}
+
+    # -- configuration -----------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """Configuration, plus ``page_bytes``, ``abstract_bytes`` and ``min_ram_budget``."""
+        return self._s.config
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"KVStore(layers={c['layers']}, kv_heads={c['kv_heads']}, head_dim={c['head_dim']}, "
+            f"page_size={c['page_size']}, window={c['window']}, sinks={c['sinks']}, "
+            f"ram_budget={c['ram_budget']})"
+        )
+
+    # -- codebooks -----------------------------------------------------------------------------
+    def set_codebooks(self, layer: int, keys: list[ProductQuantizer], values: list[ProductQuantizer]) -> None:
+        """Set one layer's codebooks: a trained quantizer per KV head for keys and for values."""
+        self._s.set_codebooks(int(layer), [q._codec for q in keys], [q._codec for q in values])
+
+    def calibrate(self, layer: int, k: Any, v: Any, iters: int = 25, seed: int = 0) -> None:
+        """Train and set the codebooks of ``layer`` from sample keys/values ``[kv_heads, n, head_dim]``."""
+        c = self.config
+        k = _as_kv(k, "keys", c["kv_heads"], c["head_dim"])
+        v = _as_kv(v, "values", c["kv_heads"], c["head_dim"])
+        kq, vq = [], []
+        for h in range(c["kv_heads"]):
+            a = ProductQuantizer(c["head_dim"], c["k_m"], c["k_nbits"])
+            a.train(k[h], iters=iters, seed=seed)
+            b = ProductQuantizer(c["head_dim"], c["v_m"], c["v_nbits"])
+            b.train(v[h], iters=iters, seed=seed)
+            kq.append(a)
+            vq.append(b)
+        self.set_codebooks(layer, kq, vq)
+
+    def has_codebooks(self, layer: int) -> bool:
+        """Whether ``layer`` has codebooks."""
+        return self._s.has_codebooks(int(layer))
+
+    # -- data ----------------------------------------------------------------------------------
+    def append(self, layer: int, k: Any, v: Any, seq: int = 0) -> None:
+        """Append keys/values ``[kv_heads, t, head_dim]`` (numpy or CPU torch; any float dtype).
+
+        Keys are expected after RoPE. Raises NotTrainedError if tokens would be paged before
+        the layer has codebooks, NonFiniteError on NaN/Inf; on error nothing is appended.
+        """
+        c = self.config
+        self._s.append(int(seq), int(layer), _as_kv(k, "keys", c["kv_heads"], c["head_dim"]),
+                       _as_kv(v, "values", c["kv_heads"], c["head_dim"]))  # fmt: skip
+
+    def num_tokens(self, layer: int, seq: int = 0) -> int:
+        """Tokens stored for ``(seq, layer)``."""
+        return self._s.num_tokens(int(seq), int(layer))
+
+    def num_pages(self, layer: int, seq: int = 0) -> int:
+        """Pages, counting a partially filled last page."""
+        return self._s.num_pages(int(seq), int(layer))
+
+    def paged_tokens(self, layer: int, seq: int = 0) -> int:
+        """Tokens held in pages (between the sinks and the window)."""
+        return self._s.paged_tokens(int(seq), int(layer))
+
+    def page(self, layer: int, idx: int, seq: int = 0) -> Page:
+        """Read page ``idx`` (from RAM, or from disk with its checksum verified)."""
+        kc, vc, kf, vf = self._s.page(int(seq), int(layer), int(idx))
+        return Page(kc, vc, None if kf is None else kf.view(np.float16),
+                    None if vf is None else vf.view(np.float16), kc.shape[1])  # fmt: skip
+
+    def sinks(self, layer: int, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Sink tokens ``(k, v)``, float32 ``[kv_heads, s, head_dim]``."""
+        return self._s.full_precision(int(seq), int(layer), "sinks")
+
+    def window(self, layer: int, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Recent window ``(k, v)``, float32 ``[kv_heads, w, head_dim]``."""
+        return self._s.full_precision(int(seq), int(layer), "window")
+
+    def abstracts(self, layer: int, seq: int = 0) -> np.ndarray:
+        """Page abstracts float32 ``[pages, kv_heads, 3, head_dim]``: min, max, mean of the keys."""
+        return self._s.abstracts(int(seq), int(layer))
+
+    def prefetch(self, layer: int, pages: list[int], seq: int = 0) -> None:
+        """Load ``pages`` into RAM in the background, ahead of use."""
+        self._s.prefetch(int(seq), int(layer), [int(p) for p in pages])
+
+    def evict_all(self) -> None:
+        """Move every resident page to the disk tier (frees RAM; data stays readable)."""
+        self._s.evict_all()
+
+    def stats(self) -> dict:
+        """Counters (hits, misses, prefetched, evictions, bytes_read, bytes_written) and
+        ``ram_bytes`` (everything counted against the budget), ``ram_page_bytes``,
+        ``disk_bytes``, ``pages``."""
+        return self._s.stats()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, token_ids: Any = None, metadata: dict | None = None) -> None:
+        """Save the context to directory ``path`` (atomically replacing an earlier save).
+
+        ``token_ids`` (per sequence, or one list for batch 1) are saved with their chained
+        chunk hashes (:func:`ctxcore.chunk_tokens` with ``page_size`` and ``model_id``) so a
+        later prompt can be matched against the saved prefix. ``metadata``: JSON-serializable.
+        """
+        meta = dict(self.metadata)
+        if metadata:
+            meta.update(metadata)
+        if token_ids is not None:
+            from .chunking import chunk_tokens
+
+            seqs = token_ids if (len(token_ids) and np.ndim(token_ids[0]) == 1) else [token_ids]
+            c = self.config
+            meta["token_ids"] = [[int(t) for t in np.asarray(s).reshape(-1)] for s in seqs]
+            meta["chunk_hashes"] = [
+                [ch.hash for ch in chunk_tokens(s, c["page_size"], c["model_id"])] for s in meta["token_ids"]
+            ]
+        try:
+            blob = json.dumps(meta).encode()
+        except TypeError as e:
+            raise ConfigError(f"metadata must be JSON-serializable: {e}") from e
+        self._s.save(os.fspath(path), blob)
+        self.metadata = meta
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        ram_budget: int | str | None = None,
+        offload_dir: str | os.PathLike | None = None,
+        max_disk_bytes: int | str | None = None,
+        model_id: str | None = None,
+        layers: int | None = None,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+    ) -> KVStore:
+        """Load a saved context. Pages are read lazily (checksum verified on first read).
+
+        ``model_id``, ``layers``, ``kv_heads``, ``head_dim``: what the caller expects; a saved
+        context that differs raises :class:`~ctxcore.exceptions.ContextMismatchError` naming
+        both sides. Corrupt or missing files raise CorruptDataError / FormatVersionError /
+        CtxcoreIOError naming the file.
+        """
+        p = Path(path)
+        inner, extra = _ctxcore.KVStore.load(
+            os.fspath(p), _parse_bytes(ram_budget, "ram_budget"),
+            None if offload_dir is None else os.fspath(offload_dir),
+            _parse_bytes(max_disk_bytes, "max_disk_bytes"), model_id, layers, kv_heads, head_dim,
+        )  # fmt: skip
+        obj = cls(0, 0, 0, _inner=inner)
+        try:
+            obj.metadata = json.loads(bytes(extra).decode()) if extra else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj.metadata = {}
+        return obj
+
+    def matching_prefix(self, token_ids: Any, seq: int = 0) -> int:
+        """Tokens of ``token_ids`` whose leading page-aligned chunks match the saved context."""
+        from .chunking import chunk_tokens
+
+        hashes = self.metadata.get("chunk_hashes")
+        if not hashes:
+            return 0
+        saved = hashes[seq]
+        c = self.config
+        n = 0
+        for i, ch in enumerate(chunk_tokens(token_ids, c["page_size"], c["model_id"])):
+            if i >= len(saved) or saved[i] != ch.hash:
+                break
+            n = ch.end
+        return n

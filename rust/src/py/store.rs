@@ -1,0 +1,343 @@
+//! Bindings of [`crate::store::KvStore`] as `_ctxcore.KVStore` (wrapped by `ctxcore.KVStore`).
+
+use std::path::PathBuf;
+
+use numpy::ndarray::{Array3, Array4};
+use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use super::error::IntoPy;
+use super::pq::PQCodec;
+use crate::error::{catch_panic, Error};
+use crate::store::{check_compatible, KvStore, Region, StoreConfig};
+
+fn internal<E: std::fmt::Display>(e: E) -> PyErr {
+    super::error::to_pyerr(Error::Internal(e.to_string()))
+}
+
+/// Keys and values, float32 `[H, t, D]` each.
+type KvPair<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
+
+/// Paged KV store (see `ctxcore.KVStore`).
+#[pyclass(module = "ctxcore._ctxcore")]
+pub struct KVStore {
+    inner: KvStore,
+}
+
+#[pymethods]
+impl KVStore {
+    #[new]
+    #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
+                        keep_full_precision, batch, ram_budget, offload_dir, max_disk_bytes, model_id))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        window: usize,
+        sinks: usize,
+        k_m: usize,
+        k_nbits: u32,
+        v_m: usize,
+        v_nbits: u32,
+        keep_full_precision: bool,
+        batch: usize,
+        ram_budget: Option<u64>,
+        offload_dir: Option<PathBuf>,
+        max_disk_bytes: Option<u64>,
+        model_id: String,
+    ) -> PyResult<Self> {
+        let cfg = StoreConfig {
+            layers,
+            kv_heads,
+            head_dim,
+            page_size,
+            window,
+            sinks,
+            k_m,
+            k_nbits,
+            v_m,
+            v_nbits,
+            keep_full_precision,
+            batch,
+            ram_budget,
+            offload_dir,
+            max_disk_bytes,
+            model_id,
+        };
+        Ok(KVStore {
+            inner: catch_panic(|| KvStore::new(cfg)).py()?,
+        })
+    }
+
+    /// Configuration as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = self.inner.config();
+        let d = PyDict::new(py);
+        d.set_item("layers", c.layers)?;
+        d.set_item("kv_heads", c.kv_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("page_size", c.page_size)?;
+        d.set_item("window", c.window)?;
+        d.set_item("sinks", c.sinks)?;
+        d.set_item("k_m", c.k_m)?;
+        d.set_item("k_nbits", c.k_nbits)?;
+        d.set_item("v_m", c.v_m)?;
+        d.set_item("v_nbits", c.v_nbits)?;
+        d.set_item("keep_full_precision", c.keep_full_precision)?;
+        d.set_item("batch", c.batch)?;
+        d.set_item("ram_budget", c.ram_budget)?;
+        d.set_item(
+            "offload_dir",
+            c.offload_dir.as_ref().map(|p| p.display().to_string()),
+        )?;
+        d.set_item("max_disk_bytes", c.max_disk_bytes)?;
+        d.set_item("model_id", &c.model_id)?;
+        d.set_item("page_bytes", c.page_bytes())?;
+        d.set_item("abstract_bytes", c.abstract_bytes())?;
+        d.set_item("min_ram_budget", c.min_ram_budget())?;
+        Ok(d)
+    }
+
+    /// Set one layer's codebooks: one trained PQCodec per KV head for keys and for values.
+    fn set_codebooks(
+        &self,
+        layer: usize,
+        keys: Vec<PyRef<'_, PQCodec>>,
+        values: Vec<PyRef<'_, PQCodec>>,
+    ) -> PyResult<()> {
+        let k = keys.iter().map(|c| c.inner.clone()).collect();
+        let v = values.iter().map(|c| c.inner.clone()).collect();
+        self.inner.set_codebooks(layer, k, v).py()
+    }
+
+    fn has_codebooks(&self, layer: usize) -> bool {
+        self.inner.has_codebooks(layer)
+    }
+
+    /// Append float32 keys/values ``[kv_heads, t, head_dim]``.
+    fn append(
+        &self,
+        py: Python<'_>,
+        seq: usize,
+        layer: usize,
+        k: PyReadonlyArray3<'_, f32>,
+        v: PyReadonlyArray3<'_, f32>,
+    ) -> PyResult<()> {
+        let c = self.inner.config();
+        let want = [c.kv_heads, k.shape()[1], c.head_dim];
+        for (what, a) in [("keys", &k), ("values", &v)] {
+            if a.shape() != want {
+                return Err(Error::shape(
+                    what,
+                    format!("{want:?}"),
+                    format!("{:?}", a.shape()),
+                ))
+                .py();
+            }
+        }
+        let t = want[1];
+        let ks = k.as_slice().map_err(internal)?;
+        let vs = v.as_slice().map_err(internal)?;
+        let store = &self.inner;
+        py.detach(|| catch_panic(|| store.append(seq, layer, ks, vs, t)))
+            .py()
+    }
+
+    fn num_tokens(&self, seq: usize, layer: usize) -> PyResult<usize> {
+        self.inner.num_tokens(seq, layer).py()
+    }
+
+    fn num_pages(&self, seq: usize, layer: usize) -> PyResult<usize> {
+        self.inner.num_pages(seq, layer).py()
+    }
+
+    fn paged_tokens(&self, seq: usize, layer: usize) -> PyResult<usize> {
+        self.inner.paged_tokens(seq, layer).py()
+    }
+
+    /// Read a page: ``(k_codes [H, t, ck] u8, v_codes [H, t, cv] u8, k_fp16 [H, t, D] u16 bits | None, v_fp16 | None)``.
+    #[allow(clippy::type_complexity)]
+    fn page<'py>(
+        &self,
+        py: Python<'py>,
+        seq: usize,
+        layer: usize,
+        idx: usize,
+    ) -> PyResult<(
+        Bound<'py, PyArray3<u8>>,
+        Bound<'py, PyArray3<u8>>,
+        Option<Bound<'py, PyArray3<u16>>>,
+        Option<Bound<'py, PyArray3<u16>>>,
+    )> {
+        let store = &self.inner;
+        let view = py
+            .detach(|| catch_panic(|| store.page(seq, layer, idx)))
+            .py()?;
+        let c = self.inner.config();
+        let (h, d, t) = (c.kv_heads, c.head_dim, view.tokens);
+        let (ck, cv) = c.code_bytes();
+        let kg: Vec<u8> = (0..h)
+            .flat_map(|hh| view.k_codes(hh).iter().copied())
+            .collect();
+        let vg: Vec<u8> = (0..h)
+            .flat_map(|hh| view.v_codes(hh).iter().copied())
+            .collect();
+        let kc = Array3::from_shape_vec((h, t, ck), kg).map_err(internal)?;
+        let vc = Array3::from_shape_vec((h, t, cv), vg).map_err(internal)?;
+        let fp = |which: usize| -> PyResult<Option<Bound<'py, PyArray3<u16>>>> {
+            if !c.keep_full_precision {
+                return Ok(None);
+            }
+            let mut out = Vec::with_capacity(h * t * d);
+            for hh in 0..h {
+                let b = if which == 0 {
+                    view.k_fp16(hh)
+                } else {
+                    view.v_fp16(hh)
+                }
+                .unwrap_or(&[]);
+                out.extend(b.chunks_exact(2).map(|x| u16::from_le_bytes([x[0], x[1]])));
+            }
+            Ok(Some(
+                Array3::from_shape_vec((h, t, d), out)
+                    .map_err(internal)?
+                    .into_pyarray(py),
+            ))
+        };
+        Ok((kc.into_pyarray(py), vc.into_pyarray(py), fp(0)?, fp(1)?))
+    }
+
+    /// Full-precision region (``"sinks"`` or ``"window"``): ``(k, v)`` float32 ``[H, t, D]``.
+    fn full_precision<'py>(
+        &self,
+        py: Python<'py>,
+        seq: usize,
+        layer: usize,
+        region: &str,
+    ) -> PyResult<KvPair<'py>> {
+        let which = match region {
+            "sinks" => Region::Sinks,
+            "window" => Region::Window,
+            other => {
+                return Err(Error::config(format!(
+                    "region must be 'sinks' or 'window', got {other:?}"
+                )))
+                .py()
+            }
+        };
+        let (k, v, t) = self.inner.full_precision(seq, layer, which).py()?;
+        let c = self.inner.config();
+        let shape = (c.kv_heads, t, c.head_dim);
+        Ok((
+            Array3::from_shape_vec(shape, k)
+                .map_err(internal)?
+                .into_pyarray(py),
+            Array3::from_shape_vec(shape, v)
+                .map_err(internal)?
+                .into_pyarray(py),
+        ))
+    }
+
+    /// Page abstracts float32 ``[pages, H, 3, D]`` (min, max, mean of the keys).
+    fn abstracts<'py>(
+        &self,
+        py: Python<'py>,
+        seq: usize,
+        layer: usize,
+    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        let (a, n) = self.inner.abstracts(seq, layer).py()?;
+        let c = self.inner.config();
+        Ok(Array4::from_shape_vec((n, c.kv_heads, 3, c.head_dim), a)
+            .map_err(internal)?
+            .into_pyarray(py))
+    }
+
+    fn prefetch(&self, seq: usize, layer: usize, pages: Vec<usize>) -> PyResult<()> {
+        self.inner.prefetch(seq, layer, &pages).py()
+    }
+
+    fn evict_all(&self, py: Python<'_>) -> PyResult<()> {
+        let store = &self.inner;
+        py.detach(|| catch_panic(|| store.evict_all())).py()
+    }
+
+    /// Counters and RAM / disk use.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats().py()?;
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("prefetched", s.prefetched)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("bytes_read", s.bytes_read)?;
+        d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("ram_bytes", s.ram_bytes)?;
+        d.set_item("ram_page_bytes", s.ram_page_bytes)?;
+        d.set_item("disk_bytes", s.disk_bytes)?;
+        d.set_item("pages", s.pages)?;
+        Ok(d)
+    }
+
+    /// Save to a directory (atomic replace of an earlier save); ``extra``: caller metadata.
+    fn save(&self, py: Python<'_>, path: PathBuf, extra: &[u8]) -> PyResult<()> {
+        let store = &self.inner;
+        py.detach(|| catch_panic(|| store.save(&path, extra))).py()
+    }
+
+    /// Load a saved context; returns ``(store, extra)``.
+    #[staticmethod]
+    #[pyo3(signature = (path, ram_budget, offload_dir, max_disk_bytes, expect_model_id, expect_layers, expect_kv_heads, expect_head_dim))]
+    #[allow(clippy::too_many_arguments)]
+    fn load<'py>(
+        py: Python<'py>,
+        path: PathBuf,
+        ram_budget: Option<u64>,
+        offload_dir: Option<PathBuf>,
+        max_disk_bytes: Option<u64>,
+        expect_model_id: Option<String>,
+        expect_layers: Option<usize>,
+        expect_kv_heads: Option<usize>,
+        expect_head_dim: Option<usize>,
+    ) -> PyResult<(KVStore, Bound<'py, PyBytes>)> {
+        let (store, extra) = py
+            .detach(|| {
+                catch_panic(|| {
+                    let runtime = StoreConfig {
+                        layers: 1,
+                        kv_heads: 1,
+                        head_dim: 1,
+                        page_size: 1,
+                        window: 0,
+                        sinks: 0,
+                        k_m: 1,
+                        k_nbits: 8,
+                        v_m: 1,
+                        v_nbits: 8,
+                        keep_full_precision: false,
+                        batch: 1,
+                        ram_budget,
+                        offload_dir,
+                        max_disk_bytes,
+                        model_id: String::new(),
+                    };
+                    let (store, extra) = KvStore::load(&path, &runtime)?;
+                    let saved = store.config();
+                    let mut current = saved.clone();
+                    if let Some(m) = expect_model_id {
+                        current.model_id = m;
+                    }
+                    current.layers = expect_layers.unwrap_or(saved.layers);
+                    current.kv_heads = expect_kv_heads.unwrap_or(saved.kv_heads);
+                    current.head_dim = expect_head_dim.unwrap_or(saved.head_dim);
+                    check_compatible(saved, &current)?;
+                    Ok((store, extra))
+                })
+            })
+            .py()?;
+        Ok((KVStore { inner: store }, PyBytes::new(py, &extra)))
+    }
+}

@@ -1,0 +1,220 @@
+//! Disk tier: fixed-size page slots in segment files, read with `pread`.
+//!
+//! A segment file holds up to `slots_per_segment` page blobs of `page_bytes` each, at offset
+//! `slot * page_bytes`. Integrity is checked by the caller against the CRC kept in RAM.
+
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Where a page lives on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// Index into the tier's segment list.
+    pub segment: u32,
+    /// Slot within the segment.
+    pub slot: u32,
+}
+
+/// One segment file.
+#[derive(Debug)]
+pub struct Segment {
+    /// Path of the file (for error messages).
+    pub path: PathBuf,
+    file: File,
+    /// Slots in use (writable segments fill sequentially).
+    pub used: u32,
+    writable: bool,
+}
+
+/// The set of segment files of a store.
+#[derive(Debug)]
+pub struct DiskTier {
+    dir: Option<PathBuf>,
+    page_bytes: usize,
+    slots_per_segment: u32,
+    segments: Vec<Segment>,
+    /// Bytes written (live and dead slots).
+    pub bytes: u64,
+    max_bytes: Option<u64>,
+    _tmp: Option<TempDir>,
+}
+
+/// A directory removed on drop (used when no offload directory is given).
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+impl DiskTier {
+    /// A tier writing into `dir` (created if missing; a private temp dir when `None`).
+    pub fn new(dir: Option<&Path>, page_bytes: usize, max_bytes: Option<u64>) -> Result<Self> {
+        let slots_per_segment =
+            ((256usize << 20) / page_bytes.max(1)).clamp(1, u32::MAX as usize) as u32;
+        Ok(DiskTier {
+            dir: dir.map(Path::to_path_buf),
+            page_bytes,
+            slots_per_segment,
+            segments: Vec::new(),
+            bytes: 0,
+            max_bytes,
+            _tmp: None,
+        })
+    }
+
+    fn ensure_dir(&mut self) -> Result<PathBuf> {
+        if self.dir.is_none() {
+            let base = std::env::temp_dir().join(format!(
+                "ctxcore-offload-{}-{:x}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ));
+            std::fs::create_dir_all(&base)
+                .map_err(io(format!("creating offload directory {}", base.display())))?;
+            self._tmp = Some(TempDir(base.clone()));
+            self.dir = Some(base);
+        }
+        let dir = self.dir.clone().expect("set above");
+        std::fs::create_dir_all(&dir)
+            .map_err(io(format!("creating offload directory {}", dir.display())))?;
+        Ok(dir)
+    }
+
+    /// Check that the offload directory can be written (create and remove a probe file).
+    pub fn check_writable(&mut self) -> Result<()> {
+        let dir = self.ensure_dir()?;
+        let probe = dir.join(".ctxcore-write-probe");
+        std::fs::write(&probe, b"ok").map_err(io(format!(
+            "offload directory {} is not writable",
+            dir.display()
+        )))?;
+        let _ = std::fs::remove_file(probe);
+        Ok(())
+    }
+
+    /// Register an existing read-only segment (from a saved context); returns its index.
+    pub fn add_readonly(&mut self, path: &Path, slots: u32) -> Result<u32> {
+        let file =
+            File::open(path).map_err(io(format!("opening saved segment {}", path.display())))?;
+        let len = file
+            .metadata()
+            .map_err(io(format!("reading size of {}", path.display())))?
+            .len();
+        let need = slots as u64 * self.page_bytes as u64;
+        if len < need {
+            return Err(Error::corrupt(
+                format!("segment {}", path.display()),
+                format!("truncated: {len} bytes, the saved page table needs {need}"),
+            ));
+        }
+        self.segments.push(Segment {
+            path: path.to_path_buf(),
+            file,
+            used: slots,
+            writable: false,
+        });
+        Ok((self.segments.len() - 1) as u32)
+    }
+
+    /// Write a page blob to a new slot.
+    pub fn write(&mut self, blob: &[u8]) -> Result<Slot> {
+        debug_assert_eq!(blob.len(), self.page_bytes);
+        if let Some(max) = self.max_bytes {
+            if self.bytes + blob.len() as u64 > max {
+                return Err(Error::Io {
+                    context: format!("writing a page to the disk tier (limit {max} bytes reached)"),
+                    source: std::io::Error::new(ErrorKind::StorageFull, "disk tier full"),
+                });
+            }
+        }
+        let need_new = match self.segments.last() {
+            Some(s) => !s.writable || s.used >= self.slots_per_segment,
+            None => true,
+        };
+        if need_new {
+            let dir = self.ensure_dir()?;
+            let path = dir.join(format!("offload-{:05}.seg", self.segments.len()));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io(format!("creating segment {}", path.display())))?;
+            self.segments.push(Segment {
+                path,
+                file,
+                used: 0,
+                writable: true,
+            });
+        }
+        let idx = self.segments.len() - 1;
+        let seg = &mut self.segments[idx];
+        let off = seg.used as u64 * self.page_bytes as u64;
+        seg.file.write_all_at(blob, off).map_err(io(format!(
+            "writing page slot {} of {}",
+            seg.used,
+            seg.path.display()
+        )))?;
+        let slot = Slot {
+            segment: idx as u32,
+            slot: seg.used,
+        };
+        seg.used += 1;
+        self.bytes += blob.len() as u64;
+        Ok(slot)
+    }
+
+    /// A handle for reading `slot` without holding the tier (for lock-free page-in).
+    pub fn reader(&self, slot: Slot) -> Result<(File, u64, PathBuf)> {
+        let seg = self
+            .segments
+            .get(slot.segment as usize)
+            .ok_or_else(|| Error::Internal(format!("no segment {}", slot.segment)))?;
+        let file = seg
+            .file
+            .try_clone()
+            .map_err(io(format!("opening {}", seg.path.display())))?;
+        Ok((
+            file,
+            slot.slot as u64 * self.page_bytes as u64,
+            seg.path.clone(),
+        ))
+    }
+}
+
+/// Read one page blob at `off` of `file` into a new buffer.
+pub fn read_at(file: &File, off: u64, len: usize, path: &Path, page: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, off).map_err(|source| {
+        if source.kind() == ErrorKind::UnexpectedEof {
+            Error::corrupt(
+                format!("page {page} in {}", path.display()),
+                format!(
+                    "the file is truncated (page needs bytes {off}..{})",
+                    off + len as u64
+                ),
+            )
+        } else {
+            Error::Io {
+                context: format!("page {page}: reading {}", path.display()),
+                source,
+            }
+        }
+    })?;
+    Ok(buf)
+}

@@ -1,0 +1,980 @@
+//! Paged KV store: PQ-coded pages per layer, a RAM tier under a byte budget, a disk tier, a
+//! prefetch thread, and persistence.
+//!
+//! Token positions of one sequence and layer are laid out as
+//!
+//! ```text
+//! [0, sinks)                         sink tokens, full precision, always in RAM
+//! [sinks, sinks + paged)             pages of `page_size` tokens: PQ codes (+ optional fp16 copy)
+//! [sinks + paged, n_tokens)          recent window (<= `window` tokens), full precision, in RAM
+//! ```
+//!
+//! Appending fills the window; tokens pushed out of the window are PQ-encoded (with the layer's
+//! codebooks) into the last, open page. A full page is closed: it becomes immutable, its
+//! abstract (per KV head: per-dimension min, max and mean of the keys, fp16) stays in RAM, and
+//! the blob enters the RAM tier, from which least-recently-used pages spill to the disk tier
+//! whenever the RAM total exceeds `ram_budget`.
+//!
+//! Page blob layout (`page_bytes` bytes):
+//! `K codes (H, P, ck) | V codes (H, P, cv) | [K fp16 (H, P, D) | V fp16 (H, P, D)]`.
+
+mod disk;
+mod persist;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::pq::ProductQuantizer;
+pub use disk::Slot;
+use disk::{read_at, DiskTier};
+pub use persist::{check_compatible, STORE_FORMAT_VERSION};
+
+/// Configuration of a [`KvStore`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreConfig {
+    /// Transformer layers.
+    pub layers: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Recent tokens kept in full precision.
+    pub window: usize,
+    /// Leading (attention-sink) tokens kept in full precision.
+    pub sinks: usize,
+    /// Subquantizers of the key codebooks.
+    pub k_m: usize,
+    /// Bits per key code (4 or 8).
+    pub k_nbits: u32,
+    /// Subquantizers of the value codebooks.
+    pub v_m: usize,
+    /// Bits per value code (4 or 8).
+    pub v_nbits: u32,
+    /// Keep an fp16 copy of K/V in each page (for exact re-ranking).
+    pub keep_full_precision: bool,
+    /// Sequences (batch size).
+    pub batch: usize,
+    /// Byte budget of everything held in RAM; `None` = unbounded.
+    pub ram_budget: Option<u64>,
+    /// Directory of the disk tier; a private temporary directory when `None`.
+    pub offload_dir: Option<PathBuf>,
+    /// Cap on disk-tier bytes (to bound disk use, and to test "disk full").
+    pub max_disk_bytes: Option<u64>,
+    /// Identity of the model (checked on load).
+    pub model_id: String,
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(format!("{name} must be at least 1")))
+            } else {
+                Ok(())
+            }
+        };
+        pos("layers", self.layers)?;
+        pos("kv_heads", self.kv_heads)?;
+        pos("head_dim", self.head_dim)?;
+        pos("page_size", self.page_size)?;
+        pos("batch", self.batch)?;
+        ProductQuantizer::new(self.head_dim, self.k_m, self.k_nbits)
+            .map_err(|e| Error::config(format!("key codebooks: {e}")))?;
+        ProductQuantizer::new(self.head_dim, self.v_m, self.v_nbits)
+            .map_err(|e| Error::config(format!("value codebooks: {e}")))?;
+        if let Some(b) = self.ram_budget {
+            let min = self.min_ram_budget();
+            if b < min {
+                return Err(Error::Budget(format!(
+                    "ram_budget={b} bytes is below the fixed minimum of {min} bytes for this configuration \
+                     (codebooks, sinks and window in full precision, one open and one resident page per \
+                     layer and sequence); raise ram_budget to at least {min}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of a key code / value code.
+    pub fn code_bytes(&self) -> (usize, usize) {
+        (
+            (self.k_m * self.k_nbits as usize).div_ceil(8),
+            (self.v_m * self.v_nbits as usize).div_ceil(8),
+        )
+    }
+
+    /// Bytes of one page blob.
+    pub fn page_bytes(&self) -> usize {
+        let (ck, cv) = self.code_bytes();
+        let hp = self.kv_heads * self.page_size;
+        hp * (ck + cv)
+            + if self.keep_full_precision {
+                2 * hp * self.head_dim * 2
+            } else {
+                0
+            }
+    }
+
+    /// Bytes of the codebooks of all layers (float32).
+    pub fn codebook_bytes(&self) -> usize {
+        // Per quantizer: 4 * m * 2^nbits * (head_dim / m) bytes.
+        let k = 4 * (1usize << self.k_nbits) * self.head_dim;
+        let v = 4 * (1usize << self.v_nbits) * self.head_dim;
+        self.layers * self.kv_heads * (k + v)
+    }
+
+    /// RAM bytes of one page's abstract: per KV head `lo, hi` (f32) and min, max, mean of the
+    /// keys per dimension quantized to `u8` on `[lo, hi]` (min rounded down, max up).
+    pub fn abstract_bytes(&self) -> usize {
+        self.kv_heads * (8 + 3 * self.head_dim)
+    }
+
+    /// Fixed RAM: codebooks, sinks + window, the open page and one resident page per layer and
+    /// sequence. A budget below this is rejected.
+    pub fn min_ram_budget(&self) -> u64 {
+        let fp_token = 2 * self.kv_heads * self.head_dim * 4;
+        let per_layer =
+            (self.sinks + self.window) * fp_token + 2 * self.page_bytes() + self.abstract_bytes();
+        (self.codebook_bytes() + self.batch * self.layers * per_layer) as u64
+    }
+}
+
+/// Counters of tier traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Page reads served from RAM.
+    pub hits: u64,
+    /// Page reads that went to disk (demand misses).
+    pub misses: u64,
+    /// Pages loaded by the prefetch thread.
+    pub prefetched: u64,
+    /// Pages evicted from RAM.
+    pub evictions: u64,
+    /// Bytes read from the disk tier.
+    pub bytes_read: u64,
+    /// Bytes written to the disk tier.
+    pub bytes_written: u64,
+    /// Bytes held in RAM now (everything counted against the budget).
+    pub ram_bytes: u64,
+    /// Bytes of page blobs resident in the RAM tier.
+    pub ram_page_bytes: u64,
+    /// Bytes in the disk tier.
+    pub disk_bytes: u64,
+    /// Closed pages.
+    pub pages: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    prefetched: AtomicU64,
+    evictions: AtomicU64,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+/// A page as read: an immutable blob plus its token count.
+#[derive(Clone, Debug)]
+pub struct PageView {
+    blob: Arc<[u8]>,
+    /// Tokens in the page (`page_size`, or fewer for the open page).
+    pub tokens: usize,
+    h: usize,
+    p: usize,
+    d: usize,
+    ck: usize,
+    cv: usize,
+    fp: bool,
+}
+
+impl PageView {
+    /// Key codes of head `h`: Layout `(tokens, ck)`.
+    pub fn k_codes(&self, h: usize) -> &[u8] {
+        let off = h * self.p * self.ck;
+        &self.blob[off..off + self.tokens * self.ck]
+    }
+    /// Value codes of head `h`: Layout `(tokens, cv)`.
+    pub fn v_codes(&self, h: usize) -> &[u8] {
+        let off = self.h * self.p * self.ck + h * self.p * self.cv;
+        &self.blob[off..off + self.tokens * self.cv]
+    }
+    fn fp_off(&self, which: usize, h: usize) -> Option<usize> {
+        self.fp.then(|| {
+            self.h * self.p * (self.ck + self.cv) + (which * self.h + h) * self.p * self.d * 2
+        })
+    }
+    /// fp16 keys of head `h` as little-endian bytes, Layout `(tokens, D)`, if kept.
+    pub fn k_fp16(&self, h: usize) -> Option<&[u8]> {
+        self.fp_off(0, h)
+            .map(|o| &self.blob[o..o + self.tokens * self.d * 2])
+    }
+    /// fp16 values of head `h`, Layout `(tokens, D)`, if kept.
+    pub fn v_fp16(&self, h: usize) -> Option<&[u8]> {
+        self.fp_off(1, h)
+            .map(|o| &self.blob[o..o + self.tokens * self.d * 2])
+    }
+    /// The whole blob.
+    pub fn blob(&self) -> &[u8] {
+        &self.blob
+    }
+}
+
+struct OpenPage {
+    blob: Vec<u8>,
+    filled: usize,
+    /// Layout (H, D) each.
+    kmin: Vec<f32>,
+    kmax: Vec<f32>,
+    ksum: Vec<f64>,
+}
+
+impl OpenPage {
+    fn new(cfg: &StoreConfig) -> Self {
+        let hd = cfg.kv_heads * cfg.head_dim;
+        OpenPage {
+            blob: vec![0u8; cfg.page_bytes()],
+            filled: 0,
+            kmin: vec![f32::INFINITY; hd],
+            kmax: vec![f32::NEG_INFINITY; hd],
+            ksum: vec![0.0; hd],
+        }
+    }
+
+    /// Abstract Layout (H, 3, D): min, max, mean of the keys.
+    fn abstract_f32(&self, cfg: &StoreConfig) -> Vec<f32> {
+        let (h, d) = (cfg.kv_heads, cfg.head_dim);
+        let mut out = vec![0f32; h * 3 * d];
+        let n = self.filled.max(1) as f64;
+        for hh in 0..h {
+            for dd in 0..d {
+                let i = hh * d + dd;
+                out[hh * 3 * d + dd] = self.kmin[i];
+                out[hh * 3 * d + d + dd] = self.kmax[i];
+                out[hh * 3 * d + 2 * d + dd] = (self.ksum[i] / n) as f32;
+            }
+        }
+        out
+    }
+}
+
+/// One token's keys and values, each Layout `(H, D)`.
+type TokenKv = (Box<[f32]>, Box<[f32]>);
+/// A just-closed page: blob and quantized abstract.
+type ClosedPage = (Vec<u8>, Box<[u8]>);
+
+#[derive(Default)]
+struct LayerState {
+    n_tokens: usize,
+    /// Token-major (t, H, D).
+    sinks_k: Vec<f32>,
+    sinks_v: Vec<f32>,
+    /// Oldest first; each entry (H, D).
+    window: VecDeque<TokenKv>,
+    pages: Vec<u32>,
+    open: Option<OpenPage>,
+}
+
+struct PageMeta {
+    crc: u32,
+    disk: Option<Slot>,
+    /// Quantized abstract, see [`StoreConfig::abstract_bytes`] and [`quantize_abstract`].
+    abstract_: Box<[u8]>,
+}
+
+#[derive(Default)]
+struct RamTier {
+    map: HashMap<u32, (Arc<[u8]>, u64)>,
+    order: BTreeMap<u64, u32>,
+    tick: u64,
+    bytes: u64,
+}
+
+impl RamTier {
+    fn touch(&mut self, id: u32) -> Option<Arc<[u8]>> {
+        let tick = self.tick + 1;
+        let (blob, t) = self.map.get_mut(&id)?;
+        self.order.remove(t);
+        *t = tick;
+        self.order.insert(tick, id);
+        self.tick = tick;
+        Some(blob.clone())
+    }
+    fn insert(&mut self, id: u32, blob: Arc<[u8]>) {
+        if self.touch(id).is_some() {
+            return;
+        }
+        self.tick += 1;
+        self.bytes += blob.len() as u64;
+        self.order.insert(self.tick, id);
+        self.map.insert(id, (blob, self.tick));
+    }
+    fn remove(&mut self, id: u32) -> Option<Arc<[u8]>> {
+        let (blob, t) = self.map.remove(&id)?;
+        self.order.remove(&t);
+        self.bytes -= blob.len() as u64;
+        Some(blob)
+    }
+    fn lru(&self) -> Option<u32> {
+        self.order.values().next().copied()
+    }
+}
+
+struct LayerBooks {
+    k: Vec<ProductQuantizer>,
+    v: Vec<ProductQuantizer>,
+}
+
+struct State {
+    books: Vec<Option<LayerBooks>>,
+    /// [batch][layers]
+    seqs: Vec<Vec<LayerState>>,
+    pages: Vec<PageMeta>,
+    ram: RamTier,
+    disk: DiskTier,
+}
+
+struct Shared {
+    cfg: StoreConfig,
+    state: Mutex<State>,
+    counters: Counters,
+}
+
+/// The paged KV store (see the module docs).
+pub struct KvStore {
+    shared: Arc<Shared>,
+    prefetch_tx: Option<Sender<Vec<u32>>>,
+    prefetch_thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        self.prefetch_tx.take();
+        if let Some(t) = self.prefetch_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Quantize an abstract (Layout `(H, 3, D)` f32: min, max, mean) into
+/// `H x [lo f32 LE, hi f32 LE, min u8 (D), max u8 (D), mean u8 (D)]`. Min is rounded down and
+/// max up, so the stored bounds still contain every key of the page (Quest's bound stays valid).
+pub fn quantize_abstract(a: &[f32], h: usize, d: usize) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(h * (8 + 3 * d));
+    for hh in 0..h {
+        let x = &a[hh * 3 * d..(hh + 1) * 3 * d];
+        let lo = x[..d].iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = x[d..2 * d]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        out.extend_from_slice(&lo.to_le_bytes());
+        out.extend_from_slice(&hi.to_le_bytes());
+        let span = hi - lo;
+        let q = |v: f32, mode: i8| -> u8 {
+            if span <= 0.0 || !span.is_finite() {
+                return 0;
+            }
+            let t = ((v - lo) / span * 255.0).clamp(0.0, 255.0);
+            (match mode {
+                -1 => t.floor(),
+                1 => t.ceil(),
+                _ => t.round(),
+            }) as u8
+        };
+        out.extend(x[..d].iter().map(|&v| q(v, -1)));
+        out.extend(x[d..2 * d].iter().map(|&v| q(v, 1)));
+        out.extend(x[2 * d..].iter().map(|&v| q(v, 0)));
+    }
+    out.into()
+}
+
+/// Inverse of [`quantize_abstract`] into Layout `(H, 3, D)` f32.
+pub fn dequantize_abstract(b: &[u8], h: usize, d: usize, out: &mut Vec<f32>) {
+    for hh in 0..h {
+        let x = &b[hh * (8 + 3 * d)..(hh + 1) * (8 + 3 * d)];
+        let lo = f32::from_le_bytes(x[..4].try_into().expect("4"));
+        let hi = f32::from_le_bytes(x[4..8].try_into().expect("4"));
+        let step = (hi - lo) / 255.0;
+        out.extend(
+            x[8..]
+                .iter()
+                .map(|&q| if q == 255 { hi } else { lo + q as f32 * step }),
+        );
+    }
+}
+
+fn f32_to_f16_bytes(src: &[f32], dst: &mut [u8]) {
+    for (v, o) in src.iter().zip(dst.chunks_exact_mut(2)) {
+        o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::Internal("store lock poisoned by an earlier panic".into()))
+    }
+
+    fn view(&self, blob: Arc<[u8]>, tokens: usize) -> PageView {
+        let (ck, cv) = self.cfg.code_bytes();
+        PageView {
+            blob,
+            tokens,
+            h: self.cfg.kv_heads,
+            p: self.cfg.page_size,
+            d: self.cfg.head_dim,
+            ck,
+            cv,
+            fp: self.cfg.keep_full_precision,
+        }
+    }
+
+    fn fixed_bytes(&self, st: &State) -> u64 {
+        let cfg = &self.cfg;
+        let mut b = cfg.codebook_bytes() as u64;
+        let fp_token = (2 * cfg.kv_heads * cfg.head_dim * 4) as u64;
+        for seq in &st.seqs {
+            for l in seq {
+                b += (l.sinks_k.len() / (cfg.kv_heads * cfg.head_dim)) as u64 * fp_token;
+                b += l.window.len() as u64 * fp_token;
+                if l.open.is_some() {
+                    b += cfg.page_bytes() as u64;
+                }
+            }
+        }
+        b +=
+            st.pages.len() as u64 * (cfg.abstract_bytes() + std::mem::size_of::<PageMeta>()) as u64;
+        b
+    }
+
+    fn ram_total(&self, st: &State) -> u64 {
+        self.fixed_bytes(st) + st.ram.bytes
+    }
+
+    /// Evict LRU pages until the RAM total fits the budget (spilling them to disk first).
+    fn enforce_budget(&self, st: &mut State) -> Result<()> {
+        let Some(budget) = self.cfg.ram_budget else {
+            return Ok(());
+        };
+        while self.ram_total(st) > budget {
+            let Some(id) = st.ram.lru() else { break };
+            if st.pages[id as usize].disk.is_none() {
+                let blob = st.ram.map[&id].0.clone();
+                let slot = st.disk.write(&blob)?; // on failure the page stays in RAM: no data lost
+                self.counters
+                    .bytes_written
+                    .fetch_add(blob.len() as u64, Ordering::Relaxed);
+                st.pages[id as usize].disk = Some(slot);
+            }
+            st.ram.remove(id);
+            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.ram_total(st) > budget {
+            return Err(Error::Budget(format!(
+                "the store needs {} bytes of RAM that cannot be offloaded (window, sinks, open pages, \
+                 codebooks and {} page abstracts) but ram_budget is {budget}; raise ram_budget or \
+                 use a larger page_size",
+                self.fixed_bytes(st),
+                st.pages.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read a closed page, from RAM or disk; `prefetch` marks reads by the prefetch thread.
+    fn page_in(&self, id: u32, prefetch: bool) -> Result<Arc<[u8]>> {
+        let (file, off, path, crc) = {
+            let mut st = self.lock()?;
+            if let Some(b) = st.ram.touch(id) {
+                if !prefetch {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(b);
+            }
+            let meta = st
+                .pages
+                .get(id as usize)
+                .ok_or_else(|| Error::Internal(format!("unknown page {id}")))?;
+            let slot = meta.disk.ok_or_else(|| {
+                Error::Internal(format!("page {id} is neither in RAM nor on disk"))
+            })?;
+            let crc = meta.crc;
+            let (file, off, path) = st.disk.reader(slot)?;
+            (file, off, path, crc)
+        };
+        let len = self.cfg.page_bytes();
+        let buf = read_at(&file, off, len, &path, id as u64)?;
+        let actual = crc32fast::hash(&buf);
+        if actual != crc {
+            return Err(Error::corrupt(
+                format!("page {id} in {}", path.display()),
+                format!("checksum mismatch (expected {crc:#010x}, read {actual:#010x}); the file was modified or damaged"),
+            ));
+        }
+        self.counters
+            .bytes_read
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let c = if prefetch {
+            &self.counters.prefetched
+        } else {
+            &self.counters.misses
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        let blob: Arc<[u8]> = buf.into();
+        let mut st = self.lock()?;
+        st.ram.insert(id, blob.clone());
+        if self.enforce_budget(&mut st).is_err() {
+            // Cannot make room (e.g. the disk tier is full): hand the page to the caller without
+            // keeping it resident, so RAM stays where it was and the read still succeeds.
+            st.ram.remove(id);
+        }
+        Ok(blob)
+    }
+}
+
+impl KvStore {
+    /// A new, empty store.
+    pub fn new(cfg: StoreConfig) -> Result<Self> {
+        cfg.validate()?;
+        let mut disk = DiskTier::new(
+            cfg.offload_dir.as_deref(),
+            cfg.page_bytes(),
+            cfg.max_disk_bytes,
+        )?;
+        if cfg.offload_dir.is_some() {
+            disk.check_writable()?; // fail now, not in the middle of a prefill
+        }
+        let state = State {
+            books: (0..cfg.layers).map(|_| None).collect(),
+            seqs: (0..cfg.batch)
+                .map(|_| (0..cfg.layers).map(|_| LayerState::default()).collect())
+                .collect(),
+            pages: Vec::new(),
+            ram: RamTier::default(),
+            disk,
+        };
+        Ok(Self::from_parts(cfg, state))
+    }
+
+    fn from_parts(cfg: StoreConfig, state: State) -> Self {
+        let shared = Arc::new(Shared {
+            cfg,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+        });
+        let (tx, rx) = channel::<Vec<u32>>();
+        let weak = Arc::downgrade(&shared);
+        let thread = std::thread::Builder::new()
+            .name("ctxcore-prefetch".into())
+            .spawn(move || {
+                while let Ok(ids) = rx.recv() {
+                    let Some(sh) = weak.upgrade() else { break };
+                    for id in ids {
+                        // Errors surface again on the demand read, with full context.
+                        let _ = sh.page_in(id, true);
+                    }
+                }
+            })
+            .ok();
+        KvStore {
+            shared,
+            prefetch_tx: thread.as_ref().map(|_| tx),
+            prefetch_thread: thread,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &StoreConfig {
+        &self.shared.cfg
+    }
+
+    fn check(&self, seq: usize, layer: usize) -> Result<()> {
+        let cfg = &self.shared.cfg;
+        if seq >= cfg.batch {
+            return Err(Error::config(format!(
+                "sequence {seq} out of range: the store holds batch={}",
+                cfg.batch
+            )));
+        }
+        if layer >= cfg.layers {
+            return Err(Error::config(format!(
+                "layer {layer} out of range: the store has {} layers",
+                cfg.layers
+            )));
+        }
+        Ok(())
+    }
+
+    /// Set the codebooks of `layer`: one quantizer per KV head for keys and for values.
+    pub fn set_codebooks(
+        &self,
+        layer: usize,
+        k: Vec<ProductQuantizer>,
+        v: Vec<ProductQuantizer>,
+    ) -> Result<()> {
+        self.check(0, layer)?;
+        let cfg = &self.shared.cfg;
+        for (what, books, m, nbits) in [
+            ("key", &k, cfg.k_m, cfg.k_nbits),
+            ("value", &v, cfg.v_m, cfg.v_nbits),
+        ] {
+            if books.len() != cfg.kv_heads {
+                return Err(Error::config(format!(
+                    "{what} codebooks: got {} quantizers, need one per KV head ({})",
+                    books.len(),
+                    cfg.kv_heads
+                )));
+            }
+            for (h, pq) in books.iter().enumerate() {
+                if pq.dim() != cfg.head_dim
+                    || pq.m() != m
+                    || pq.nbits() != nbits
+                    || !pq.is_trained()
+                {
+                    return Err(Error::config(format!(
+                        "{what} codebook of head {h}: expected a trained quantizer with dim={}, m={m}, nbits={nbits}, \
+                         got dim={}, m={}, nbits={}, trained={}",
+                        cfg.head_dim,
+                        pq.dim(),
+                        pq.m(),
+                        pq.nbits(),
+                        pq.is_trained()
+                    )));
+                }
+            }
+        }
+        let mut st = self.shared.lock()?;
+        st.books[layer] = Some(LayerBooks { k, v });
+        Ok(())
+    }
+
+    /// Whether `layer` has codebooks.
+    pub fn has_codebooks(&self, layer: usize) -> bool {
+        self.shared
+            .lock()
+            .map(|st| st.books.get(layer).is_some_and(|b| b.is_some()))
+            .unwrap_or(false)
+    }
+
+    /// Append `t` tokens to `(seq, layer)`: `k`, `v` Layout `(H, t, D)`, finite float32.
+    ///
+    /// Validates everything before changing state, so an error leaves the store as it was
+    /// (except a disk-tier write failure during eviction, after which all data is still held).
+    pub fn append(&self, seq: usize, layer: usize, k: &[f32], v: &[f32], t: usize) -> Result<()> {
+        self.check(seq, layer)?;
+        let cfg = &self.shared.cfg;
+        let (h, d) = (cfg.kv_heads, cfg.head_dim);
+        for (what, x) in [("keys", k), ("values", v)] {
+            if x.len() != h * t * d {
+                return Err(Error::shape(
+                    what,
+                    format!("[{h}, {t}, {d}]"),
+                    format!("{} values", x.len()),
+                ));
+            }
+            crate::pq::check_finite(what, x, d)?;
+        }
+        let mut st = self.shared.lock()?;
+        let st = &mut *st;
+        let n0 = st.seqs[seq][layer].n_tokens;
+        let to_sinks = cfg.sinks.saturating_sub(n0).min(t);
+        let win_len = st.seqs[seq][layer].window.len();
+        let overflow = (win_len + t - to_sinks).saturating_sub(cfg.window);
+        if overflow > 0 && st.books[layer].is_none() {
+            return Err(Error::NotTrained {
+                what: "append beyond sinks + window (set_codebooks for this layer first)",
+            });
+        }
+        let tok = |x: &[f32], i: usize| -> Box<[f32]> {
+            let mut b = vec![0f32; h * d];
+            for hh in 0..h {
+                b[hh * d..(hh + 1) * d].copy_from_slice(&x[(hh * t + i) * d..(hh * t + i + 1) * d]);
+            }
+            b.into()
+        };
+        let ls = &mut st.seqs[seq][layer];
+        for i in 0..to_sinks {
+            ls.sinks_k.extend_from_slice(&tok(k, i));
+            ls.sinks_v.extend_from_slice(&tok(v, i));
+        }
+        // Tokens leaving the window, oldest first: from the current window, then from the input.
+        let mut leaving: Vec<TokenKv> = Vec::with_capacity(overflow);
+        let from_window = overflow.min(win_len);
+        for _ in 0..from_window {
+            leaving.push(ls.window.pop_front().expect("counted"));
+        }
+        let first_kept = to_sinks + (overflow - from_window);
+        for i in to_sinks..first_kept {
+            leaving.push((tok(k, i), tok(v, i)));
+        }
+        for i in first_kept..t {
+            ls.window.push_back((tok(k, i), tok(v, i)));
+        }
+        ls.n_tokens += t;
+        if !leaving.is_empty() {
+            let books = st.books[layer].as_ref().expect("checked above");
+            let closed = encode_into_pages(cfg, books, &mut st.seqs[seq][layer], &leaving)?;
+            for (blob, abs) in closed {
+                let id = st.pages.len() as u32;
+                st.pages.push(PageMeta {
+                    crc: crc32fast::hash(&blob),
+                    disk: None,
+                    abstract_: abs,
+                });
+                st.seqs[seq][layer].pages.push(id);
+                st.ram.insert(id, blob.into());
+            }
+        }
+        self.shared.enforce_budget(st)
+    }
+
+    /// Tokens stored for `(seq, layer)`.
+    pub fn num_tokens(&self, seq: usize, layer: usize) -> Result<usize> {
+        self.check(seq, layer)?;
+        Ok(self.shared.lock()?.seqs[seq][layer].n_tokens)
+    }
+
+    /// Pages of `(seq, layer)` including a partially filled last page.
+    pub fn num_pages(&self, seq: usize, layer: usize) -> Result<usize> {
+        self.check(seq, layer)?;
+        let st = self.shared.lock()?;
+        let l = &st.seqs[seq][layer];
+        Ok(l.pages.len() + l.open.as_ref().is_some_and(|o| o.filled > 0) as usize)
+    }
+
+    /// Tokens in pages (between the sinks and the window).
+    pub fn paged_tokens(&self, seq: usize, layer: usize) -> Result<usize> {
+        self.check(seq, layer)?;
+        let st = self.shared.lock()?;
+        let l = &st.seqs[seq][layer];
+        Ok(l.pages.len() * self.shared.cfg.page_size + l.open.as_ref().map_or(0, |o| o.filled))
+    }
+
+    /// Read page `idx` of `(seq, layer)` (the last one may be the open, partial page).
+    pub fn page(&self, seq: usize, layer: usize, idx: usize) -> Result<PageView> {
+        self.check(seq, layer)?;
+        let id = {
+            let st = self.shared.lock()?;
+            let l = &st.seqs[seq][layer];
+            if idx < l.pages.len() {
+                l.pages[idx]
+            } else if idx == l.pages.len() && l.open.as_ref().is_some_and(|o| o.filled > 0) {
+                let o = l.open.as_ref().expect("checked");
+                let blob: Arc<[u8]> = o.blob.clone().into();
+                return Ok(self.shared.view(blob, o.filled));
+            } else {
+                return Err(Error::config(format!(
+                    "page {idx} out of range: sequence {seq}, layer {layer} has {} pages",
+                    l.pages.len() + l.open.as_ref().is_some_and(|o| o.filled > 0) as usize
+                )));
+            }
+        };
+        let blob = self.shared.page_in(id, false)?;
+        Ok(self.shared.view(blob, self.shared.cfg.page_size))
+    }
+
+    /// Ask the prefetch thread to load pages `idxs` of `(seq, layer)` into RAM ahead of use.
+    pub fn prefetch(&self, seq: usize, layer: usize, idxs: &[usize]) -> Result<()> {
+        self.check(seq, layer)?;
+        let ids: Vec<u32> = {
+            let st = self.shared.lock()?;
+            let l = &st.seqs[seq][layer];
+            idxs.iter()
+                .filter_map(|&i| l.pages.get(i).copied())
+                .filter(|id| !st.ram.map.contains_key(id))
+                .collect()
+        };
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match &self.prefetch_tx {
+            Some(tx) if tx.send(ids.clone()).is_ok() => Ok(()),
+            _ => {
+                for id in ids {
+                    self.shared.page_in(id, true)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Sinks and window of `(seq, layer)` in full precision: `(k, v, tokens)`, Layout `(H, t, D)`.
+    pub fn full_precision(
+        &self,
+        seq: usize,
+        layer: usize,
+        which: Region,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+        self.check(seq, layer)?;
+        let (h, d) = (self.shared.cfg.kv_heads, self.shared.cfg.head_dim);
+        let st = self.shared.lock()?;
+        let l = &st.seqs[seq][layer];
+        let toks: Vec<(&[f32], &[f32])> = match which {
+            Region::Sinks => l
+                .sinks_k
+                .chunks_exact(h * d)
+                .zip(l.sinks_v.chunks_exact(h * d))
+                .collect(),
+            Region::Window => l.window.iter().map(|(a, b)| (&a[..], &b[..])).collect(),
+        };
+        let t = toks.len();
+        let mut k = vec![0f32; h * t * d];
+        let mut v = vec![0f32; h * t * d];
+        for (i, (tk, tv)) in toks.iter().enumerate() {
+            for hh in 0..h {
+                k[(hh * t + i) * d..(hh * t + i + 1) * d]
+                    .copy_from_slice(&tk[hh * d..(hh + 1) * d]);
+                v[(hh * t + i) * d..(hh * t + i + 1) * d]
+                    .copy_from_slice(&tv[hh * d..(hh + 1) * d]);
+            }
+        }
+        Ok((k, v, t))
+    }
+
+    /// Page abstracts of `(seq, layer)`, Layout `(pages, H, 3, D)`: min, max, mean of the keys
+    /// (the open page included). Always served from RAM.
+    pub fn abstracts(&self, seq: usize, layer: usize) -> Result<(Vec<f32>, usize)> {
+        self.check(seq, layer)?;
+        let cfg = &self.shared.cfg;
+        let st = self.shared.lock()?;
+        let l = &st.seqs[seq][layer];
+        let mut out = Vec::with_capacity((l.pages.len() + 1) * cfg.kv_heads * 3 * cfg.head_dim);
+        for &id in &l.pages {
+            dequantize_abstract(
+                &st.pages[id as usize].abstract_,
+                cfg.kv_heads,
+                cfg.head_dim,
+                &mut out,
+            );
+        }
+        let mut n = l.pages.len();
+        if let Some(o) = l.open.as_ref().filter(|o| o.filled > 0) {
+            out.extend(o.abstract_f32(cfg));
+            n += 1;
+        }
+        Ok((out, n))
+    }
+
+    /// Counters and current RAM / disk use.
+    pub fn stats(&self) -> Result<Stats> {
+        let st = self.shared.lock()?;
+        let c = &self.shared.counters;
+        Ok(Stats {
+            hits: c.hits.load(Ordering::Relaxed),
+            misses: c.misses.load(Ordering::Relaxed),
+            prefetched: c.prefetched.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            bytes_read: c.bytes_read.load(Ordering::Relaxed),
+            bytes_written: c.bytes_written.load(Ordering::Relaxed),
+            ram_bytes: self.shared.ram_total(&st),
+            ram_page_bytes: st.ram.bytes,
+            disk_bytes: st.disk.bytes,
+            pages: st.pages.len() as u64,
+        })
+    }
+
+    /// Drop every resident closed page from RAM (spilling to disk), e.g. to test page-in.
+    pub fn evict_all(&self) -> Result<()> {
+        let mut st = self.shared.lock()?;
+        let st = &mut *st;
+        while let Some(id) = st.ram.lru() {
+            if st.pages[id as usize].disk.is_none() {
+                let blob = st.ram.map[&id].0.clone();
+                let slot = st.disk.write(&blob)?;
+                self.shared
+                    .counters
+                    .bytes_written
+                    .fetch_add(blob.len() as u64, Ordering::Relaxed);
+                st.pages[id as usize].disk = Some(slot);
+            }
+            st.ram.remove(id);
+            self.shared
+                .counters
+                .evictions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// Which full-precision region to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Region {
+    /// The leading sink tokens.
+    Sinks,
+    /// The recent window.
+    Window,
+}
+
+/// Encode `leaving` tokens (oldest first; each (H, D)) into the open page, closing full pages.
+/// Returns the closed pages' blobs and abstracts.
+fn encode_into_pages(
+    cfg: &StoreConfig,
+    books: &LayerBooks,
+    ls: &mut LayerState,
+    leaving: &[TokenKv],
+) -> Result<Vec<ClosedPage>> {
+    let (h, d, p) = (cfg.kv_heads, cfg.head_dim, cfg.page_size);
+    let (ck, cv) = cfg.code_bytes();
+    let n = leaving.len();
+    // Encode per head in one batch: codes Layout (H, n, c).
+    let mut kc = vec![0u8; h * n * ck];
+    let mut vc = vec![0u8; h * n * cv];
+    let mut buf = vec![0f32; n * d];
+    for hh in 0..h {
+        for (i, (tk, _)) in leaving.iter().enumerate() {
+            buf[i * d..(i + 1) * d].copy_from_slice(&tk[hh * d..(hh + 1) * d]);
+        }
+        books.k[hh].encode_into(&buf, &mut kc[hh * n * ck..(hh + 1) * n * ck])?;
+        for (i, (_, tv)) in leaving.iter().enumerate() {
+            buf[i * d..(i + 1) * d].copy_from_slice(&tv[hh * d..(hh + 1) * d]);
+        }
+        books.v[hh].encode_into(&buf, &mut vc[hh * n * cv..(hh + 1) * n * cv])?;
+    }
+    let mut closed = Vec::new();
+    for (i, (tk, tv)) in leaving.iter().enumerate() {
+        let o = ls.open.get_or_insert_with(|| OpenPage::new(cfg));
+        let slot = o.filled;
+        for hh in 0..h {
+            let dst = hh * p * ck + slot * ck;
+            o.blob[dst..dst + ck].copy_from_slice(&kc[(hh * n + i) * ck..(hh * n + i + 1) * ck]);
+            let dst = h * p * ck + hh * p * cv + slot * cv;
+            o.blob[dst..dst + cv].copy_from_slice(&vc[(hh * n + i) * cv..(hh * n + i + 1) * cv]);
+            if cfg.keep_full_precision {
+                let base = h * p * (ck + cv);
+                let kd = base + (hh * p + slot) * d * 2;
+                f32_to_f16_bytes(&tk[hh * d..(hh + 1) * d], &mut o.blob[kd..kd + 2 * d]);
+                let vd = base + ((h + hh) * p + slot) * d * 2;
+                f32_to_f16_bytes(&tv[hh * d..(hh + 1) * d], &mut o.blob[vd..vd + 2 * d]);
+            }
+            for dd in 0..d {
+                let x = tk[hh * d + dd];
+                let j = hh * d + dd;
+                o.kmin[j] = o.kmin[j].min(x);
+                o.kmax[j] = o.kmax[j].max(x);
+                o.ksum[j] += x as f64;
+            }
+        }
+        o.filled += 1;
+        if o.filled == p {
+            let full = ls.open.take().expect("just filled");
+            let abs = quantize_abstract(&full.abstract_f32(cfg), h, d);
+            closed.push((full.blob, abs));
+        }
+    }
+    Ok(closed)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,544 @@
+//! Saving and loading a [`KvStore`] (a "context") to a directory.
+//!
+//! ```text
+//! DIR/meta.ctxkv         metadata: magic b"CTXCKV\0\0", format version (u32 LE), configuration,
+//!                        model id, codebooks, page tables, abstracts, sinks, windows, open pages,
+//!                        caller metadata; CRC-32 of everything before it (u32 LE) at the end
+//! DIR/pages-GEN.seg      closed page blobs, back to back; each page's CRC-32 is in the metadata
+//! ```
+//!
+//! `save` writes the segment and `meta.ctxkv.tmp`, fsyncs both, renames the metadata into place
+//! (atomic), fsyncs the directory, then removes segments of earlier generations: a crash at any
+//! point leaves the previous save readable. `load` verifies the metadata eagerly and each page
+//! lazily, when it is first read.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use super::disk::{read_at, DiskTier, Slot};
+use super::{KvStore, LayerBooks, LayerState, OpenPage, PageMeta, RamTier, State, StoreConfig};
+use crate::error::{Error, Result};
+use crate::pq::ProductQuantizer;
+
+/// Version of the on-disk context format.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"CTXCKV\0\0";
+const META: &str = "meta.ctxkv";
+
+#[derive(Default)]
+struct W(Vec<u8>);
+
+impl W {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn f32s(&mut self, v: &[f32]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    fn f64s(&mut self, v: &[f64]) {
+        self.u64(v.len() as u64);
+        for x in v {
+            self.0.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
+
+struct R<'a> {
+    b: &'a [u8],
+    pos: usize,
+    file: String,
+}
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        if n > self.b.len() - self.pos {
+            return Err(Error::corrupt(
+                self.file.clone(),
+                format!("truncated metadata at byte {}", self.pos),
+            ));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn usize(&mut self) -> Result<usize> {
+        usize::try_from(self.u64()?)
+            .map_err(|_| Error::corrupt(self.file.clone(), "size out of range"))
+    }
+    fn len(&mut self, elem: usize) -> Result<usize> {
+        let n = self.usize()?;
+        if n.checked_mul(elem)
+            .is_none_or(|t| t > self.b.len() - self.pos)
+        {
+            return Err(Error::corrupt(
+                self.file.clone(),
+                format!("array of {n} elements overruns the file"),
+            ));
+        }
+        Ok(n)
+    }
+    fn bytes(&mut self) -> Result<&'a [u8]> {
+        let n = self.len(1)?;
+        self.take(n)
+    }
+    fn f32s(&mut self) -> Result<Vec<f32>> {
+        let n = self.len(4)?;
+        Ok(self
+            .take(4 * n)?
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+            .collect())
+    }
+    fn f64s(&mut self) -> Result<Vec<f64>> {
+        let n = self.len(8)?;
+        Ok(self
+            .take(8 * n)?
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
+            .collect())
+    }
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { context, source }
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(format!("syncing directory {}", dir.display())))
+}
+
+impl KvStore {
+    /// Save everything needed to answer new questions later without a new prefill.
+    /// `extra` is caller metadata stored verbatim (e.g. token ids and chunk hashes).
+    pub fn save(&self, dir: &Path, extra: &[u8]) -> Result<()> {
+        let sh = &self.shared;
+        let cfg = &sh.cfg;
+        std::fs::create_dir_all(dir)
+            .map_err(io(format!("creating context directory {}", dir.display())))?;
+        let st = sh.lock()?;
+        let gen = format!(
+            "{:016x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        );
+        let seg_name = format!("pages-{gen}.seg");
+        let seg_path = dir.join(&seg_name);
+        let tmp_seg = dir.join(format!("{seg_name}.tmp"));
+        let mut seg = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp_seg)
+            .map_err(io(format!(
+                "creating {} (is the directory writable?)",
+                tmp_seg.display()
+            )))?;
+        // Pages in page-table order; the new slot of every page id.
+        let mut slot_of = vec![u32::MAX; st.pages.len()];
+        let mut next = 0u32;
+        let page_bytes = cfg.page_bytes();
+        let result = (|| -> Result<()> {
+            for seq in &st.seqs {
+                for l in seq {
+                    for &id in &l.pages {
+                        let blob: Vec<u8> = match st.ram.map.get(&id) {
+                            Some((b, _)) => b.to_vec(),
+                            None => {
+                                let slot = st.pages[id as usize].disk.ok_or_else(|| {
+                                    Error::Internal(format!("page {id} has no copy"))
+                                })?;
+                                let (f, off, path) = st.disk.reader(slot)?;
+                                let b = read_at(&f, off, page_bytes, &path, id as u64)?;
+                                if crc32fast::hash(&b) != st.pages[id as usize].crc {
+                                    return Err(Error::corrupt(
+                                        format!("page {id} in {}", path.display()),
+                                        "checksum mismatch while saving",
+                                    ));
+                                }
+                                b
+                            }
+                        };
+                        seg.write_all(&blob)
+                            .map_err(io(format!("writing {}", tmp_seg.display())))?;
+                        slot_of[id as usize] = next;
+                        next += 1;
+                    }
+                }
+            }
+            seg.sync_all()
+                .map_err(io(format!("syncing {}", tmp_seg.display())))?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp_seg);
+            return Err(e);
+        }
+        drop(seg);
+
+        let mut w = W::default();
+        w.0.extend_from_slice(MAGIC);
+        w.u32(STORE_FORMAT_VERSION);
+        for v in [
+            cfg.layers,
+            cfg.kv_heads,
+            cfg.head_dim,
+            cfg.page_size,
+            cfg.window,
+            cfg.sinks,
+            cfg.k_m,
+            cfg.v_m,
+            cfg.batch,
+        ] {
+            w.u64(v as u64);
+        }
+        w.u32(cfg.k_nbits);
+        w.u32(cfg.v_nbits);
+        w.u8(cfg.keep_full_precision as u8);
+        w.bytes(cfg.model_id.as_bytes());
+        w.bytes(seg_name.as_bytes());
+        w.u32(next);
+        for b in &st.books {
+            match b {
+                None => w.u8(0),
+                Some(b) => {
+                    w.u8(1);
+                    for pq in b.k.iter().chain(b.v.iter()) {
+                        w.bytes(&pq.to_bytes());
+                    }
+                }
+            }
+        }
+        for seq in &st.seqs {
+            for l in seq {
+                w.u64(l.n_tokens as u64);
+                w.f32s(&l.sinks_k);
+                w.f32s(&l.sinks_v);
+                w.u64(l.window.len() as u64);
+                for (k, v) in &l.window {
+                    w.f32s(k);
+                    w.f32s(v);
+                }
+                match &l.open {
+                    None => w.u8(0),
+                    Some(o) => {
+                        w.u8(1);
+                        w.u64(o.filled as u64);
+                        w.bytes(&o.blob);
+                        w.f32s(&o.kmin);
+                        w.f32s(&o.kmax);
+                        w.f64s(&o.ksum);
+                    }
+                }
+                w.u64(l.pages.len() as u64);
+                for &id in &l.pages {
+                    let m = &st.pages[id as usize];
+                    w.u32(slot_of[id as usize]);
+                    w.u32(m.crc);
+                    w.bytes(&m.abstract_);
+                }
+            }
+        }
+        w.bytes(extra);
+        let crc = crc32fast::hash(&w.0);
+        w.u32(crc);
+        drop(st);
+
+        let meta_tmp = dir.join(format!("{META}.tmp"));
+        let write_meta = || -> Result<()> {
+            let mut f =
+                File::create(&meta_tmp).map_err(io(format!("creating {}", meta_tmp.display())))?;
+            f.write_all(&w.0)
+                .map_err(io(format!("writing {}", meta_tmp.display())))?;
+            f.sync_all()
+                .map_err(io(format!("syncing {}", meta_tmp.display())))?;
+            std::fs::rename(&tmp_seg, &seg_path)
+                .map_err(io(format!("renaming {}", tmp_seg.display())))?;
+            std::fs::rename(&meta_tmp, dir.join(META))
+                .map_err(io(format!("renaming {}", meta_tmp.display())))?;
+            fsync_dir(dir)
+        };
+        if let Err(e) = write_meta() {
+            let _ = std::fs::remove_file(&meta_tmp);
+            let _ = std::fs::remove_file(&tmp_seg);
+            return Err(e);
+        }
+        // Older generations are garbage now (a live store reading one keeps its open handle).
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.starts_with("pages-") && name.ends_with(".seg") && name != seg_name {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Load a context saved by [`KvStore::save`]. `ram_budget`, `offload_dir` and
+    /// `max_disk_bytes` are taken from `runtime` (the rest of its fields are ignored). Returns
+    /// the store and the caller metadata.
+    pub fn load(dir: &Path, runtime: &StoreConfig) -> Result<(KvStore, Vec<u8>)> {
+        let meta_path = dir.join(META);
+        let file = meta_path.display().to_string();
+        let b = std::fs::read(&meta_path).map_err(io(format!("reading saved context {file}")))?;
+        if b.len() < MAGIC.len() + 8 || &b[..8] != MAGIC {
+            return Err(Error::corrupt(
+                file,
+                "bad magic: not a ctxcore saved context",
+            ));
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
+        if version != STORE_FORMAT_VERSION {
+            return Err(Error::Version {
+                what: file,
+                found: version,
+                supported: STORE_FORMAT_VERSION,
+            });
+        }
+        let body = &b[..b.len() - 4];
+        let stored = u32::from_le_bytes(b[b.len() - 4..].try_into().expect("4"));
+        let actual = crc32fast::hash(body);
+        if stored != actual {
+            return Err(Error::corrupt(
+                file,
+                format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"),
+            ));
+        }
+        let mut r = R {
+            b: body,
+            pos: 12,
+            file: file.clone(),
+        };
+        let mut u = [0usize; 9];
+        for x in u.iter_mut() {
+            *x = r.usize()?;
+        }
+        let [layers, kv_heads, head_dim, page_size, window, sinks, k_m, v_m, batch] = u;
+        let (k_nbits, v_nbits) = (r.u32()?, r.u32()?);
+        let keep = r.u8()? != 0;
+        let model_id = String::from_utf8_lossy(r.bytes()?).to_string();
+        let cfg = StoreConfig {
+            layers,
+            kv_heads,
+            head_dim,
+            page_size,
+            window,
+            sinks,
+            k_m,
+            k_nbits,
+            v_m,
+            v_nbits,
+            keep_full_precision: keep,
+            batch,
+            ram_budget: runtime.ram_budget,
+            offload_dir: runtime.offload_dir.clone(),
+            max_disk_bytes: runtime.max_disk_bytes,
+            model_id,
+        };
+        cfg.validate()?;
+        let seg_name = String::from_utf8_lossy(r.bytes()?).to_string();
+        let slots = r.u32()?;
+        let mut disk = DiskTier::new(
+            cfg.offload_dir.as_deref(),
+            cfg.page_bytes(),
+            cfg.max_disk_bytes,
+        )?;
+        let seg_path = dir.join(&seg_name);
+        if seg_name.contains('/') || !seg_path.exists() {
+            return Err(Error::corrupt(
+                file.clone(),
+                format!(
+                    "missing segment file {} referenced by the metadata",
+                    seg_path.display()
+                ),
+            ));
+        }
+        let seg = disk.add_readonly(&seg_path, slots)?;
+        let (h, d) = (cfg.kv_heads, cfg.head_dim);
+        let mut books = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            if r.u8()? == 0 {
+                books.push(None);
+                continue;
+            }
+            let mut qs = Vec::with_capacity(2 * h);
+            for _ in 0..2 * h {
+                qs.push(ProductQuantizer::from_bytes(r.bytes()?)?);
+            }
+            let v = qs.split_off(h);
+            books.push(Some(LayerBooks { k: qs, v }));
+        }
+        let mut pages = Vec::new();
+        let mut seqs = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let mut ls_all = Vec::with_capacity(layers);
+            for _ in 0..layers {
+                let mut ls = LayerState {
+                    n_tokens: r.usize()?,
+                    ..Default::default()
+                };
+                ls.sinks_k = r.f32s()?;
+                ls.sinks_v = r.f32s()?;
+                let nw = r.len(1)?;
+                for _ in 0..nw {
+                    let (k, v) = (r.f32s()?, r.f32s()?);
+                    if k.len() != h * d || v.len() != h * d {
+                        return Err(Error::corrupt(
+                            file.clone(),
+                            "window token of the wrong size",
+                        ));
+                    }
+                    ls.window.push_back((k.into(), v.into()));
+                }
+                if r.u8()? == 1 {
+                    let filled = r.usize()?;
+                    let blob = r.bytes()?.to_vec();
+                    let (kmin, kmax, ksum) = (r.f32s()?, r.f32s()?, r.f64s()?);
+                    if blob.len() != cfg.page_bytes()
+                        || filled >= page_size
+                        || kmin.len() != h * d
+                        || ksum.len() != h * d
+                    {
+                        return Err(Error::corrupt(file.clone(), "open page of the wrong size"));
+                    }
+                    ls.open = Some(OpenPage {
+                        blob,
+                        filled,
+                        kmin,
+                        kmax,
+                        ksum,
+                    });
+                }
+                let np = r.len(16)?;
+                for _ in 0..np {
+                    let slot = r.u32()?;
+                    let crc = r.u32()?;
+                    let abs: Box<[u8]> = r.bytes()?.into();
+                    if slot >= slots || abs.len() != cfg.abstract_bytes() {
+                        return Err(Error::corrupt(
+                            file.clone(),
+                            format!("page table entry out of range (slot {slot})"),
+                        ));
+                    }
+                    ls.pages.push(pages.len() as u32);
+                    pages.push(PageMeta {
+                        crc,
+                        disk: Some(Slot { segment: seg, slot }),
+                        abstract_: abs,
+                    });
+                }
+                let expect = ls.sinks_k.len() / (h * d)
+                    + ls.window.len()
+                    + ls.pages.len() * page_size
+                    + ls.open.as_ref().map_or(0, |o| o.filled);
+                if expect != ls.n_tokens || ls.sinks_k.len() != ls.sinks_v.len() {
+                    return Err(Error::corrupt(
+                        file.clone(),
+                        "page table does not add up to the token count",
+                    ));
+                }
+                ls_all.push(ls);
+            }
+            seqs.push(ls_all);
+        }
+        let extra = r.bytes()?.to_vec();
+        if r.pos != body.len() {
+            return Err(Error::corrupt(file, "trailing bytes after the metadata"));
+        }
+        let state = State {
+            books,
+            seqs,
+            pages,
+            ram: RamTier::default(),
+            disk,
+        };
+        let store = KvStore::from_parts(cfg, state);
+        {
+            let mut st = store.shared.lock()?;
+            store.shared.enforce_budget(&mut st)?;
+        }
+        Ok((store, extra))
+    }
+
+    /// Read the configuration and model id of a saved context without loading it.
+    pub fn saved_config(dir: &Path) -> Result<StoreConfig> {
+        let runtime = StoreConfig {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 1,
+            page_size: 1,
+            window: 0,
+            sinks: 0,
+            k_m: 1,
+            k_nbits: 8,
+            v_m: 1,
+            v_nbits: 8,
+            keep_full_precision: false,
+            batch: 1,
+            ram_budget: None,
+            offload_dir: None,
+            max_disk_bytes: None,
+            model_id: String::new(),
+        };
+        Ok(KvStore::load(dir, &runtime)?.0.config().clone())
+    }
+}
+
+/// Check a loaded context against what the caller expects, naming both sides on mismatch.
+pub fn check_compatible(saved: &StoreConfig, current: &StoreConfig) -> Result<()> {
+    let pairs: [(&str, String, String); 4] = [
+        ("model", saved.model_id.clone(), current.model_id.clone()),
+        (
+            "layers",
+            saved.layers.to_string(),
+            current.layers.to_string(),
+        ),
+        (
+            "kv_heads",
+            saved.kv_heads.to_string(),
+            current.kv_heads.to_string(),
+        ),
+        (
+            "head_dim",
+            saved.head_dim.to_string(),
+            current.head_dim.to_string(),
+        ),
+    ];
+    for (what, s, c) in pairs {
+        if s != c {
+            return Err(Error::Mismatch {
+                what: what.into(),
+                saved: format!("{what}={s}"),
+                current: format!("{what}={c}"),
+            });
+        }
+    }
+    Ok(())
+}
