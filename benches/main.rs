@@ -3,6 +3,13 @@
 use criterion::{criterion_group, criterion_main};
 
 mod pq;
+mod store;
 
-criterion_group!(benches, pq::train, pq::encode, pq::scan);
-criterion_main!(benches);
+criterion_group!(pq_benches, pq::train, pq::encode, pq::scan);
+criterion_group!(
+    store_benches,
+    store::append,
+    store::page_in,
+    store::eviction
+);
+criterion_main!(pq_benches, store_benches);

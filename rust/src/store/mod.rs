@@ -655,6 +655,18 @@ impl KvStore {
             }
         }
         let mut st = self.shared.lock()?;
+        let in_use: usize = st
+            .seqs
+            .iter()
+            .map(|seq| seq[layer].pages.len() + seq[layer].open.is_some() as usize)
+            .sum();
+        if in_use > 0 {
+            // Pages are only meaningful with the codebooks that encoded them.
+            return Err(Error::config(format!(
+                "layer {layer} already has {in_use} pages encoded with its current codebooks; codebooks \
+                 cannot be replaced once tokens are paged (use a new store)"
+            )));
+        }
         st.books[layer] = Some(LayerBooks { k, v });
         Ok(())
     }

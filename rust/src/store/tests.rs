@@ -427,4 +427,9 @@ fn bad_input_is_rejected_without_changing_state() {
         Err(Error::Config(_))
     ));
     assert!(matches!(s.page(0, 0, 0), Err(Error::Config(_))));
+    // Codebooks cannot be swapped under existing pages.
+    s.set_codebooks(0, k.clone(), v.clone()).unwrap();
+    s.append(0, 0, &rand(h * d, 1), &rand(h * d, 2), 1).unwrap();
+    assert!(s.num_pages(0, 0).unwrap() > 0);
+    assert!(matches!(s.set_codebooks(0, k, v), Err(Error::Config(_))));
 }
