@@ -15,9 +15,14 @@ Usage: python benches/bench_pq.py [--n 200000] [--threads 2] [--data synthetic|k
 
 from __future__ import annotations
 
+import os
+
+# faiss's OpenMP workers spin after each parallel region by default and would steal the cores
+# from whatever runs next (ctxcore's timed loop): make them sleep, so the two take turns fairly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import platform
 import sys
 import time

@@ -76,7 +76,7 @@ pub fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, rows: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
     {
         // u16 accumulators hold sums up to 257 * 255; beyond that use the portable path.
-        if std::arch::is_x86_feature_detected!("avx2") && cb <= 128 {
+        if crate::simd::has_avx2_fma() && cb <= 128 {
             // SAFETY: AVX2 is available (checked above); memory accesses are bounds-checked
             // or derived from checked slice lengths inside.
             unsafe { avx2::scan(qs, codes, cb, rows) };
@@ -124,7 +124,7 @@ mod avx2 {
         x
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, rows_out: &mut [&mut [f32]]) {
         let n = codes.len() / cb;
         let nq = qs.len();
@@ -147,8 +147,9 @@ mod avx2 {
         let mask = _mm256_set1_epi8(0x0f);
         // Scratch tile for partial groups/columns: 32 rows x padded_cb bytes, zero padded.
         let mut tile = vec![0u8; 32 * padded_cb];
-        // Byte columns of the current group of 32 codes.
-        let mut cols = vec![_mm256_setzero_si256(); padded_cb];
+        // Low and high nibbles of the byte columns of the current group of 32 codes:
+        // nib[2b] = low nibbles of column b, nib[2b + 1] = high nibbles.
+        let mut nib = vec![_mm256_setzero_si256(); 2 * padded_cb];
         let mut start = 0;
         while start < n {
             let rows = (n - start).min(32);
@@ -165,21 +166,19 @@ mod avx2 {
             for c in 0..chunks {
                 // SAFETY: src has 32 rows of `stride >= 16 * chunks` readable bytes.
                 let t = transpose_32x16(src.add(c * 16), stride);
-                cols[c * 16..c * 16 + 16].copy_from_slice(&t);
+                for (p, &col) in t.iter().enumerate() {
+                    nib[2 * (c * 16 + p)] = _mm256_and_si256(col, mask);
+                    nib[2 * (c * 16 + p) + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(col), mask);
+                }
             }
             for (qi, q) in qs.iter().enumerate() {
                 let ql = &luts[qi * 2 * padded_cb..(qi + 1) * 2 * padded_cb];
                 let mut acc0 = _mm256_setzero_si256();
                 let mut acc1 = _mm256_setzero_si256();
-                for (b, &col) in cols.iter().enumerate() {
-                    let lo = _mm256_and_si256(col, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(col), mask);
-                    let r0 = _mm256_shuffle_epi8(ql[2 * b], lo);
-                    let r1 = _mm256_shuffle_epi8(ql[2 * b + 1], hi);
-                    acc0 = _mm256_add_epi16(acc0, r0);
-                    acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16::<8>(r0));
-                    acc0 = _mm256_add_epi16(acc0, r1);
-                    acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16::<8>(r1));
+                for (t, &n) in ql.iter().zip(nib.iter()) {
+                    let r = _mm256_shuffle_epi8(*t, n);
+                    acc0 = _mm256_add_epi16(acc0, r);
+                    acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16::<8>(r));
                 }
                 // acc0 word w = sum(code 2w) + 256 * sum(code 2w+1) (mod 2^16);
                 // acc1 word w = sum(code 2w+1).
