@@ -44,10 +44,13 @@ def test_stubs_match_extension():
             continue
         obj = getattr(_ctxcore, cls)
         rt = {n for n in dir(obj) if not n.startswith("_")} | {"__init__"}
+        dunders = {m for m in members if m.startswith("__") and m != "__init__"}
+        assert all(hasattr(obj, m) for m in dunders), f"{cls}: stub declares missing {dunders}"
+        members = members - dunders
         assert members == rt, f"{cls}: stub-only {members - rt}, missing from stub {rt - members}"
 
 
-@pytest.mark.parametrize("module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking"])
+@pytest.mark.parametrize("module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store"])
 def test_docstring_examples_run(module):
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -251,10 +251,34 @@ class KVStore:
         return self._s.paged_tokens(int(seq), int(layer))
 
     def page(self, layer: int, idx: int, seq: int = 0) -> Page:
-        """Read page ``idx`` (from RAM, or from disk with its checksum verified)."""
-        kc, vc, kf, vf = self._s.page(int(seq), int(layer), int(idx))
-        return Page(kc, vc, None if kf is None else kf.view(np.float16),
-                    None if vf is None else vf.view(np.float16), kc.shape[1])  # fmt: skip
+        """Read page ``idx`` (from RAM, or from disk with its checksum verified).
+
+        The arrays are views of one copy of the page's bytes (layout
+        ``K codes [H, P, ck] | V codes [H, P, cv] | K fp16 [H, P, D] | V fp16 [H, P, D]``).
+        """
+        blob, t = self._s.page(int(seq), int(layer), int(idx))
+        c = self._layout
+        h, p, d, ck, cv = c
+        kc_end = h * p * ck
+        vc_end = kc_end + h * p * cv
+        k_codes = blob[:kc_end].reshape(h, p, ck)[:, :t]
+        v_codes = blob[kc_end:vc_end].reshape(h, p, cv)[:, :t]
+        k_fp = v_fp = None
+        if len(blob) > vc_end:
+            fp = blob[vc_end:].view("<f2").reshape(2, h, p, d)
+            k_fp, v_fp = fp[0, :, :t], fp[1, :, :t]
+        return Page(k_codes, v_codes, k_fp, v_fp, t)
+
+    @property
+    def _layout(self) -> tuple[int, int, int, int, int]:
+        lay = getattr(self, "_layout_cache", None)
+        if lay is None:
+            c = self.config
+            ck = (c["k_m"] * c["k_nbits"] + 7) // 8
+            cv = (c["v_m"] * c["v_nbits"] + 7) // 8
+            lay = (c["kv_heads"], c["page_size"], c["head_dim"], ck, cv)
+            self._layout_cache = lay
+        return lay
 
     def sinks(self, layer: int, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Sink tokens ``(k, v)``, float32 ``[kv_heads, s, head_dim]``."""

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use numpy::ndarray::{Array3, Array4};
-use numpy::{IntoPyArray, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -159,56 +159,20 @@ impl KVStore {
         self.inner.paged_tokens(seq, layer).py()
     }
 
-    /// Read a page: ``(k_codes [H, t, ck] u8, v_codes [H, t, cv] u8, k_fp16 [H, t, D] u16 bits | None, v_fp16 | None)``.
-    #[allow(clippy::type_complexity)]
+    /// Read a page: ``(blob, tokens)`` where ``blob`` is the page's bytes, uint8 ``[page_bytes]``
+    /// (layout in ``ctxcore.store``); one copy out of the store, sliced by the Python wrapper.
     fn page<'py>(
         &self,
         py: Python<'py>,
         seq: usize,
         layer: usize,
         idx: usize,
-    ) -> PyResult<(
-        Bound<'py, PyArray3<u8>>,
-        Bound<'py, PyArray3<u8>>,
-        Option<Bound<'py, PyArray3<u16>>>,
-        Option<Bound<'py, PyArray3<u16>>>,
-    )> {
+    ) -> PyResult<(Bound<'py, PyArray1<u8>>, usize)> {
         let store = &self.inner;
         let view = py
             .detach(|| catch_panic(|| store.page(seq, layer, idx)))
             .py()?;
-        let c = self.inner.config();
-        let (h, d, t) = (c.kv_heads, c.head_dim, view.tokens);
-        let (ck, cv) = c.code_bytes();
-        let kg: Vec<u8> = (0..h)
-            .flat_map(|hh| view.k_codes(hh).iter().copied())
-            .collect();
-        let vg: Vec<u8> = (0..h)
-            .flat_map(|hh| view.v_codes(hh).iter().copied())
-            .collect();
-        let kc = Array3::from_shape_vec((h, t, ck), kg).map_err(internal)?;
-        let vc = Array3::from_shape_vec((h, t, cv), vg).map_err(internal)?;
-        let fp = |which: usize| -> PyResult<Option<Bound<'py, PyArray3<u16>>>> {
-            if !c.keep_full_precision {
-                return Ok(None);
-            }
-            let mut out = Vec::with_capacity(h * t * d);
-            for hh in 0..h {
-                let b = if which == 0 {
-                    view.k_fp16(hh)
-                } else {
-                    view.v_fp16(hh)
-                }
-                .unwrap_or(&[]);
-                out.extend(b.chunks_exact(2).map(|x| u16::from_le_bytes([x[0], x[1]])));
-            }
-            Ok(Some(
-                Array3::from_shape_vec((h, t, d), out)
-                    .map_err(internal)?
-                    .into_pyarray(py),
-            ))
-        };
-        Ok((kc.into_pyarray(py), vc.into_pyarray(py), fp(0)?, fp(1)?))
+        Ok((PyArray1::from_slice(py, view.blob()), view.tokens))
     }
 
     /// Full-precision region (``"sinks"`` or ``"window"``): ``(k, v)`` float32 ``[H, t, D]``.

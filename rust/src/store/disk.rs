@@ -53,6 +53,20 @@ impl Drop for TempDir {
     }
 }
 
+/// Tell the kernel a segment is read sequentially (larger readahead); advisory only.
+fn advise_sequential(file: &File) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor; posix_fadvise only reads its arguments.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = file;
+}
+
 fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
@@ -121,6 +135,7 @@ impl DiskTier {
                 format!("truncated: {len} bytes, the saved page table needs {need}"),
             ));
         }
+        advise_sequential(&file);
         self.segments.push(Segment {
             path: path.to_path_buf(),
             file,
@@ -155,6 +170,7 @@ impl DiskTier {
                 .truncate(true)
                 .open(&path)
                 .map_err(io(format!("creating segment {}", path.display())))?;
+            advise_sequential(&file);
             self.segments.push(Segment {
                 path,
                 file,

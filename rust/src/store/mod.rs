@@ -186,7 +186,7 @@ struct Counters {
 /// A page as read: an immutable blob plus its token count.
 #[derive(Clone, Debug)]
 pub struct PageView {
-    blob: Arc<[u8]>,
+    blob: Arc<Vec<u8>>,
     /// Tokens in the page (`page_size`, or fewer for the open page).
     pub tokens: usize,
     h: usize,
@@ -293,14 +293,14 @@ struct PageMeta {
 
 #[derive(Default)]
 struct RamTier {
-    map: HashMap<u32, (Arc<[u8]>, u64)>,
+    map: HashMap<u32, (Arc<Vec<u8>>, u64)>,
     order: BTreeMap<u64, u32>,
     tick: u64,
     bytes: u64,
 }
 
 impl RamTier {
-    fn touch(&mut self, id: u32) -> Option<Arc<[u8]>> {
+    fn touch(&mut self, id: u32) -> Option<Arc<Vec<u8>>> {
         let tick = self.tick + 1;
         let (blob, t) = self.map.get_mut(&id)?;
         self.order.remove(t);
@@ -309,7 +309,7 @@ impl RamTier {
         self.tick = tick;
         Some(blob.clone())
     }
-    fn insert(&mut self, id: u32, blob: Arc<[u8]>) {
+    fn insert(&mut self, id: u32, blob: Arc<Vec<u8>>) {
         if self.touch(id).is_some() {
             return;
         }
@@ -318,7 +318,7 @@ impl RamTier {
         self.order.insert(self.tick, id);
         self.map.insert(id, (blob, self.tick));
     }
-    fn remove(&mut self, id: u32) -> Option<Arc<[u8]>> {
+    fn remove(&mut self, id: u32) -> Option<Arc<Vec<u8>>> {
         let (blob, t) = self.map.remove(&id)?;
         self.order.remove(&t);
         self.bytes -= blob.len() as u64;
@@ -426,7 +426,7 @@ impl Shared {
             .map_err(|_| Error::Internal("store lock poisoned by an earlier panic".into()))
     }
 
-    fn view(&self, blob: Arc<[u8]>, tokens: usize) -> PageView {
+    fn view(&self, blob: Arc<Vec<u8>>, tokens: usize) -> PageView {
         let (ck, cv) = self.cfg.code_bytes();
         PageView {
             blob,
@@ -493,7 +493,7 @@ impl Shared {
     }
 
     /// Read a closed page, from RAM or disk; `prefetch` marks reads by the prefetch thread.
-    fn page_in(&self, id: u32, prefetch: bool) -> Result<Arc<[u8]>> {
+    fn page_in(&self, id: u32, prefetch: bool) -> Result<Arc<Vec<u8>>> {
         let (file, off, path, crc) = {
             let mut st = self.lock()?;
             if let Some(b) = st.ram.touch(id) {
@@ -531,7 +531,7 @@ impl Shared {
             &self.counters.misses
         };
         c.fetch_add(1, Ordering::Relaxed);
-        let blob: Arc<[u8]> = buf.into();
+        let blob: Arc<Vec<u8>> = Arc::new(buf);
         let mut st = self.lock()?;
         st.ram.insert(id, blob.clone());
         if self.enforce_budget(&mut st).is_err() {
@@ -745,7 +745,7 @@ impl KvStore {
                     abstract_: abs,
                 });
                 st.seqs[seq][layer].pages.push(id);
-                st.ram.insert(id, blob.into());
+                st.ram.insert(id, Arc::new(blob));
             }
         }
         self.shared.enforce_budget(st)
@@ -783,7 +783,7 @@ impl KvStore {
                 l.pages[idx]
             } else if idx == l.pages.len() && l.open.as_ref().is_some_and(|o| o.filled > 0) {
                 let o = l.open.as_ref().expect("checked");
-                let blob: Arc<[u8]> = o.blob.clone().into();
+                let blob: Arc<Vec<u8>> = Arc::new(o.blob.clone());
                 return Ok(self.shared.view(blob, o.filled));
             } else {
                 return Err(Error::config(format!(
