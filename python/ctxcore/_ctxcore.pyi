@@ -105,3 +105,20 @@ class KVStore:
         expect_kv_heads: int | None,
         expect_head_dim: int | None,
     ) -> tuple[KVStore, bytes]: ...
+
+def pq_attention(
+    q: npt.NDArray[np.float32],
+    k_codes: npt.NDArray[np.uint8],
+    v_codes: npt.NDArray[np.uint8],
+    k_centroids: npt.NDArray[np.float32],
+    v_centroids: npt.NDArray[np.float32],
+    code_range: npt.NDArray[np.int64],
+    fp_k: npt.NDArray[np.float32],
+    fp_v: npt.NDArray[np.float32],
+    fp_range: npt.NDArray[np.int64],
+    scale: float,
+    causal: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def page_scores(
+    q: npt.NDArray[np.float32], kmin: npt.NDArray[np.float32], kmax: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]: ...

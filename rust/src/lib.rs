@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod attention;
 pub mod chunk;
 pub mod error;
 pub mod parallel;

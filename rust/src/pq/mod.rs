@@ -12,7 +12,7 @@
 //! codes share one scan that does one lookup per code byte.
 
 pub mod fastscan;
-mod kernels;
+pub(crate) mod kernels;
 mod kmeans;
 mod serialize;
 

@@ -3,6 +3,7 @@
 //! Every compute entry point releases the GIL (`Python::detach`) and runs inside
 //! [`crate::error::catch_panic`], so no panic ever unwinds into Python.
 
+mod attention;
 mod chunk;
 pub(crate) mod error;
 mod pq;
@@ -39,6 +40,8 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cpu_has_avx2, m)?)?;
     m.add_class::<pq::PQCodec>()?;
     m.add_class::<store::KVStore>()?;
+    m.add_function(wrap_pyfunction!(attention::pq_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::page_scores, m)?)?;
     m.add("STORE_FORMAT_VERSION", crate::store::STORE_FORMAT_VERSION)?;
     m.add_function(wrap_pyfunction!(chunk::chunk_tokens, m)?)?;
     m.add_class::<chunk::TokenChunk>()?;

@@ -1,0 +1,716 @@
+//! CPU kernels: dense attention over PQ codes with a full-precision part, and Quest page scores.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::pq::kernels::{pair_tables_4bit, scan_bytes};
+
+/// Code tokens per block inside a chunk (scores of a block stay in L1).
+const BLOCK: usize = 256;
+/// Code tokens per parallel chunk (split-K).
+const CHUNK: usize = 4096;
+
+/// Inputs of [`pq_attention`]. All arrays are row-major (C-contiguous).
+#[derive(Clone, Copy, Debug)]
+pub struct PqAttention<'a> {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads.
+    pub hq: usize,
+    /// KV heads (`hq % hkv == 0`).
+    pub hkv: usize,
+    /// Query tokens per sequence.
+    pub tq: usize,
+    /// Head dimension.
+    pub d: usize,
+    /// Queries, Layout `(batch, hq, tq, d)`.
+    pub q: &'a [f32],
+    /// Code tokens per (sequence, KV head) in the code arrays (capacity).
+    pub n: usize,
+    /// Key codes, Layout `(batch, hkv, n, ck)`.
+    pub k_codes: &'a [u8],
+    /// Value codes, Layout `(batch, hkv, n, cv)`.
+    pub v_codes: &'a [u8],
+    /// Key centroids, Layout `(hkv, k_m, 2^k_nbits, d / k_m)`.
+    pub k_cent: &'a [f32],
+    /// Key subquantizers.
+    pub k_m: usize,
+    /// Key code bits (4 or 8).
+    pub k_nbits: u32,
+    /// Value centroids, Layout `(hkv, v_m, 2^v_nbits, d / v_m)`.
+    pub v_cent: &'a [f32],
+    /// Value subquantizers.
+    pub v_m: usize,
+    /// Value code bits (4 or 8).
+    pub v_nbits: u32,
+    /// Valid code tokens per sequence: `[start, end)` (`start` skips left padding).
+    pub code_range: &'a [(usize, usize)],
+    /// Full-precision tokens per (sequence, KV head) in the fp arrays (capacity).
+    pub f: usize,
+    /// Full-precision keys, Layout `(batch, hkv, f, d)`, positionally after the codes.
+    pub fp_k: &'a [f32],
+    /// Full-precision values, Layout `(batch, hkv, f, d)`.
+    pub fp_v: &'a [f32],
+    /// Valid fp tokens per sequence: `[start, end)`.
+    pub fp_range: &'a [(usize, usize)],
+    /// Score scale (usually `1 / sqrt(d)`).
+    pub scale: f32,
+    /// The last `tq` valid fp tokens are the queries themselves: query `t` sees fp tokens up
+    /// to `end - tq + t` (inclusive).
+    pub causal: bool,
+}
+
+fn code_bytes(m: usize, nbits: u32) -> usize {
+    (m * nbits as usize).div_ceil(8)
+}
+
+impl PqAttention<'_> {
+    fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::config(msg));
+        let (b, hq, hkv, tq, d) = (self.batch, self.hq, self.hkv, self.tq, self.d);
+        if hkv == 0 || hq % hkv != 0 {
+            return bad(format!(
+                "query heads ({hq}) must be a multiple of KV heads ({hkv})"
+            ));
+        }
+        if d == 0 {
+            return bad("head_dim must be positive".into());
+        }
+        for (what, m, nbits) in [
+            ("key", self.k_m, self.k_nbits),
+            ("value", self.v_m, self.v_nbits),
+        ] {
+            if nbits != 4 && nbits != 8 {
+                return bad(format!("{what} codes: nbits must be 4 or 8, got {nbits}"));
+            }
+            if m == 0 || d % m != 0 {
+                return bad(format!("{what} codebooks: m={m} must divide head_dim={d}"));
+            }
+        }
+        let (ck, cv) = (
+            code_bytes(self.k_m, self.k_nbits),
+            code_bytes(self.v_m, self.v_nbits),
+        );
+        let checks: [(&str, usize, usize, String); 7] = [
+            (
+                "q",
+                self.q.len(),
+                b * hq * tq * d,
+                format!("[{b}, {hq}, {tq}, {d}]"),
+            ),
+            (
+                "k_codes",
+                self.k_codes.len(),
+                b * hkv * self.n * ck,
+                format!("[{b}, {hkv}, {}, {ck}]", self.n),
+            ),
+            (
+                "v_codes",
+                self.v_codes.len(),
+                b * hkv * self.n * cv,
+                format!("[{b}, {hkv}, {}, {cv}]", self.n),
+            ),
+            (
+                "k_centroids",
+                self.k_cent.len(),
+                hkv * (1 << self.k_nbits) * d,
+                format!(
+                    "[{hkv}, {}, {}, {}]",
+                    self.k_m,
+                    1 << self.k_nbits,
+                    d / self.k_m
+                ),
+            ),
+            (
+                "v_centroids",
+                self.v_cent.len(),
+                hkv * (1 << self.v_nbits) * d,
+                format!(
+                    "[{hkv}, {}, {}, {}]",
+                    self.v_m,
+                    1 << self.v_nbits,
+                    d / self.v_m
+                ),
+            ),
+            (
+                "fp_k",
+                self.fp_k.len(),
+                b * hkv * self.f * d,
+                format!("[{b}, {hkv}, {}, {d}]", self.f),
+            ),
+            (
+                "fp_v",
+                self.fp_v.len(),
+                b * hkv * self.f * d,
+                format!("[{b}, {hkv}, {}, {d}]", self.f),
+            ),
+        ];
+        for (what, got, want, shape) in checks {
+            if got != want {
+                return Err(Error::shape(what, shape, format!("{got} values")));
+            }
+        }
+        if self.code_range.len() != b || self.fp_range.len() != b {
+            return bad(format!(
+                "code/fp lengths must have one entry per sequence ({b})"
+            ));
+        }
+        for (i, (&(cs, ce), &(fs, fe))) in self.code_range.iter().zip(self.fp_range).enumerate() {
+            if cs > ce || ce > self.n {
+                return bad(format!(
+                    "sequence {i}: code range [{cs}, {ce}) outside [0, {}]",
+                    self.n
+                ));
+            }
+            if fs > fe || fe > self.f {
+                return bad(format!(
+                    "sequence {i}: fp range [{fs}, {fe}) outside [0, {}]",
+                    self.f
+                ));
+            }
+        }
+        if !self.scale.is_finite() {
+            return bad(format!("scale must be finite, got {}", self.scale));
+        }
+        Ok(())
+    }
+}
+
+/// `exp(x)` for `x <= 0` (returns 0 below -87), vectorizable, relative error < 2e-7.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    let x = x.max(-87.0);
+    // exp(x) = 2^k * exp(r), k = round(x / ln2), |r| <= ln2 / 2.
+    let k = (x * std::f32::consts::LOG2_E).round();
+    let r = k.mul_add(-0.693_145_75, x);
+    let r = k.mul_add(-1.428_606_8e-6, r);
+    // Degree-6 Taylor/minimax polynomial for exp(r) on [-ln2/2, ln2/2].
+    let mut p = 1.0 / 720.0f32;
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    let bits = ((k as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
+/// `(sequence, KV head, Some(code chunk [lo, hi)) | None for the fp part)`.
+type WorkItem = (usize, usize, Option<(usize, usize)>);
+
+/// Running softmax state of one query over part of the history.
+#[derive(Clone)]
+struct Partial {
+    m: f32,
+    l: f32,
+    /// Unnormalized output relative to `m`, Layout `(d,)`.
+    acc: Vec<f32>,
+}
+
+/// Per-(sequence, KV head) precomputed key tables of the group's queries.
+struct GroupTables {
+    /// Layout `(queries, ck)` byte tables.
+    k: Vec<[f32; 256]>,
+}
+
+fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
+    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let ksub = 1usize << a.k_nbits;
+    let dsub = d / a.k_m;
+    let ck = code_bytes(a.k_m, a.k_nbits);
+    let cent = &a.k_cent[h * a.k_m * ksub * dsub..(h + 1) * a.k_m * ksub * dsub];
+    let mut k = vec![[0f32; 256]; g * tq * ck];
+    let mut lut = vec![0f32; a.k_m * ksub];
+    for qi in 0..g * tq {
+        let (gi, t) = (qi / tq, qi % tq);
+        let qh = h * g + gi;
+        let q = &a.q[((b * a.hq + qh) * tq + t) * d..((b * a.hq + qh) * tq + t + 1) * d];
+        for j in 0..a.k_m {
+            let qs = &q[j * dsub..(j + 1) * dsub];
+            for c in 0..ksub {
+                let cv = &cent[(j * ksub + c) * dsub..(j * ksub + c + 1) * dsub];
+                let dot: f32 = qs.iter().zip(cv).map(|(x, y)| x * y).sum();
+                lut[j * ksub + c] = dot * a.scale;
+            }
+        }
+        let out = &mut k[qi * ck..(qi + 1) * ck];
+        if a.k_nbits == 8 {
+            for (j, t) in out.iter_mut().enumerate() {
+                t.copy_from_slice(&lut[j * 256..(j + 1) * 256]);
+            }
+        } else {
+            pair_tables_4bit(&lut, a.k_m, out);
+        }
+    }
+    GroupTables { k }
+}
+
+/// Attention of the group's queries over code tokens `[lo, hi)` of `(b, h)`.
+#[inline(always)]
+fn codes_chunk(
+    a: &PqAttention,
+    tables: &GroupTables,
+    b: usize,
+    h: usize,
+    lo: usize,
+    hi: usize,
+) -> Vec<Partial> {
+    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let nq = g * tq;
+    let (ck, cv) = (code_bytes(a.k_m, a.k_nbits), code_bytes(a.v_m, a.v_nbits));
+    let kbase = ((b * a.hkv + h) * a.n) * ck;
+    let vbase = ((b * a.hkv + h) * a.n) * cv;
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut l = vec![0f32; nq];
+    // Value histograms: per query, per value code byte, 256 cells.
+    let mut hist = vec![0f32; nq * cv * 256];
+    let mut s = vec![0f32; BLOCK];
+    let mut start = lo;
+    while start < hi {
+        let end = (start + BLOCK).min(hi);
+        let len = end - start;
+        let kc = &a.k_codes[kbase + start * ck..kbase + end * ck];
+        let vc = &a.v_codes[vbase + start * cv..vbase + end * cv];
+        for qi in 0..nq {
+            let sb = &mut s[..len];
+            scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], kc, sb);
+            let bm = sb.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let hq = &mut hist[qi * cv * 256..(qi + 1) * cv * 256];
+            if bm > m[qi] {
+                if m[qi] > f32::NEG_INFINITY {
+                    let corr = exp_neg(m[qi] - bm);
+                    l[qi] *= corr;
+                    for x in hq.iter_mut() {
+                        *x *= corr;
+                    }
+                }
+                m[qi] = bm;
+            }
+            let mq = m[qi];
+            let mut sum = 0f32;
+            for x in sb.iter_mut() {
+                *x = exp_neg(*x - mq);
+                sum += *x;
+            }
+            l[qi] += sum;
+            for (p, code) in sb.iter().zip(vc.chunks_exact(cv)) {
+                for (cell, &byte) in hq.chunks_exact_mut(256).zip(code) {
+                    cell[byte as usize] += p;
+                }
+            }
+        }
+        start = end;
+    }
+    // Fold histograms into outputs with the value codebook.
+    let vsub = 1usize << a.v_nbits;
+    let dsub = d / a.v_m;
+    let cent = &a.v_cent[h * a.v_m * vsub * dsub..(h + 1) * a.v_m * vsub * dsub];
+    let mut out = Vec::with_capacity(nq);
+    let mut w = vec![0f32; a.v_m * vsub];
+    for qi in 0..nq {
+        let hq = &hist[qi * cv * 256..(qi + 1) * cv * 256];
+        if a.v_nbits == 8 {
+            w.copy_from_slice(&hq[..a.v_m * 256]);
+        } else {
+            w.fill(0.0);
+            for (bi, cell) in hq.chunks_exact(256).enumerate() {
+                for hi4 in 0..16 {
+                    for lo4 in 0..16 {
+                        let x = cell[hi4 * 16 + lo4];
+                        w[2 * bi * 16 + lo4] += x;
+                        if 2 * bi + 1 < a.v_m {
+                            w[(2 * bi + 1) * 16 + hi4] += x;
+                        }
+                    }
+                }
+            }
+        }
+        let mut acc = vec![0f32; d];
+        for j in 0..a.v_m {
+            let o = &mut acc[j * dsub..(j + 1) * dsub];
+            for c in 0..vsub {
+                let wt = w[j * vsub + c];
+                if wt != 0.0 {
+                    let cv = &cent[(j * vsub + c) * dsub..(j * vsub + c + 1) * dsub];
+                    for (x, y) in o.iter_mut().zip(cv) {
+                        *x = wt.mul_add(*y, *x);
+                    }
+                }
+            }
+        }
+        out.push(Partial {
+            m: m[qi],
+            l: l[qi],
+            acc,
+        });
+    }
+    out
+}
+
+/// Exact attention of the group's queries over the fp tokens of `(b, h)`.
+fn fp_part(a: &PqAttention, b: usize, h: usize) -> Vec<Partial> {
+    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let (fs, fe) = a.fp_range[b];
+    let base = (b * a.hkv + h) * a.f * d;
+    let mut out = Vec::with_capacity(g * tq);
+    let mut s = vec![0f32; fe - fs];
+    for qi in 0..g * tq {
+        let (gi, t) = (qi / tq, qi % tq);
+        let qh = h * g + gi;
+        let q = &a.q[((b * a.hq + qh) * tq + t) * d..((b * a.hq + qh) * tq + t + 1) * d];
+        let visible_end = if a.causal {
+            fe.saturating_sub(tq - 1 - t).max(fs)
+        } else {
+            fe
+        };
+        let n = visible_end - fs;
+        let mut acc = vec![0f32; d];
+        if n == 0 {
+            out.push(Partial {
+                m: f32::NEG_INFINITY,
+                l: 0.0,
+                acc,
+            });
+            continue;
+        }
+        for (i, x) in s[..n].iter_mut().enumerate() {
+            let k = &a.fp_k[base + (fs + i) * d..base + (fs + i + 1) * d];
+            *x = q.iter().zip(k).map(|(p, r)| p * r).sum::<f32>() * a.scale;
+        }
+        let m = s[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0f32;
+        for (i, x) in s[..n].iter().enumerate() {
+            let p = exp_neg(x - m);
+            l += p;
+            let v = &a.fp_v[base + (fs + i) * d..base + (fs + i + 1) * d];
+            for (o, y) in acc.iter_mut().zip(v) {
+                *o = p.mul_add(*y, *o);
+            }
+        }
+        out.push(Partial { m, l, acc });
+    }
+    out
+}
+
+/// Softmax attention over `[decode(codes); fp]` for every query, without decoding.
+///
+/// Returns `(out, lse)`: Layout `(batch, hq, tq, d)` and `(batch, hq, tq)` (natural-log
+/// log-sum-exp of the scaled scores; `-inf` and a zero output for a query that sees nothing).
+pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
+    a.validate()?;
+    crate::pq::check_finite("q", a.q, a.d)?;
+    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let nq = g * tq;
+    // Work items: (b, h, Some(chunk lo, hi)) for code chunks, (b, h, None) for the fp part.
+    let mut items: Vec<WorkItem> = Vec::new();
+    for b in 0..a.batch {
+        for h in 0..a.hkv {
+            items.push((b, h, None));
+            let (cs, ce) = a.code_range[b];
+            let mut lo = cs;
+            while lo < ce {
+                let hi = (lo + CHUNK).min(ce);
+                items.push((b, h, Some((lo, hi))));
+                lo = hi;
+            }
+        }
+    }
+    let tables: Vec<GroupTables> = crate::parallel::install(|| {
+        Ok((0..a.batch * a.hkv)
+            .into_par_iter()
+            .map(|bh| build_tables(a, bh / a.hkv, bh % a.hkv))
+            .collect())
+    })?;
+    let parts: Vec<(usize, Vec<Partial>)> = crate::parallel::install(|| {
+        Ok(items
+            .par_iter()
+            .map(|&(b, h, chunk)| {
+                let p = match chunk {
+                    None => fp_part(a, b, h),
+                    Some((lo, hi)) => {
+                        crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], b, h, lo, hi))
+                    }
+                };
+                (b * a.hkv + h, p)
+            })
+            .collect())
+    })?;
+    // Merge partials per (b, h, query) by log-sum-exp.
+    let mut merged: Vec<Partial> = (0..a.batch * a.hkv * nq)
+        .map(|_| Partial {
+            m: f32::NEG_INFINITY,
+            l: 0.0,
+            acc: vec![0f32; d],
+        })
+        .collect();
+    for (bh, ps) in parts {
+        for (qi, p) in ps.into_iter().enumerate() {
+            let dst = &mut merged[bh * nq + qi];
+            if p.m == f32::NEG_INFINITY {
+                continue;
+            }
+            if dst.m == f32::NEG_INFINITY {
+                *dst = p;
+                continue;
+            }
+            let m = dst.m.max(p.m);
+            let (ca, cb) = (exp_neg(dst.m - m), exp_neg(p.m - m));
+            dst.l = dst.l * ca + p.l * cb;
+            for (x, y) in dst.acc.iter_mut().zip(&p.acc) {
+                *x = *x * ca + y * cb;
+            }
+            dst.m = m;
+        }
+    }
+    let mut out = vec![0f32; a.batch * a.hq * tq * d];
+    let mut lse = vec![f32::NEG_INFINITY; a.batch * a.hq * tq];
+    for b in 0..a.batch {
+        for h in 0..a.hkv {
+            for qi in 0..nq {
+                let p = &merged[(b * a.hkv + h) * nq + qi];
+                let (gi, t) = (qi / tq, qi % tq);
+                let row = (b * a.hq + h * g + gi) * tq + t;
+                if p.l > 0.0 {
+                    let inv = 1.0 / p.l;
+                    for (o, x) in out[row * d..(row + 1) * d].iter_mut().zip(&p.acc) {
+                        *o = x * inv;
+                    }
+                    lse[row] = p.m + p.l.ln();
+                }
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+/// Quest page scores: for each page, an upper bound of `q . k` over its keys from the per-page
+/// key minimum and maximum, maximized over the query heads of the KV head's group and the
+/// query tokens.
+///
+/// `q`: `(batch, hq, tq, d)`; `kmin`, `kmax`: `(batch, hkv, pages, d)`. Returns
+/// `(batch, hkv, pages)`.
+#[allow(clippy::too_many_arguments)]
+pub fn page_scores(
+    q: &[f32],
+    kmin: &[f32],
+    kmax: &[f32],
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    pages: usize,
+    d: usize,
+) -> Result<Vec<f32>> {
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::config(format!(
+            "query heads ({hq}) must be a multiple of KV heads ({hkv})"
+        )));
+    }
+    if q.len() != batch * hq * tq * d {
+        return Err(Error::shape(
+            "q",
+            format!("[{batch}, {hq}, {tq}, {d}]"),
+            format!("{} values", q.len()),
+        ));
+    }
+    for (what, x) in [("kmin", kmin), ("kmax", kmax)] {
+        if x.len() != batch * hkv * pages * d {
+            return Err(Error::shape(
+                what,
+                format!("[{batch}, {hkv}, {pages}, {d}]"),
+                format!("{} values", x.len()),
+            ));
+        }
+    }
+    let g = hq / hkv;
+    let mut out = vec![f32::NEG_INFINITY; batch * hkv * pages];
+    crate::parallel::install(|| {
+        out.par_chunks_mut(pages.max(1))
+            .enumerate()
+            .for_each(|(bh, row)| {
+                let (b, h) = (bh / hkv, bh % hkv);
+                for (p, o) in row.iter_mut().enumerate() {
+                    let base = (bh * pages + p) * d;
+                    let (lo, hi) = (&kmin[base..base + d], &kmax[base..base + d]);
+                    for gi in 0..g {
+                        for t in 0..tq {
+                            let qr = ((b * hq + h * g + gi) * tq + t) * d;
+                            let qv = &q[qr..qr + d];
+                            let s: f32 = qv
+                                .iter()
+                                .zip(lo.iter().zip(hi))
+                                .map(|(x, (a, c))| (x * a).max(x * c))
+                                .sum();
+                            *o = o.max(s);
+                        }
+                    }
+                }
+            });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pq::ProductQuantizer;
+    use crate::rng::SplitMix64;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = SplitMix64::new(seed, 0);
+        (0..n).map(|_| r.next_f64() as f32 * 2.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        for i in 0..10000 {
+            let x = -(i as f32) * 0.0087;
+            let e = x.exp();
+            assert!((exp_neg(x) - e).abs() <= 3e-7 * e + 1e-38, "{x}");
+        }
+        assert_eq!(exp_neg(-1000.0), exp_neg(-87.0));
+    }
+
+    /// Reference: decode codes, concatenate fp, plain softmax attention in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        nk: usize,
+        hq: usize,
+        hkv: usize,
+        tq: usize,
+        d: usize,
+        scale: f32,
+        causal_fp: Option<usize>,
+    ) -> Vec<f32> {
+        let g = hq / hkv;
+        let mut out = vec![0f32; hq * tq * d];
+        for qh in 0..hq {
+            let h = qh / g;
+            for t in 0..tq {
+                let qv = &q[(qh * tq + t) * d..(qh * tq + t + 1) * d];
+                let visible = match causal_fp {
+                    Some(fpn) => nk - fpn + (fpn - (tq - 1 - t)),
+                    None => nk,
+                };
+                let s: Vec<f64> = (0..visible)
+                    .map(|i| {
+                        qv.iter()
+                            .zip(&k[(h * nk + i) * d..(h * nk + i + 1) * d])
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for dd in 0..d {
+                    let o: f64 = (0..visible)
+                        .map(|i| w[i] * v[(h * nk + i) * d + dd] as f64)
+                        .sum();
+                    out[(qh * tq + t) * d + dd] = (o / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn equals_attention_over_decoded_codes() {
+        for (hq, hkv, d, km, kn, vm, vn, n, f, tq) in [
+            (3, 1, 16, 16, 4, 8, 4, 700, 5, 1),
+            (4, 2, 16, 4, 8, 16, 4, 4100, 0, 2),
+            (2, 2, 8, 8, 4, 2, 8, 0, 7, 3),
+            (8, 1, 16, 16, 4, 16, 4, 9000, 3, 1),
+        ] {
+            let mk = |m: usize, nbits: u32, seed: u64| {
+                let mut pq = ProductQuantizer::new(d, m, nbits).unwrap();
+                pq.train(&rand(300 * d, seed), 3, seed).unwrap();
+                pq
+            };
+            let kpq: Vec<_> = (0..hkv).map(|h| mk(km, kn, h as u64)).collect();
+            let vpq: Vec<_> = (0..hkv).map(|h| mk(vm, vn, 10 + h as u64)).collect();
+            let kx = rand(hkv * n * d, 1);
+            let vx = rand(hkv * n * d, 2);
+            let mut kc = Vec::new();
+            let mut vc = Vec::new();
+            let mut kdec = Vec::new();
+            let mut vdec = Vec::new();
+            let fk = rand(hkv * f * d, 3);
+            let fv = rand(hkv * f * d, 4);
+            for h in 0..hkv {
+                let a = kpq[h].encode(&kx[h * n * d..(h + 1) * n * d]).unwrap();
+                let b = vpq[h].encode(&vx[h * n * d..(h + 1) * n * d]).unwrap();
+                kdec.extend(kpq[h].decode(&a).unwrap());
+                kdec.extend_from_slice(&fk[h * f * d..(h + 1) * f * d]);
+                vdec.extend(vpq[h].decode(&b).unwrap());
+                vdec.extend_from_slice(&fv[h * f * d..(h + 1) * f * d]);
+                kc.extend(a);
+                vc.extend(b);
+            }
+            let kcent: Vec<f32> = kpq
+                .iter()
+                .flat_map(|p| p.centroids().unwrap().to_vec())
+                .collect();
+            let vcent: Vec<f32> = vpq
+                .iter()
+                .flat_map(|p| p.centroids().unwrap().to_vec())
+                .collect();
+            let q = rand(hq * tq * d, 5)
+                .iter()
+                .map(|x| x * 3.0)
+                .collect::<Vec<_>>();
+            let scale = 1.0 / (d as f32).sqrt();
+            let causal = f >= tq;
+            let args = PqAttention {
+                batch: 1,
+                hq,
+                hkv,
+                tq,
+                d,
+                q: &q,
+                n,
+                k_codes: &kc,
+                v_codes: &vc,
+                k_cent: &kcent,
+                k_m: km,
+                k_nbits: kn,
+                v_cent: &vcent,
+                v_m: vm,
+                v_nbits: vn,
+                code_range: &[(0, n)],
+                f,
+                fp_k: &fk,
+                fp_v: &fv,
+                fp_range: &[(0, f)],
+                scale,
+                causal,
+            };
+            let (out, lse) = pq_attention(&args).unwrap();
+            let want = reference(
+                &q,
+                &kdec,
+                &vdec,
+                n + f,
+                hq,
+                hkv,
+                tq,
+                d,
+                scale,
+                causal.then_some(f),
+            );
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "cfg n={n} f={f} i={i}: {a} vs {b}"
+                );
+            }
+            assert!(lse.iter().all(|x| x.is_finite() == (n + f > 0)));
+        }
+    }
+}
