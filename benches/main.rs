@@ -2,6 +2,7 @@
 
 use criterion::{criterion_group, criterion_main};
 
+mod attention;
 mod pq;
 mod store;
 
@@ -12,4 +13,5 @@ criterion_group!(
     store::page_in,
     store::eviction
 );
-criterion_main!(pq_benches, store_benches);
+criterion_group!(attention_benches, attention::decode_step);
+criterion_main!(pq_benches, store_benches, attention_benches);

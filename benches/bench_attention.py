@@ -1,0 +1,301 @@
+"""Decode attention (one step, Tq=1, one layer): ctxcore over PQ codes vs torch SDPA.
+
+Per model shape (SmolLM2-135M: 9 query / 3 KV heads, head_dim 64; Llama-3-8B: 32 / 8, 128) and
+context length (default 8K, 32K, 128K tokens), on the same thread count for both libraries:
+
+  sdpa       torch ``scaled_dot_product_attention`` over dense float32 K/V: the faster of
+             ``enable_gqa=True`` and the grouped-query view (q as ``[1, Hkv, Hq/Hkv, D]``, no K/V
+             expansion); both are in the JSON.
+  pq4        ``ctxcore.ops.pq_attention`` over codes at 4 bits/element (m=head_dim, 4-bit codes)
+             for keys and values, plus a float32 part of 4 sinks + 128 recent tokens.
+  pq2        the same at 2 bits/element (m=head_dim/2, 4-bit codes).
+  quest5     selective attention, Quest-style, 5% of the history: ``ctxcore.ops.page_scores``
+             over per-page min/max keys (64-token pages), top-k pages per KV head, gather of
+             those pages' float32 K/V, exact attention (``pq_attention`` with no codes) over
+             sinks + window + selected pages. This times the kernel path with K/V already in RAM
+             tensors (no ``KVStore`` page reads, no Python store gather).
+
+Codes and codebooks are random (any byte is a valid code): the cost of attention over codes does
+not depend on their values. Columns: median time of several runs, speedup vs sdpa (> 1 means
+faster than sdpa), bytes that must be read per step (sdpa: K + V float32; pq: codes + fp part +
+codebooks; quest: page bounds + selected K/V + fp part), achieved GB/s = bytes / time, next to
+the machine's memory bandwidth measured with a large numpy copy (and a multi-threaded torch
+copy). Also reports the relative error of quest5 vs exact attention on random data (where
+attention is diffuse, the worst case for selection) and on structured data (a few runs of keys
+aligned with the query, as in retrieval heads).
+
+Writes JSON (default bench-results/bench_attention.json).
+
+Usage: python benches/bench_attention.py [--lengths 8K 32K 128K 1M] [--threads 2] [--repeat 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ctxcore
+from ctxcore import ops
+
+F = torch.nn.functional
+SHAPES = {"SmolLM2-135M": (9, 3, 64), "Llama-3-8B": (32, 8, 128)}
+SINKS, WINDOW, PAGE, QUEST_FRACTION = 4, 128, 64, 0.05
+
+
+def parse_len(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}.get(s[-1:], 1)
+    return int(float(s.rstrip("KM")) * mult)
+
+
+def median_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def memory_bandwidth(threads: int) -> dict:
+    """GB/s of a large copy (bytes read + bytes written): numpy (one thread) and torch (threads)."""
+    n = 256 * 1024 * 1024 // 4  # 256 MiB of float32
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    t_np = min(median_time(lambda: np.copyto(dst, src), 1) for _ in range(3))
+    ts, td = torch.from_numpy(src), torch.from_numpy(dst)
+    t_t = min(median_time(lambda: td.copy_(ts), 1) for _ in range(3))
+    return {
+        "numpy_copy_GBps": 2 * src.nbytes / t_np / 1e9,
+        "torch_copy_GBps": 2 * src.nbytes / t_t / 1e9,
+        "threads": threads,
+    }
+
+
+class Quest:
+    """Quest selection over in-RAM float32 K/V ``[1, Hkv, N, D]`` (page bounds precomputed)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, frac: float):
+        _, hkv, n, d = k.shape
+        self.pages = n // PAGE
+        self.k4 = k[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
+        self.v4 = v[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
+        self.kmin, self.kmax = self.k4.amin(dim=2)[None], self.k4.amax(dim=2)[None]
+        self.top = max(1, math.ceil(frac * self.pages))
+        sel = self.top * PAGE
+        # selected pages first, then sinks + window (order does not matter without a causal mask
+        # inside the history; the queries' own positions stay last)
+        self.buf_k = torch.empty(1, hkv, sel + fp_k.shape[2], d)
+        self.buf_v = torch.empty_like(self.buf_k)
+        self.buf_k[:, :, sel:] = fp_k
+        self.buf_v[:, :, sel:] = fp_v
+        self.hkv, self.d = hkv, d
+
+    def select(self, q: torch.Tensor) -> torch.Tensor:
+        scores = ops.page_scores(q, self.kmin, self.kmax)
+        return scores[0].topk(self.top, dim=-1, sorted=False).indices
+
+    def gather(self, sel: torch.Tensor) -> None:
+        n = self.top * PAGE
+        for h in range(self.hkv):
+            out_k = self.buf_k[0, h, :n].view(self.top, PAGE, self.d)
+            out_v = self.buf_v[0, h, :n].view(self.top, PAGE, self.d)
+            torch.index_select(self.k4[h], 0, sel[h], out=out_k)
+            torch.index_select(self.v4[h], 0, sel[h], out=out_v)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        return ops.pq_attention(q, fp_k=self.buf_k, fp_v=self.buf_v)[0]
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        self.gather(self.select(q))
+        return self.attend(q)
+
+    def bytes(self) -> int:
+        return (2 * self.kmin.numel() + 2 * self.buf_k.numel()) * 4
+
+
+def bench_shape(name: str, shape: tuple[int, int, int], n: int, repeat: int, seed: int) -> list[dict]:
+    hq, hkv, d = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, 1, d, generator=g)
+    k = torch.randn(1, hkv, n, d, generator=g)
+    v = torch.randn(1, hkv, n, d, generator=g)
+    rows = []
+
+    def row(method: str, t: float, nbytes: int, **extra) -> dict:
+        r = {
+            "model": name,
+            "tokens": n,
+            "method": method,
+            "time_ms": t * 1e3,
+            "bytes": nbytes,
+            "GBps": nbytes / t / 1e9,
+            **extra,
+        }
+        rows.append(r)
+        return r
+
+    # sdpa: the faster of the two ways a user would call it
+    qg = q.view(1, hkv, hq // hkv, d)
+    t_grouped = median_time(lambda: F.scaled_dot_product_attention(qg, k, v), repeat)
+    t_gqa = None
+    if hq // hkv * k.numel() * 4 <= 4 << 30:  # enable_gqa expands K/V on the CPU
+        t_gqa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeat)
+    t_sdpa = min(t for t in (t_grouped, t_gqa) if t is not None)
+    row(
+        "sdpa",
+        t_sdpa,
+        (k.numel() + v.numel()) * 4,
+        sdpa_grouped_ms=t_grouped * 1e3,
+        sdpa_enable_gqa_ms=None if t_gqa is None else t_gqa * 1e3,
+    )
+
+    n_fp = SINKS + WINDOW
+    fp_k, fp_v = k[:, :, n - n_fp :].contiguous(), v[:, :, n - n_fp :].contiguous()
+    for method, m in (("pq4", d), ("pq2", d // 2)):
+        ck = m // 2  # 4-bit codes
+        kc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
+        vc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
+        kcent = torch.randn(hkv, m, 16, d // m, generator=g)
+        vcent = torch.randn(hkv, m, 16, d // m, generator=g)
+        t = median_time(lambda: ops.pq_attention(q, kc, vc, kcent, vcent, fp_k, fp_v), repeat)  # noqa: B023
+        nbytes = kc.numel() + vc.numel() + (fp_k.numel() + fp_v.numel() + kcent.numel() + vcent.numel()) * 4
+        row(method, t, nbytes, bits_per_element=m * 4 / d)
+
+    quest = Quest(k, v, fp_k, fp_v, QUEST_FRACTION)
+    t = median_time(lambda: quest(q), repeat)
+    sel = quest.select(q)
+    qb = q.view(1, hkv, hq // hkv, d)
+    parts = {
+        "select_ms": median_time(lambda: quest.select(q), repeat) * 1e3,
+        "gather_ms": median_time(lambda: quest.gather(sel), repeat) * 1e3,
+        "attend_ms": median_time(lambda: quest.attend(q), repeat) * 1e3,
+        # for comparison: torch SDPA over the same gathered buffer
+        "attend_sdpa_ms": median_time(
+            lambda: F.scaled_dot_product_attention(qb, quest.buf_k, quest.buf_v), repeat
+        )
+        * 1e3,
+    }
+    row("quest5", t, quest.bytes(), pages_selected=quest.top, pages=quest.pages, **parts)
+    for r in rows:
+        r["speedup_vs_sdpa"] = t_sdpa / (r["time_ms"] / 1e3)
+    return rows
+
+
+def quest_error(n: int, structured: bool, seed: int) -> dict:
+    """quest5 vs exact attention (SmolLM2 shape): relative L2 error of the output, and the share
+    of the exact softmax mass on the tokens quest5 attends to (mean over query heads)."""
+    hq, hkv, d = SHAPES["SmolLM2-135M"]
+    grp = hq // hkv
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, hkv, n, d, generator=g)
+    v = torch.randn(1, hkv, n, d, generator=g)
+    q = torch.randn(1, hq, 1, d, generator=g)
+    fp = SINKS + WINDOW
+    if structured:
+        # per KV head: 10 runs of 32 keys aligned with the group's mean query direction
+        for h in range(hkv):
+            u = q[0, h * grp : (h + 1) * grp, 0].mean(0)
+            u = u / u.norm()
+            q[0, h * grp : (h + 1) * grp, 0] += 6 * u
+            for s in torch.randint(0, n - 32 - fp, (10,), generator=g).tolist():
+                k[0, h, s : s + 32] += 6 * u
+    qg = q.view(1, hkv, grp, d)
+    exact = F.scaled_dot_product_attention(qg, k, v).view_as(q)
+    quest = Quest(k[:, :, : n - fp], v[:, :, : n - fp], k[:, :, n - fp :], v[:, :, n - fp :], QUEST_FRACTION)
+    sel = quest.select(q)
+    out = quest(q)
+    probs = torch.softmax(qg @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)[0]  # [Hkv, grp, n]
+    mask = torch.zeros(hkv, n, dtype=torch.bool)
+    mask[:, n - fp :] = True
+    for h in range(hkv):
+        for p in sel[h].tolist():
+            mask[h, p * PAGE : (p + 1) * PAGE] = True
+    recall = float((probs * mask[:, None]).sum(-1).mean())
+    return {"rel_l2_error": float((out - exact).norm() / exact.norm()), "mass_recall": recall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", nargs="+", default=["8K", "32K", "128K"], help="context lengths, e.g. 8K 1M")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default="bench-results/bench_attention.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ctxcore.set_num_threads(args.threads)
+    lengths = [parse_len(s) for s in args.lengths]
+
+    bw = memory_bandwidth(args.threads)
+    peak = max(bw["numpy_copy_GBps"], bw["torch_copy_GBps"])
+    print(
+        f"threads={args.threads}  memory bandwidth: numpy copy {bw['numpy_copy_GBps']:.1f} GB/s, "
+        f"torch copy ({args.threads} threads) {bw['torch_copy_GBps']:.1f} GB/s"
+    )
+    rows = []
+    for name, shape in SHAPES.items():
+        for n in lengths:
+            rows += bench_shape(name, shape, n, args.repeat, seed=n)
+
+    hdr = (
+        f"{'model':<13} {'tokens':>8} {'method':<7} {'ms':>9} {'vs sdpa':>8} {'MB/step':>9} "
+        f"{'GB/s':>6} {'% bw':>5}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(
+            f"{r['model']:<13} {r['tokens']:>8} {r['method']:<7} {r['time_ms']:>9.2f} "
+            f"{r['speedup_vs_sdpa']:>7.2f}x {r['bytes'] / 1e6:>9.1f} {r['GBps']:>6.2f} "
+            f"{100 * r['GBps'] / peak:>4.0f}%"
+        )
+    errors = {
+        "random 32K": quest_error(32768, False, 1),
+        "structured 32K": quest_error(32768, True, 2),
+    }
+    for what, e in errors.items():
+        print(
+            f"quest5 vs exact attention, SmolLM2 shape, {what} data: relative L2 error "
+            f"{e['rel_l2_error']:.4f}, softmax mass on the attended tokens {e['mass_recall']:.3f}"
+        )
+
+    result = {
+        "bench": "attention",
+        "ctxcore_version": ctxcore.__version__,
+        "torch_version": torch.__version__,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "avx2": ctxcore.cpu_has_avx2(),
+        },
+        "threads": args.threads,
+        "memory_bandwidth": bw,
+        "settings": {
+            "sinks": SINKS,
+            "window": WINDOW,
+            "page_size": PAGE,
+            "quest_fraction": QUEST_FRACTION,
+            "repeat": args.repeat,
+            "statistic": "median",
+        },
+        "rows": rows,
+        "quest_relative_error": errors,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
