@@ -25,7 +25,7 @@ pub fn has_avx2_fma() -> bool {
 /// generic function, or of the generic function itself.
 #[macro_export]
 macro_rules! dispatch {
-    ($f:ident ( $($arg:expr),* $(,)? )) => {{
+    ($f:ident $(::<$($gen:tt),+>)? ( $($arg:expr),* $(,)? )) => {{
         #[cfg(target_arch = "x86_64")]
         {
             if $crate::simd::has_avx2_fma() {
@@ -33,14 +33,14 @@ macro_rules! dispatch {
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn wide<F: FnOnce() -> R, R>(f: F) -> R { f() }
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                unsafe { wide(#[inline(always)] || $f($($arg),*)) }
+                unsafe { wide(#[inline(always)] || $f $(::<$($gen),+>)? ($($arg),*)) }
             } else {
-                $f($($arg),*)
+                $f $(::<$($gen),+>)? ($($arg),*)
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            $f($($arg),*)
+            $f $(::<$($gen),+>)? ($($arg),*)
         }
     }};
 }
