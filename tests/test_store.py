@@ -418,3 +418,15 @@ class StoreMachine(RuleBasedStateMachine):
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+
+
+def test_codebooks_round_trip_through_save(tmp_path):
+    s = make_store()
+    assert ctxcore.KVStore(1, H, D).codebooks(0) is None
+    kc, vc = s.codebooks(1)
+    kq, vq = quantizers(s, 1)
+    assert kc.shape == (H, s.config["k_m"], 16, D // s.config["k_m"])
+    np.testing.assert_array_equal(kc[1], kq[1].centroids)
+    np.testing.assert_array_equal(vc[0], vq[0].centroids)
+    s.save(tmp_path / "c")
+    np.testing.assert_array_equal(ctxcore.KVStore.load(tmp_path / "c").codebooks(1)[0], kc)

@@ -223,6 +223,11 @@ class KVStore:
             vq.append(b)
         self.set_codebooks(layer, kq, vq)
 
+    def codebooks(self, layer: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(k_centroids, v_centroids)`` float32 ``[kv_heads, m, 2**nbits, head_dim // m]`` of
+        ``layer`` (the layout :func:`ctxcore.ops.pq_attention` takes), or None if not set."""
+        return self._s.codebooks(int(layer))
+
     def has_codebooks(self, layer: int) -> bool:
         """Whether ``layer`` has codebooks."""
         return self._s.has_codebooks(int(layer))

@@ -16,6 +16,9 @@ fn internal<E: std::fmt::Display>(e: E) -> PyErr {
     super::error::to_pyerr(Error::Internal(e.to_string()))
 }
 
+/// Key and value centroids, float32 `[H, m, ksub, D / m]` each.
+type Centroids<'py> = (Bound<'py, PyArray4<f32>>, Bound<'py, PyArray4<f32>>);
+
 /// Keys and values, float32 `[H, t, D]` each.
 type KvPair<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray3<f32>>);
 
@@ -112,6 +115,25 @@ impl KVStore {
         let k = keys.iter().map(|c| c.inner.clone()).collect();
         let v = values.iter().map(|c| c.inner.clone()).collect();
         self.inner.set_codebooks(layer, k, v).py()
+    }
+
+    /// Codebooks of a layer: ``(k_centroids, v_centroids)`` float32 ``[H, m, ksub, D // m]``, or
+    /// None before they are set.
+    fn codebooks<'py>(&self, py: Python<'py>, layer: usize) -> PyResult<Option<Centroids<'py>>> {
+        let Some((k, v)) = self.inner.codebooks(layer).py()? else {
+            return Ok(None);
+        };
+        let stack = |qs: &[crate::pq::ProductQuantizer]| -> PyResult<Bound<'py, PyArray4<f32>>> {
+            let (m, ksub, dsub) = (qs[0].m(), qs[0].ksub(), qs[0].dsub());
+            let data: Vec<f32> = qs
+                .iter()
+                .flat_map(|q| q.centroids().unwrap_or(&[]).iter().copied())
+                .collect();
+            Ok(Array4::from_shape_vec((qs.len(), m, ksub, dsub), data)
+                .map_err(internal)?
+                .into_pyarray(py))
+        };
+        Ok(Some((stack(&k)?, stack(&v)?)))
     }
 
     fn has_codebooks(&self, layer: usize) -> bool {

@@ -671,6 +671,17 @@ impl KvStore {
         Ok(())
     }
 
+    /// The codebooks of `layer` (key and value quantizers per KV head), if set.
+    #[allow(clippy::type_complexity)]
+    pub fn codebooks(
+        &self,
+        layer: usize,
+    ) -> Result<Option<(Vec<ProductQuantizer>, Vec<ProductQuantizer>)>> {
+        self.check(0, layer)?;
+        let st = self.shared.lock()?;
+        Ok(st.books[layer].as_ref().map(|b| (b.k.clone(), b.v.clone())))
+    }
+
     /// Whether `layer` has codebooks.
     pub fn has_codebooks(&self, layer: usize) -> bool {
         self.shared
