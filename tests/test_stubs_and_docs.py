@@ -50,8 +50,12 @@ def test_stubs_match_extension():
         assert members == rt, f"{cls}: stub-only {members - rt}, missing from stub {rt - members}"
 
 
-@pytest.mark.parametrize("module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store"])
+@pytest.mark.parametrize(
+    "module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store", "ctxcore.ops"]
+)
 def test_docstring_examples_run(module):
+    if module == "ctxcore.ops":
+        pytest.importorskip("torch")
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0

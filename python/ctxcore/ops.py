@@ -1,0 +1,775 @@
+"""Torch custom ops for attention over PQ-compressed KV, and page/token selection helpers.
+
+Importing this module (it imports torch; ``import ctxcore`` alone does not) registers two ops in
+the ``ctxcore`` namespace, each with a fake (meta) implementation so ``torch.compile`` can trace
+them and ``torch.library.opcheck`` passes:
+
+``torch.ops.ctxcore.pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range,
+fp_k, fp_v, fp_range, scale, causal) -> (out, lse)``
+    Softmax attention of ``q`` over a history stored as PQ codes followed by a full-precision
+    part (sinks and recent window), computed on the codes without decompressing them:
+
+    * ``q`` ``[B, Hq, Tq, D]`` float32 / bfloat16 / float16;
+    * ``k_codes`` uint8 ``[B, Hkv, N, ck]``, ``v_codes`` uint8 ``[B, Hkv, N, cv]``; 4-bit codes
+      pack subquantizer ``j`` in byte ``j // 2`` (low nibble when ``j`` is even), as
+      :class:`ctxcore.ProductQuantizer` writes them;
+    * ``k_centroids`` / ``v_centroids`` float ``[Hkv, m, 16 or 256, D // m]`` (one
+      :attr:`ctxcore.ProductQuantizer.centroids` per KV head, stacked);
+    * ``code_range`` int64/int32 ``[B, 2]``: valid code tokens ``[start, end)`` per sequence
+      (``start > 0`` skips left padding);
+    * ``fp_k`` / ``fp_v`` ``[B, Hkv, F, D]`` in q's dtype family: full-precision tokens,
+      positionally after the codes; ``fp_range`` ``[B, 2]`` as ``code_range``;
+    * ``causal``: the last ``Tq`` valid fp tokens are the queries' own positions, so query ``t``
+      sees fp tokens up to ``fp_end - Tq + t`` (inclusive); every code token is visible.
+
+    Returns ``out`` ``[B, Hq, Tq, D]`` in q's dtype and ``lse`` float32 ``[B, Hq, Tq]`` (natural
+    log-sum-exp of the scaled scores; ``-inf`` with a zero output for a query that sees
+    nothing). GQA: query head ``i`` uses KV head ``i // (Hq // Hkv)``. Computation is in float32.
+
+``torch.ops.ctxcore.page_scores(q, kmin, kmax) -> scores``
+    Quest upper bounds ``[B, Hkv, P]`` float32: ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` per page,
+    maximized over the query heads of the KV head's group and over the query tokens, from
+    ``q`` ``[B, Hq, Tq, D]`` and per-page key bounds ``kmin, kmax`` ``[B, Hkv, P, D]``.
+
+Both run on the CPU (Rust, GIL released, ``ctxcore.get_num_threads()`` threads). This build has
+no CUDA kernels for them: tensors on another device raise
+:class:`~ctxcore.exceptions.DeviceError`. Bad dtypes raise
+:class:`~ctxcore.exceptions.DTypeError`, bad shapes :class:`~ctxcore.exceptions.ShapeError`,
+inconsistent head counts or codebooks :class:`~ctxcore.exceptions.ConfigError`.
+
+Plain-Python conveniences: :func:`pq_attention` (keyword arguments and defaults),
+:func:`page_scores`, :func:`select_pages` (Quest), :func:`select_tokens_pq` (PQCache),
+:func:`selective_attention` and :func:`dense_attention_from_store` (over a
+:class:`ctxcore.KVStore`).
+
+Example (random codes are valid codes; the result equals softmax attention over the decoded
+keys and values):
+
+>>> import torch, ctxcore.ops as ops
+>>> g = torch.Generator().manual_seed(0)
+>>> q = torch.randn(1, 4, 1, 8, generator=g)                      # [B, Hq, Tq, D]
+>>> kc = torch.randint(0, 256, (1, 2, 10, 4), dtype=torch.uint8, generator=g)  # 8 x 4-bit
+>>> vc = torch.randint(0, 256, (1, 2, 10, 4), dtype=torch.uint8, generator=g)
+>>> cent = torch.randn(2, 8, 16, 1, generator=g)                  # [Hkv, m, 16, D // m]
+>>> out, lse = ops.pq_attention(q, kc, vc, cent, cent)
+>>> out.shape, lse.shape
+(torch.Size([1, 4, 1, 8]), torch.Size([1, 4, 1]))
+>>> k, v = ops.decode_codes(kc, cent), ops.decode_codes(vc, cent)  # [B, Hkv, N, D]
+>>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+>>> bool(torch.allclose(out, ref, atol=1e-5))
+True
+"""
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _ctxcore
+from .exceptions import ConfigError, DeviceError, DTypeError, ShapeError
+
+__all__ = [
+    "decode_codes",
+    "dense_attention_from_store",
+    "page_scores",
+    "pq_attention",
+    "pq_token_scores",
+    "select_pages",
+    "select_tokens_pq",
+    "selective_attention",
+]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_NO_CUDA = (
+    "{op}: {what} is on {device}, but ctxcore was built without CUDA support for this op (no "
+    "CUDA kernels for it yet); it runs on the CPU only, so pass CPU tensors ({what}.cpu())"
+)
+
+
+# -- validation (shared by the real and the fake implementations) ----------------------------
+def _check_device(op: str, **tensors: torch.Tensor) -> None:
+    for what, t in tensors.items():
+        if t.device.type != "cpu":
+            raise DeviceError(_NO_CUDA.format(op=op, what=what, device=t.device))
+
+
+def _check_float(what: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise DTypeError(
+            f"{what}: expected float32, bfloat16 or float16, got {t.dtype}; convert with .float()"
+        )
+
+
+def _check_rank(what: str, t: torch.Tensor, rank: int, layout: str) -> None:
+    if t.dim() != rank:
+        raise ShapeError(f"{what}: expected a {rank}-D tensor {layout}, got shape {tuple(t.shape)}")
+
+
+def _nbits(what: str, ksub: int) -> int:
+    if ksub == 16:
+        return 4
+    if ksub == 256:
+        return 8
+    raise ConfigError(f"{what}: codebooks must have 16 (4-bit) or 256 (8-bit) centroids, got {ksub}")
+
+
+def _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range):
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_float("q", q)
+    b, hq, _, d = q.shape
+    for what, t, lay in (
+        ("k_codes", k_codes, "[B, Hkv, N, k_code_bytes]"),
+        ("v_codes", v_codes, "[B, Hkv, N, v_code_bytes]"),
+        ("k_centroids", k_centroids, "[Hkv, k_m, ksub, D // k_m]"),
+        ("v_centroids", v_centroids, "[Hkv, v_m, ksub, D // v_m]"),
+        ("fp_k", fp_k, "[B, Hkv, F, D]"),
+        ("fp_v", fp_v, "[B, Hkv, F, D]"),
+    ):
+        _check_rank(what, t, 4, lay)
+    for what, t in (("k_codes", k_codes), ("v_codes", v_codes)):
+        if t.dtype != torch.uint8:
+            raise DTypeError(f"{what}: expected uint8 PQ codes, got {t.dtype}; convert with .to(torch.uint8)")
+    for what, t in (
+        ("k_centroids", k_centroids),
+        ("v_centroids", v_centroids),
+        ("fp_k", fp_k),
+        ("fp_v", fp_v),
+    ):
+        _check_float(what, t)
+    for what, t in (("code_range", code_range), ("fp_range", fp_range)):
+        if t.dtype not in (torch.int64, torch.int32):
+            raise DTypeError(f"{what}: expected int64 (or int32) [B, 2] bounds, got {t.dtype}")
+        if t.dim() != 2 or t.shape[0] != b or t.shape[1] != 2:
+            raise ShapeError(
+                f"{what}: expected shape [B={b}, 2] ([start, end) per sequence), got {tuple(t.shape)}"
+            )
+    hkv = k_codes.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ConfigError(
+            f"query heads ({hq}) must be a multiple of KV heads ({hkv}, from k_codes.shape[1]) for GQA"
+        )
+    n = k_codes.shape[2]
+    if k_codes.shape[0] != b:
+        raise ShapeError(f"k_codes: batch {k_codes.shape[0]} != q batch {b}")
+    if tuple(v_codes.shape[:3]) != (b, hkv, n):
+        raise ShapeError(
+            f"v_codes: expected [B={b}, Hkv={hkv}, N={n}, v_code_bytes] like k_codes, "
+            f"got {tuple(v_codes.shape)}"
+        )
+    for what, codes, cent in (("k", k_codes, k_centroids), ("v", v_codes, v_centroids)):
+        if cent.shape[0] != hkv:
+            raise ConfigError(
+                f"{what}_centroids has codebooks for {cent.shape[0]} KV heads, but {what}_codes has "
+                f"{hkv} KV heads (one codebook per KV head expected)"
+            )
+        m, ksub, dsub = cent.shape[1], cent.shape[2], cent.shape[3]
+        nbits = _nbits(f"{what}_centroids", ksub)
+        if m * dsub != d:
+            raise ShapeError(
+                f"{what}_centroids: m={m} subquantizers of {dsub} dims cover {m * dsub} dims, "
+                f"but head_dim D={d}"
+            )
+        want = (m * nbits + 7) // 8
+        if codes.shape[3] != want:
+            raise ShapeError(
+                f"{what}_codes has {codes.shape[3]} bytes per token, but {what}_centroids (m={m}, "
+                f"nbits={nbits}) need {want}"
+            )
+    f = fp_k.shape[2]
+    for what, t in (("fp_k", fp_k), ("fp_v", fp_v)):
+        if tuple(t.shape) != (b, hkv, f, d):
+            raise ShapeError(f"{what}: expected shape [B={b}, Hkv={hkv}, F={f}, D={d}], got {tuple(t.shape)}")
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """C-contiguous numpy view of a CPU tensor (zero-copy when dtype and layout already match)."""
+    return t.detach().to(dtype).contiguous().numpy()
+
+
+# -- ops ------------------------------------------------------------------------------------
+@torch.library.custom_op(
+    "ctxcore::pq_attention",
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_centroids, Tensor v_centroids, "
+        "Tensor code_range, Tensor fp_k, Tensor fp_v, Tensor fp_range, float scale, bool causal) "
+        "-> (Tensor out, Tensor lse)"
+    ),
+)
+def _pq_attention_op(
+    q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal
+):
+    _check_device(
+        "pq_attention",
+        q=q,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_centroids=k_centroids,
+        v_centroids=v_centroids,
+        code_range=code_range,
+        fp_k=fp_k,
+        fp_v=fp_v,
+        fp_range=fp_range,
+    )
+    _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range)
+    f32, i64, u8 = torch.float32, torch.int64, torch.uint8
+    out, lse = _ctxcore.pq_attention(
+        _np(q, f32),
+        _np(k_codes, u8),
+        _np(v_codes, u8),
+        _np(k_centroids, f32),
+        _np(v_centroids, f32),
+        _np(code_range, i64),
+        _np(fp_k, f32),
+        _np(fp_v, f32),
+        _np(fp_range, i64),
+        float(scale),
+        bool(causal),
+    )
+    out_t = torch.from_numpy(out)
+    if q.dtype != f32:
+        out_t = out_t.to(q.dtype)
+    return out_t, torch.from_numpy(lse)
+
+
+@_pq_attention_op.register_fake
+def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal):
+    _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range)
+    b, hq, tq, d = q.shape
+    return q.new_empty((b, hq, tq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
+
+
+def _check_page_scores(q, kmin, kmax):
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_rank("kmin", kmin, 4, "[B, Hkv, P, D]")
+    for what, t in (("q", q), ("kmin", kmin), ("kmax", kmax)):
+        _check_float(what, t)
+    if tuple(kmax.shape) != tuple(kmin.shape):
+        raise ShapeError(f"kmax: expected the shape of kmin {tuple(kmin.shape)}, got {tuple(kmax.shape)}")
+    b, hq, _, d = q.shape
+    if kmin.shape[0] != b or kmin.shape[3] != d:
+        raise ShapeError(f"kmin/kmax: expected [B={b}, Hkv, P, D={d}], got {tuple(kmin.shape)}")
+    hkv = kmin.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ConfigError(f"query heads ({hq}) must be a multiple of KV heads ({hkv}, from kmin.shape[1])")
+
+
+@torch.library.custom_op(
+    "ctxcore::page_scores", mutates_args=(), schema="(Tensor q, Tensor kmin, Tensor kmax) -> Tensor"
+)
+def _page_scores_op(q, kmin, kmax):
+    _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
+    _check_page_scores(q, kmin, kmax)
+    f32 = torch.float32
+    return torch.from_numpy(_ctxcore.page_scores(_np(q, f32), _np(kmin, f32), _np(kmax, f32)))
+
+
+@_page_scores_op.register_fake
+def _(q, kmin, kmax):
+    _check_page_scores(q, kmin, kmax)
+    return q.new_empty((kmin.shape[0], kmin.shape[1], kmin.shape[2]), dtype=torch.float32)
+
+
+# -- conveniences ---------------------------------------------------------------------------
+def _full_range(b: int, n: int) -> torch.Tensor:
+    r = torch.zeros(b, 2, dtype=torch.int64)
+    r[:, 1] = n
+    return r
+
+
+def _as_range(r: Any, b: int, n: int, what: str) -> torch.Tensor:
+    if r is None:
+        return _full_range(b, n)
+    if not isinstance(r, torch.Tensor):
+        r = torch.as_tensor(np.asarray(r, dtype=np.int64))
+    if r.dim() == 1 and r.numel() == 2:
+        r = r.expand(b, 2)
+    return r
+
+
+def pq_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor | None = None,
+    v_codes: torch.Tensor | None = None,
+    k_centroids: torch.Tensor | None = None,
+    v_centroids: torch.Tensor | None = None,
+    fp_k: torch.Tensor | None = None,
+    fp_v: torch.Tensor | None = None,
+    *,
+    code_range: Any = None,
+    fp_range: Any = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over PQ codes plus a full-precision part; see ``torch.ops.ctxcore.pq_attention``.
+
+    Args:
+        q: queries ``[B, Hq, Tq, D]`` (float32, bfloat16 or float16, CPU).
+        k_codes, v_codes: uint8 ``[B, Hkv, N, ck]`` / ``[B, Hkv, N, cv]``; None (both) for no
+            codes (``N = 0``; the centroids may then be None too).
+        k_centroids, v_centroids: float ``[Hkv, m, 16 or 256, D // m]``.
+        fp_k, fp_v: full-precision ``[B, Hkv, F, D]`` after the codes; None for ``F = 0``.
+        code_range, fp_range: ``[B, 2]`` valid ``[start, end)`` per sequence (a pair applies to
+            every sequence); default: everything.
+        scale: score scale; default ``1 / sqrt(D)``.
+        causal: the last ``Tq`` valid fp tokens are the queries' own positions.
+
+    Returns:
+        ``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``.
+
+    Raises:
+        DeviceError: a tensor is not on the CPU (this build has no CUDA kernels for this op).
+        DTypeError, ShapeError, ConfigError: inconsistent inputs (checked before any work).
+    """
+    if not isinstance(q, torch.Tensor):
+        raise DTypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    b, hq, _, d = q.shape
+    given = {
+        n: t
+        for n, t in (
+            ("q", q),
+            ("k_codes", k_codes),
+            ("v_codes", v_codes),
+            ("k_centroids", k_centroids),
+            ("v_centroids", v_centroids),
+            ("fp_k", fp_k),
+            ("fp_v", fp_v),
+        )
+        if t is not None
+    }
+    _check_device("pq_attention", **given)
+    if (k_codes is None) != (v_codes is None) or (fp_k is None) != (fp_v is None):
+        raise ConfigError("give both k_codes and v_codes (or neither), and both fp_k and fp_v (or neither)")
+    if k_codes is not None or fp_k is not None:
+        hkv = (k_codes if k_codes is not None else fp_k).shape[1]
+    else:
+        hkv = k_centroids.shape[0] if k_centroids is not None else hq
+    if k_codes is None:
+        if k_centroids is None:
+            k_centroids = v_centroids = q.new_zeros((hkv, d, 16, 1), dtype=torch.float32)
+        if v_centroids is None:
+            v_centroids = k_centroids
+        k_codes = _empty_codes(b, hkv, k_centroids)
+        v_codes = _empty_codes(b, hkv, v_centroids)
+    elif k_centroids is None or v_centroids is None:
+        raise ConfigError("k_centroids and v_centroids are needed to attend over codes")
+    if fp_k is None:
+        fp_k = fp_v = q.new_zeros((b, hkv, 0, d))
+    cr = _as_range(code_range, b, k_codes.shape[2], "code_range")
+    fr = _as_range(fp_range, b, fp_k.shape[2], "fp_range")
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return torch.ops.ctxcore.pq_attention(
+        q, k_codes, v_codes, k_centroids, v_centroids, cr, fp_k, fp_v, fr, s, bool(causal)
+    )
+
+
+def _empty_codes(b: int, hkv: int, cent: torch.Tensor) -> torch.Tensor:
+    m, ksub = cent.shape[1], cent.shape[2]
+    nbits = 4 if ksub == 16 else 8
+    return torch.zeros((b, hkv, 0, (m * nbits + 7) // 8), dtype=torch.uint8)
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Quest page upper bounds ``[B, Hkv, P]`` float32 from ``q [B, Hq, Tq, D]`` and ``kmin, kmax
+    [B, Hkv, P, D]``: for every key ``k`` of a page and every query of the group,
+    ``q . k <= score``. Raises DeviceError for non-CPU tensors."""
+    _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
+    return torch.ops.ctxcore.page_scores(q, kmin, kmax)
+
+
+def decode_codes(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Decode PQ codes ``[B, H, N, code_bytes]`` uint8 with per-head codebooks
+    ``[H, m, 16 or 256, D // m]`` into float32 vectors ``[B, H, N, D]`` (reference, in torch)."""
+    _check_rank("codes", codes, 4, "[B, H, N, code_bytes]")
+    _check_rank("centroids", centroids, 4, "[H, m, ksub, dsub]")
+    b, h, n, _ = codes.shape
+    hc, m, ksub, dsub = centroids.shape
+    if hc != h:
+        raise ConfigError(f"centroids have {hc} heads, codes {h}")
+    idx = _unpack(codes, m, _nbits("centroids", ksub))  # [B, H, N, m]
+    cent = centroids.float()
+    heads = torch.arange(h).view(1, h, 1, 1)
+    sub = torch.arange(m).view(1, 1, 1, m)
+    return cent[heads, sub, idx].reshape(b, h, n, m * dsub)
+
+
+def _unpack(codes: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
+    c = codes.long()
+    if nbits == 8:
+        return c[..., :m]
+    both = torch.stack((c & 15, c >> 4), dim=-1).flatten(-2)
+    return both[..., :m]
+
+
+def _budget(budget: int | float, total: int, what: str) -> int:
+    """A count (int >= 0) or a fraction of ``total`` (float in (0, 1]) -> a count <= total."""
+    if isinstance(budget, bool):
+        raise ConfigError(f"{what}: budget must be an int count or a float fraction, got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ConfigError(f"{what}: a fractional budget must be in (0, 1], got {budget}")
+        return min(total, math.ceil(budget * total - 1e-9))
+    if int(budget) < 0:
+        raise ConfigError(f"{what}: budget must be >= 0, got {budget}")
+    return min(total, int(budget))
+
+
+def select_pages(q: torch.Tensor, abstracts: Any, budget: int | float) -> torch.Tensor:
+    """Top-``budget`` pages per (sequence, KV head) by Quest upper bound (:func:`page_scores`).
+
+    Args:
+        q: queries ``[B, Hq, Tq, D]`` (or ``[Hq, Tq, D]`` for one sequence).
+        abstracts: a ``(kmin, kmax)`` pair of ``[B, Hkv, P, D]``, or page abstracts as
+            :meth:`ctxcore.KVStore.abstracts` returns them, ``[P, Hkv, 3, D]`` (one sequence) or
+            ``[B, P, Hkv, 3, D]`` (min, max, mean; numpy or torch).
+        budget: pages to keep (int), or a fraction of the pages (float in (0, 1]).
+
+    Returns:
+        int64 ``[B, Hkv, k]`` page indices, ``k = min(budget, P)``, ascending (position order)
+        within each row.
+    """
+    if q.dim() == 3:
+        q = q.unsqueeze(0)
+    if isinstance(abstracts, (tuple, list)):
+        kmin, kmax = (torch.as_tensor(a) for a in abstracts)
+    else:
+        a = torch.as_tensor(abstracts)
+        if a.dim() == 4:
+            a = a.unsqueeze(0)
+        if a.dim() != 5 or a.shape[3] < 2:
+            raise ShapeError(f"abstracts: expected [P, Hkv, 3, D] or [B, P, Hkv, 3, D], got {tuple(a.shape)}")
+        kmin = a[:, :, :, 0].transpose(1, 2)
+        kmax = a[:, :, :, 1].transpose(1, 2)
+    p = kmin.shape[2] if kmin.dim() == 4 else 0
+    k = _budget(budget, p, "select_pages")
+    scores = page_scores(q, kmin, kmax)
+    return _topk_sorted(scores, k)
+
+
+def _topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
+    if k >= scores.shape[-1]:
+        return torch.arange(scores.shape[-1]).expand(*scores.shape[:-1], -1).contiguous()
+    return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def _pair_tables(q: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Per-byte lookup tables ``[B, Hkv, G*Tq, ck, 256]``: the score contribution of each code
+    byte value (4-bit tables folded pairwise, as the kernel does)."""
+    b, hq, tq, d = q.shape
+    hkv, m, ksub, dsub = centroids.shape
+    g = hq // hkv
+    qs = q.float().reshape(b, hkv, g * tq, m, dsub)
+    lut = torch.einsum("bhqmd,hmkd->bhqmk", qs, centroids.float())  # [B, Hkv, G*Tq, m, ksub]
+    if ksub == 256:
+        return lut, m
+    ck = (m + 1) // 2
+    even = lut[..., 0::2, :]
+    odd = lut[..., 1::2, :]
+    if odd.shape[-2] < ck:
+        odd = torch.cat((odd, odd.new_zeros((*odd.shape[:-2], 1, 16))), dim=-2)
+    # byte value = hi * 16 + lo: lo = even subquantizer, hi = odd one.
+    pair = odd.unsqueeze(-1) + even.unsqueeze(-2)  # [..., ck, hi, lo]
+    return pair.reshape(*pair.shape[:-2], 256), ck
+
+
+def pq_token_scores(
+    q: torch.Tensor, k_codes: torch.Tensor, k_centroids: Any, *, fast: bool = False, block: int = 32768
+) -> torch.Tensor:
+    """PQ inner products ``q . decode(code)`` float32 ``[B, Hkv, G*Tq, N]`` (query rows of each KV
+    head's group, head-major), from ``q [B, Hq, Tq, D]`` and ``k_codes [B, Hkv, N, ck]``, without
+    decoding.
+
+    ``k_centroids``: codebooks ``[Hkv, m, ksub, D // m]`` (scored in torch from per-byte lookup
+    tables), or the KV heads' trained :class:`ctxcore.ProductQuantizer` objects (scored in Rust
+    with :meth:`~ctxcore.ProductQuantizer.inner_products`, several times faster; ``fast=True``
+    then uses the approximate 4-bit fast scan, fine for ranking).
+    """
+    _check_device("pq_token_scores", q=q, k_codes=k_codes)
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_rank("k_codes", k_codes, 4, "[B, Hkv, N, ck]")
+    if k_codes.dtype != torch.uint8:
+        raise DTypeError(f"k_codes: expected uint8, got {k_codes.dtype}")
+    b, hkv, n, ck = k_codes.shape
+    if q.shape[1] % hkv:
+        raise ConfigError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({hkv})")
+    if isinstance(k_centroids, (list, tuple)):
+        return _pq_scores_rust(q, k_codes, k_centroids, fast)
+    _check_device("pq_token_scores", k_centroids=k_centroids)
+    _check_rank("k_centroids", k_centroids, 4, "[Hkv, m, ksub, D // m]")
+    _nbits("k_centroids", k_centroids.shape[2])
+    if k_centroids.shape[0] != hkv or k_centroids.shape[1] * k_centroids.shape[3] != q.shape[-1]:
+        raise ShapeError(
+            f"k_centroids: expected [Hkv={hkv}, m, ksub, D // m] with D={q.shape[-1]}, "
+            f"got {tuple(k_centroids.shape)}"
+        )
+    tables, want = _pair_tables(q, k_centroids)
+    if ck != want:
+        raise ShapeError(f"k_codes has {ck} bytes per token, the codebooks need {want}")
+    rows = tables.shape[2]
+    out = torch.empty((b, hkv, rows, n), dtype=torch.float32)
+    offs = torch.arange(ck, dtype=torch.int64) * 256
+    for bi in range(b):
+        for h in range(hkv):
+            w = tables[bi, h].reshape(rows, ck * 256).t().contiguous()  # [ck*256, rows]
+            for s in range(0, n, block):
+                idx = k_codes[bi, h, s : s + block].long() + offs
+                out[bi, h, :, s : s + block] = torch.nn.functional.embedding_bag(idx, w, mode="sum").t()
+    return out
+
+
+def _pq_scores_rust(
+    q: torch.Tensor, k_codes: torch.Tensor, quantizers: Sequence[Any], fast: bool
+) -> torch.Tensor:
+    b, hkv, n, _ = k_codes.shape
+    if len(quantizers) != hkv:
+        raise ConfigError(f"k_centroids: {len(quantizers)} quantizers for {hkv} KV heads")
+    g, tq, d = q.shape[1] // hkv, q.shape[2], q.shape[3]
+    qs = q.detach().float().reshape(b, hkv, g * tq, d)
+    codes = k_codes.detach().contiguous().numpy()
+    out = torch.empty((b, hkv, g * tq, n), dtype=torch.float32)
+    for bi in range(b):
+        for h, pq in enumerate(quantizers):
+            rows = np.ascontiguousarray(qs[bi, h].numpy())
+            out[bi, h] = torch.from_numpy(pq.inner_products(rows, codes[bi, h], fast=fast))
+    return out
+
+
+def select_tokens_pq(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    k_centroids: Any,
+    budget: int | float,
+    *,
+    scale: float | None = None,
+    fast: bool = False,
+) -> torch.Tensor:
+    """Top-``budget`` code tokens per (sequence, KV head) by PQ score (PQCache-style).
+
+    Each token's key is scored against every query of the KV head's group from the codes
+    (:func:`pq_token_scores`); the scores of each query are turned into log-softmax weights
+    (``scale`` default ``1 / sqrt(D)``) so heads with larger norms do not dominate, and a token's
+    rank is its largest weight over the group's queries.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k_codes: uint8 ``[B, Hkv, N, ck]``;
+        k_centroids: ``[Hkv, m, 16 or 256, D // m]``, or one trained ProductQuantizer per KV
+            head (faster; ``fast`` as in :func:`pq_token_scores`).
+        budget: tokens to keep (int), or a fraction of N (float in (0, 1]).
+
+    Returns:
+        int64 ``[B, Hkv, k]`` token indices, ``k = min(budget, N)``, ascending within each row.
+    """
+    if q.dim() == 3:
+        q = q.unsqueeze(0)
+    n = k_codes.shape[2]
+    k = _budget(budget, n, "select_tokens_pq")
+    if k >= n:
+        return _topk_sorted(torch.zeros(k_codes.shape[:3]), k)
+    s = pq_token_scores(q, k_codes, k_centroids, fast=fast)
+    s *= 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    s -= s.logsumexp(dim=-1, keepdim=True)
+    return _topk_sorted(s.amax(dim=2), k)
+
+
+# -- over a KVStore -------------------------------------------------------------------------
+def _store_q(q: torch.Tensor, hkv: int, d: int) -> tuple[torch.Tensor, bool]:
+    if not isinstance(q, torch.Tensor):
+        raise DTypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    squeeze = q.dim() == 3
+    if squeeze:
+        q = q.unsqueeze(0)
+    if q.dim() != 4 or q.shape[0] != 1 or q.shape[3] != d:
+        raise ShapeError(
+            f"q: expected [1, Hq, Tq, D={d}] (or [Hq, Tq, D]) for one sequence, got {tuple(q.shape)}"
+        )
+    if q.shape[1] % hkv:
+        raise ConfigError(f"query heads ({q.shape[1]}) must be a multiple of the store's KV heads ({hkv})")
+    _check_device("selective_attention", q=q)
+    return q, squeeze
+
+
+def _codebooks(store: Any, layer: int, codebooks: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k_centroids, v_centroids)`` ``[Hkv, m, ksub, dsub]`` float32 from ``codebooks``: a pair of
+    lists of ProductQuantizer (one per KV head), or a pair of centroid arrays; by default from
+    ``store.codebooks(layer)``."""
+    if codebooks is None:
+        getter = getattr(store, "codebooks", None)
+        codebooks = getter(int(layer)) if getter is not None else None
+        if codebooks is None:
+            raise ConfigError(
+                f"layer {layer} of the store has no codebooks (set them with KVStore.calibrate or "
+                "set_codebooks), or pass codebooks=(key_quantizers, value_quantizers)"
+            )
+    out = []
+    for side in codebooks:
+        if isinstance(side, (list, tuple)):
+            cents = [pq.centroids for pq in side]
+            if any(c is None for c in cents):
+                raise ConfigError("codebooks: a ProductQuantizer is not trained")
+            out.append(torch.from_numpy(np.stack(cents)).float())
+        else:
+            out.append(torch.as_tensor(side).float())
+    return out[0], out[1]
+
+
+def _fp_batch(
+    sinks: tuple[np.ndarray, np.ndarray],
+    mids: list[tuple[np.ndarray, np.ndarray]],
+    window: tuple[np.ndarray, np.ndarray],
+    d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp arrays ``[Hkv, 1, F, D]`` holding, per KV head (as a batch entry), sinks | mid | window
+    | padding, and fp_range ``[Hkv, 2]`` ending each head's valid part after its window."""
+    hkv = len(mids)
+    lens = [sinks[0].shape[1] + mids[h][0].shape[0] + window[0].shape[1] for h in range(hkv)]
+    f = max(lens, default=0)
+    fk = torch.zeros((hkv, 1, f, d), dtype=torch.float32)
+    fv = torch.zeros_like(fk)
+    for h in range(hkv):
+        for dst, src in ((fk, 0), (fv, 1)):
+            parts = [sinks[src][h], mids[h][src], window[src][h]]
+            dst[h, 0, : lens[h]] = torch.from_numpy(
+                np.concatenate(parts, axis=0).astype(np.float32, copy=False)
+            )
+    rng = torch.zeros((hkv, 2), dtype=torch.int64)
+    rng[:, 1] = torch.tensor(lens, dtype=torch.int64)
+    return fk, fv, rng
+
+
+def selective_attention(
+    q: torch.Tensor,
+    store: Any,
+    layer: int,
+    budget: int | float,
+    seq: int = 0,
+    method: str = "quest",
+    scale: float | None = None,
+    *,
+    causal: bool = True,
+    codebooks: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the sinks, the recent window and a query-selected part of the pages.
+
+    The store must be built with ``keep_full_precision=True``: selected tokens are read from the
+    pages' fp16 copies. Selection is per KV head:
+
+    * ``method="quest"``: pages ranked by :func:`page_scores` on the page abstracts (which stay in
+      RAM); the top ``ceil(budget / page_size)`` pages are prefetched and read.
+    * ``method="pq"``: tokens ranked by PQ scores of every page's key codes
+      (:func:`select_tokens_pq`; every page is prefetched and read, so this touches the whole
+      context) with the layer's key codebooks (``codebooks``, as in
+      :func:`dense_attention_from_store`; given as ProductQuantizer lists, the scores are
+      computed in Rust, several times faster than from centroid arrays).
+
+    The fp part given to ``pq_attention`` (with no codes) is ``sinks | selected | window`` in
+    position order; each KV head is passed as its own batch entry, so heads may select different
+    tokens.
+
+    Args:
+        q: ``[1, Hq, Tq, D]`` or ``[Hq, Tq, D]`` queries of sequence ``seq``, whose own K/V were
+            already appended (with ``causal``, they are the window's last ``Tq`` tokens).
+        store: a :class:`ctxcore.KVStore`; layer, seq: which cache.
+        budget: history tokens to select besides sinks and window: a count (int) or a fraction
+            of the paged tokens (float in (0, 1]). Covering every page gives exact attention
+            (over the fp16 copies of the paged K/V).
+        scale: default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(out, lse)``: ``out`` in q's dtype and shape; ``lse`` float32 ``[1, Hq, Tq]`` (or
+        ``[Hq, Tq]``).
+    """
+    c = store.config
+    hkv, d, ps = c["kv_heads"], c["head_dim"], c["page_size"]
+    if not c["keep_full_precision"]:
+        raise ConfigError("selective_attention needs a KVStore built with keep_full_precision=True")
+    if method not in ("quest", "pq"):
+        raise ConfigError(f"method must be 'quest' or 'pq', got {method!r}")
+    q4, squeeze = _store_q(q, hkv, d)
+    hq, tq = q4.shape[1], q4.shape[2]
+    g = hq // hkv
+    npages = store.num_pages(layer, seq)
+    k_tokens = _budget(budget, store.paged_tokens(layer, seq), "selective_attention")
+    mids: list[tuple[np.ndarray, np.ndarray]]
+    empty = np.zeros((0, d), np.float16)
+    if npages == 0 or k_tokens == 0:
+        mids = [(empty, empty)] * hkv
+    elif method == "quest":
+        sel = select_pages(q4, store.abstracts(layer, seq), min(npages, math.ceil(k_tokens / ps)))[0]
+        wanted = sorted(set(sel.flatten().tolist()))
+        store.prefetch(layer, wanted, seq)
+        pages = {p: store.page(layer, p, seq) for p in wanted}
+        mids = [
+            tuple(
+                np.concatenate([getattr(pages[p], a)[h] for p in sel[h].tolist()])
+                for a in ("k_fp16", "v_fp16")
+            )
+            for h in range(hkv)
+        ]
+    else:
+        if codebooks is not None and isinstance(codebooks[0], (list, tuple)):
+            kc = list(codebooks[0])  # ProductQuantizer objects: scored in Rust
+        else:
+            kc, _ = _codebooks(store, layer, codebooks)
+        store.prefetch(layer, list(range(npages)), seq)
+        pages = [store.page(layer, p, seq) for p in range(npages)]
+        codes = torch.from_numpy(np.concatenate([p.k_codes for p in pages], axis=1))[None]
+        toks = select_tokens_pq(q4, codes, kc, k_tokens, scale=scale)[0]  # [Hkv, k]
+        kf = np.concatenate([p.k_fp16 for p in pages], axis=1)
+        vf = np.concatenate([p.v_fp16 for p in pages], axis=1)
+        mids = [(kf[h, toks[h].numpy()], vf[h, toks[h].numpy()]) for h in range(hkv)]
+    fk, fv, fr = _fp_batch(store.sinks(layer, seq), mids, store.window(layer, seq), d)
+    qb = q4.reshape(hkv, g, tq, d)  # KV head h's group as batch entry h
+    out, lse = pq_attention(qb, fp_k=fk, fp_v=fv, fp_range=fr, scale=scale, causal=causal)
+    out, lse = out.reshape(1, hq, tq, d), lse.reshape(1, hq, tq)
+    return (out[0], lse[0]) if squeeze else (out, lse)
+
+
+def dense_attention_from_store(
+    q: torch.Tensor,
+    store: Any,
+    layer: int,
+    seq: int = 0,
+    *,
+    codebooks: Any = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over every token of a :class:`ctxcore.KVStore` layer, on the PQ codes.
+
+    All pages' codes form the code part; the sinks and the window form the fp part as
+    ``fp = sinks | window``. Positionally the sinks come before the pages, but softmax attention
+    over tokens that are all visible does not depend on their order, so this is exact; with
+    ``causal`` the mask applies only to the window's last ``Tq`` tokens (the queries' own
+    positions, already appended), which must therefore be in the window (``Tq <= window``).
+
+    Args:
+        q: ``[1, Hq, Tq, D]`` or ``[Hq, Tq, D]``.
+        codebooks: ``(key_quantizers, value_quantizers)`` as given to
+            :meth:`ctxcore.KVStore.set_codebooks` (lists of trained ProductQuantizer, one per KV
+            head), or ``(k_centroids, v_centroids)`` arrays ``[Hkv, m, ksub, D // m]``; default:
+            :meth:`ctxcore.KVStore.codebooks`.
+        scale: default ``1 / sqrt(D)``.
+
+    Returns:
+        ``(out, lse)`` as :func:`selective_attention`.
+    """
+    c = store.config
+    hkv, d = c["kv_heads"], c["head_dim"]
+    q4, squeeze = _store_q(q, hkv, d)
+    kc, vc = _codebooks(store, layer, codebooks)
+    npages = store.num_pages(layer, seq)
+    store.prefetch(layer, list(range(npages)), seq)
+    pages = [store.page(layer, p, seq) for p in range(npages)]
+    if pages:
+        k_codes = torch.from_numpy(np.concatenate([p.k_codes for p in pages], axis=1))[None]
+        v_codes = torch.from_numpy(np.concatenate([p.v_codes for p in pages], axis=1))[None]
+    else:
+        k_codes, v_codes = _empty_codes(1, hkv, kc), _empty_codes(1, hkv, vc)
+    (sk, sv), (wk, wv) = store.sinks(layer, seq), store.window(layer, seq)
+    fk = torch.from_numpy(np.concatenate([sk, wk], axis=1))[None]
+    fv = torch.from_numpy(np.concatenate([sv, wv], axis=1))[None]
+    out, lse = pq_attention(q4, k_codes, v_codes, kc, vc, fk, fv, scale=scale, causal=causal)
+    return (out[0], lse[0]) if squeeze else (out, lse)
