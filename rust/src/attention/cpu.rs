@@ -7,8 +7,10 @@ use crate::pq::kernels::{pair_tables_4bit, scan_bytes};
 
 /// Code tokens per block inside a chunk (scores of a block stay in L1).
 const BLOCK: usize = 256;
-/// Code tokens per parallel chunk (split-K).
+/// Tokens per parallel chunk (split-K), for codes and for the full-precision part.
 const CHUNK: usize = 4096;
+/// Below this many (token, query) pairs a call runs on the calling thread.
+const SEQUENTIAL_BELOW: usize = 1 << 15;
 
 /// Inputs of [`pq_attention`]. All arrays are row-major (C-contiguous).
 #[derive(Clone, Copy, Debug)]
@@ -196,8 +198,15 @@ pub fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// `(sequence, KV head, Some(code chunk [lo, hi)) | None for the fp part)`.
-type WorkItem = (usize, usize, Option<(usize, usize)>);
+/// What a parallel task attends to: a chunk `[lo, hi)` of the codes or of the fp tokens.
+#[derive(Clone, Copy)]
+enum Part {
+    Codes(usize, usize),
+    Fp(usize, usize),
+}
+
+/// `(sequence, KV head, part)`.
+type WorkItem = (usize, usize, Part);
 
 /// Running softmax state of one query over part of the history.
 #[derive(Clone)]
@@ -355,13 +364,31 @@ fn codes_chunk(
     out
 }
 
-/// Exact attention of the group's queries over the fp tokens of `(b, h)`.
-fn fp_part(a: &PqAttention, b: usize, h: usize) -> Vec<Partial> {
+/// Dot product with eight independent lanes (vectorizes; a plain `zip().sum()` does not).
+#[inline(always)]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n8 = x.len() / 8 * 8;
+    for (a, b) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = a[l].mul_add(b[l], acc[l]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
+        s = a.mul_add(*b, s);
+    }
+    s
+}
+
+/// Exact attention of the group's queries over fp tokens `[lo, hi)` of `(b, h)`.
+#[inline(always)]
+fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Partial> {
     let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
     let (fs, fe) = a.fp_range[b];
     let base = (b * a.hkv + h) * a.f * d;
     let mut out = Vec::with_capacity(g * tq);
-    let mut s = vec![0f32; fe - fs];
+    let mut s = vec![0f32; hi - lo];
     for qi in 0..g * tq {
         let (gi, t) = (qi / tq, qi % tq);
         let qh = h * g + gi;
@@ -371,9 +398,9 @@ fn fp_part(a: &PqAttention, b: usize, h: usize) -> Vec<Partial> {
         } else {
             fe
         };
-        let n = visible_end - fs;
+        let end = visible_end.min(hi);
         let mut acc = vec![0f32; d];
-        if n == 0 {
+        if end <= lo {
             out.push(Partial {
                 m: f32::NEG_INFINITY,
                 l: 0.0,
@@ -381,16 +408,17 @@ fn fp_part(a: &PqAttention, b: usize, h: usize) -> Vec<Partial> {
             });
             continue;
         }
-        for (i, x) in s[..n].iter_mut().enumerate() {
-            let k = &a.fp_k[base + (fs + i) * d..base + (fs + i + 1) * d];
-            *x = q.iter().zip(k).map(|(p, r)| p * r).sum::<f32>() * a.scale;
+        let n = end - lo;
+        let keys = &a.fp_k[base + lo * d..base + end * d];
+        for (x, k) in s[..n].iter_mut().zip(keys.chunks_exact(d)) {
+            *x = dot(q, k) * a.scale;
         }
         let m = s[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut l = 0f32;
-        for (i, x) in s[..n].iter().enumerate() {
+        let vals = &a.fp_v[base + lo * d..base + end * d];
+        for (x, v) in s[..n].iter().zip(vals.chunks_exact(d)) {
             let p = exp_neg(x - m);
             l += p;
-            let v = &a.fp_v[base + (fs + i) * d..base + (fs + i + 1) * d];
             for (o, y) in acc.iter_mut().zip(v) {
                 *o = p.mul_add(*y, *o);
             }
@@ -411,38 +439,57 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
     let nq = g * tq;
     // Work items: (b, h, Some(chunk lo, hi)) for code chunks, (b, h, None) for the fp part.
     let mut items: Vec<WorkItem> = Vec::new();
+    let mut work = 0usize;
     for b in 0..a.batch {
         for h in 0..a.hkv {
-            items.push((b, h, None));
-            let (cs, ce) = a.code_range[b];
-            let mut lo = cs;
-            while lo < ce {
-                let hi = (lo + CHUNK).min(ce);
-                items.push((b, h, Some((lo, hi))));
-                lo = hi;
+            for (range, codes) in [(a.code_range[b], true), (a.fp_range[b], false)] {
+                let (mut lo, end) = range;
+                work += (end - lo) * nq;
+                while lo < end {
+                    let hi = (lo + CHUNK).min(end);
+                    items.push((
+                        b,
+                        h,
+                        if codes {
+                            Part::Codes(lo, hi)
+                        } else {
+                            Part::Fp(lo, hi)
+                        },
+                    ));
+                    lo = hi;
+                }
             }
         }
     }
-    let tables: Vec<GroupTables> = crate::parallel::install(|| {
-        Ok((0..a.batch * a.hkv)
-            .into_par_iter()
+    // Small problems (short histories, tests, prefill of a few tokens) run on the calling thread:
+    // waking the pool costs more than the work.
+    let parallel = work >= SEQUENTIAL_BELOW;
+    let tables: Vec<GroupTables> = if parallel {
+        crate::parallel::install(|| {
+            Ok((0..a.batch * a.hkv)
+                .into_par_iter()
+                .map(|bh| build_tables(a, bh / a.hkv, bh % a.hkv))
+                .collect())
+        })?
+    } else {
+        (0..a.batch * a.hkv)
             .map(|bh| build_tables(a, bh / a.hkv, bh % a.hkv))
-            .collect())
-    })?;
-    let parts: Vec<(usize, Vec<Partial>)> = crate::parallel::install(|| {
-        Ok(items
-            .par_iter()
-            .map(|&(b, h, chunk)| {
-                let p = match chunk {
-                    None => fp_part(a, b, h),
-                    Some((lo, hi)) => {
-                        crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], b, h, lo, hi))
-                    }
-                };
-                (b * a.hkv + h, p)
-            })
-            .collect())
-    })?;
+            .collect()
+    };
+    let run = |&(b, h, part): &WorkItem| {
+        let p = match part {
+            Part::Fp(lo, hi) => crate::dispatch!(fp_chunk(a, b, h, lo, hi)),
+            Part::Codes(lo, hi) => {
+                crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], b, h, lo, hi))
+            }
+        };
+        (b * a.hkv + h, p)
+    };
+    let parts: Vec<(usize, Vec<Partial>)> = if parallel {
+        crate::parallel::install(|| Ok(items.par_iter().map(run).collect()))?
+    } else {
+        items.iter().map(run).collect()
+    };
     // Merge partials per (b, h, query) by log-sum-exp.
     let mut merged: Vec<Partial> = (0..a.batch * a.hkv * nq)
         .map(|_| Partial {
@@ -634,6 +681,7 @@ mod tests {
             (4, 2, 16, 4, 8, 16, 4, 4100, 0, 2),
             (2, 2, 8, 8, 4, 2, 8, 0, 7, 3),
             (8, 1, 16, 16, 4, 16, 4, 9000, 3, 1),
+            (2, 1, 16, 16, 4, 16, 4, 10, 9000, 2),
         ] {
             let mk = |m: usize, nbits: u32, seed: u64| {
                 let mut pq = ProductQuantizer::new(d, m, nbits).unwrap();

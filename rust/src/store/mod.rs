@@ -21,11 +21,11 @@
 mod disk;
 mod persist;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use half::f16;
@@ -341,11 +341,15 @@ struct State {
     pages: Vec<PageMeta>,
     ram: RamTier,
     disk: DiskTier,
+    /// Pages being read from disk right now (by the prefetch thread or a reader); others wait
+    /// for them on `Shared::loaded` instead of reading them a second time.
+    inflight: HashSet<u32>,
 }
 
 struct Shared {
     cfg: StoreConfig,
     state: Mutex<State>,
+    loaded: Condvar,
     counters: Counters,
 }
 
@@ -493,35 +497,53 @@ impl Shared {
     }
 
     /// Read a closed page, from RAM or disk; `prefetch` marks reads by the prefetch thread.
+    /// A page already being read by another thread is waited for, not read twice.
     fn page_in(&self, id: u32, prefetch: bool) -> Result<Arc<Vec<u8>>> {
-        let (file, off, path, crc) = {
-            let mut st = self.lock()?;
+        let mut st = self.lock()?;
+        loop {
             if let Some(b) = st.ram.touch(id) {
                 if !prefetch {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(b);
             }
-            let meta = st
-                .pages
-                .get(id as usize)
-                .ok_or_else(|| Error::Internal(format!("unknown page {id}")))?;
-            let slot = meta.disk.ok_or_else(|| {
-                Error::Internal(format!("page {id} is neither in RAM nor on disk"))
-            })?;
-            let crc = meta.crc;
-            let (file, off, path) = st.disk.reader(slot)?;
-            (file, off, path, crc)
-        };
-        let len = self.cfg.page_bytes();
-        let buf = read_at(&file, off, len, &path, id as u64)?;
-        let actual = crc32fast::hash(&buf);
-        if actual != crc {
-            return Err(Error::corrupt(
-                format!("page {id} in {}", path.display()),
-                format!("checksum mismatch (expected {crc:#010x}, read {actual:#010x}); the file was modified or damaged"),
-            ));
+            if !st.inflight.contains(&id) {
+                break;
+            }
+            if prefetch {
+                return Ok(Arc::new(Vec::new())); // someone is already loading it
+            }
+            st = self
+                .loaded
+                .wait(st)
+                .map_err(|_| Error::Internal("store lock poisoned by an earlier panic".into()))?;
         }
+        let meta = st
+            .pages
+            .get(id as usize)
+            .ok_or_else(|| Error::Internal(format!("unknown page {id}")))?;
+        let slot = meta
+            .disk
+            .ok_or_else(|| Error::Internal(format!("page {id} is neither in RAM nor on disk")))?;
+        let crc = meta.crc;
+        let (file, off, path) = st.disk.reader(slot)?;
+        st.inflight.insert(id);
+        drop(st);
+        let len = self.cfg.page_bytes();
+        let read = read_at(&file, off, len, &path, id as u64).and_then(|buf| {
+            let actual = crc32fast::hash(&buf);
+            if actual != crc {
+                return Err(Error::corrupt(
+                    format!("page {id} in {}", path.display()),
+                    format!("checksum mismatch (expected {crc:#010x}, read {actual:#010x}); the file was modified or damaged"),
+                ));
+            }
+            Ok(buf)
+        });
+        let mut st = self.lock()?;
+        st.inflight.remove(&id);
+        self.loaded.notify_all();
+        let buf = read?;
         self.counters
             .bytes_read
             .fetch_add(len as u64, Ordering::Relaxed);
@@ -532,7 +554,6 @@ impl Shared {
         };
         c.fetch_add(1, Ordering::Relaxed);
         let blob: Arc<Vec<u8>> = Arc::new(buf);
-        let mut st = self.lock()?;
         st.ram.insert(id, blob.clone());
         if self.enforce_budget(&mut st).is_err() {
             // Cannot make room (e.g. the disk tier is full): hand the page to the caller without
@@ -563,6 +584,7 @@ impl KvStore {
             pages: Vec::new(),
             ram: RamTier::default(),
             disk,
+            inflight: HashSet::new(),
         };
         Ok(Self::from_parts(cfg, state))
     }
@@ -571,6 +593,7 @@ impl KvStore {
         let shared = Arc::new(Shared {
             cfg,
             state: Mutex::new(state),
+            loaded: Condvar::new(),
             counters: Counters::default(),
         });
         let (tx, rx) = channel::<Vec<u32>>();

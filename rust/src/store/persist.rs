@@ -478,6 +478,7 @@ impl KvStore {
             pages,
             ram: RamTier::default(),
             disk,
+            inflight: Default::default(),
         };
         let store = KvStore::from_parts(cfg, state);
         {

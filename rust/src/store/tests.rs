@@ -433,3 +433,24 @@ fn bad_input_is_rejected_without_changing_state() {
     assert!(s.num_pages(0, 0).unwrap() > 0);
     assert!(matches!(s.set_codebooks(0, k, v), Err(Error::Config(_))));
 }
+
+#[test]
+fn prefetch_then_read_reads_each_page_once() {
+    let c = cfg(None, Some(tmpdir("inflight")));
+    let s = store(c.clone());
+    fill(&s, 200, 4);
+    for round in 0..5 {
+        s.evict_all().unwrap();
+        let before = s.stats().unwrap().bytes_read;
+        let pages: Vec<usize> = (0..40).collect();
+        s.prefetch(0, 0, &pages).unwrap();
+        for &p in &pages {
+            s.page(0, 0, p).unwrap();
+        }
+        // Let the prefetch thread finish whatever it still holds.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let read = s.stats().unwrap().bytes_read - before;
+        assert_eq!(read, 40 * c.page_bytes() as u64, "round {round}: pages read more than once");
+    }
+    let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+}
