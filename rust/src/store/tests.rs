@@ -450,7 +450,11 @@ fn prefetch_then_read_reads_each_page_once() {
         // Let the prefetch thread finish whatever it still holds.
         std::thread::sleep(std::time::Duration::from_millis(20));
         let read = s.stats().unwrap().bytes_read - before;
-        assert_eq!(read, 40 * c.page_bytes() as u64, "round {round}: pages read more than once");
+        assert_eq!(
+            read,
+            40 * c.page_bytes() as u64,
+            "round {round}: pages read more than once"
+        );
     }
     let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
 }
