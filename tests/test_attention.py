@@ -532,7 +532,9 @@ def test_selective_small_budget(method):
         after["prefetched"] + after["hits"] + after["misses"]
         > before["prefetched"] + before["hits"] + before["misses"]
     )
-    assert after["prefetched"] > before["prefetched"]  # the selected pages were prefetched
+    # The selected pages were queued for prefetch (whether the prefetch thread or the reader
+    # loads a page first is a race; either way it is read once).
+    assert after["prefetch_requested"] > before["prefetch_requested"]
     if method == "pq":  # centroid arrays (torch scoring) select the same tokens as quantizers (Rust)
         arrays = tuple(np.stack([p.centroids for p in side]) for side in cb)
         same, _ = ops.selective_attention(q, store, 0, 0.1, method=method, codebooks=arrays)

@@ -306,7 +306,8 @@ class KVStore:
         self._s.evict_all()
 
     def stats(self) -> dict:
-        """Counters (hits, misses, prefetched, evictions, bytes_read, bytes_written) and
+        """Counters (hits, misses, prefetched, prefetch_requested, evictions, bytes_read,
+        bytes_written) and
         ``ram_bytes`` (everything counted against the budget), ``ram_page_bytes``,
         ``disk_bytes``, ``pages``."""
         return self._s.stats()

@@ -382,50 +382,83 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 /// Exact attention of the group's queries over fp tokens `[lo, hi)` of `(b, h)`.
+///
+/// Every key and value row is loaded once for all queries of the group (GQA): scores of all
+/// queries, one max and `exp` per query, then each value row is added to every query's output.
 #[inline(always)]
 fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Partial> {
     let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let nq = g * tq;
     let (fs, fe) = a.fp_range[b];
     let base = (b * a.hkv + h) * a.f * d;
-    let mut out = Vec::with_capacity(g * tq);
-    let mut s = vec![0f32; hi - lo];
-    for qi in 0..g * tq {
+    let len = hi - lo;
+    // Visible end (exclusive, clipped to the chunk) of each query.
+    let ends: Vec<usize> = (0..nq)
+        .map(|qi| {
+            let t = qi % tq;
+            let visible = if a.causal {
+                fe.saturating_sub(tq - 1 - t).max(fs)
+            } else {
+                fe
+            };
+            visible.clamp(lo, hi)
+        })
+        .collect();
+    let qrow = |qi: usize| {
         let (gi, t) = (qi / tq, qi % tq);
-        let qh = h * g + gi;
-        let q = &a.q[((b * a.hq + qh) * tq + t) * d..((b * a.hq + qh) * tq + t + 1) * d];
-        let visible_end = if a.causal {
-            fe.saturating_sub(tq - 1 - t).max(fs)
-        } else {
-            fe
-        };
-        let end = visible_end.min(hi);
-        let mut acc = vec![0f32; d];
-        if end <= lo {
-            out.push(Partial {
-                m: f32::NEG_INFINITY,
-                l: 0.0,
-                acc,
-            });
-            continue;
-        }
-        let n = end - lo;
-        let keys = &a.fp_k[base + lo * d..base + end * d];
-        for (x, k) in s[..n].iter_mut().zip(keys.chunks_exact(d)) {
-            *x = dot(q, k) * a.scale;
-        }
-        let m = s[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut l = 0f32;
-        let vals = &a.fp_v[base + lo * d..base + end * d];
-        for (x, v) in s[..n].iter().zip(vals.chunks_exact(d)) {
-            let p = exp_neg(x - m);
-            l += p;
-            for (o, y) in acc.iter_mut().zip(v) {
-                *o = p.mul_add(*y, *o);
+        let r = (b * a.hq + h * g + gi) * tq + t;
+        &a.q[r * d..(r + 1) * d]
+    };
+    // Scores, Layout (nq, len); masked entries stay -inf.
+    let mut s = vec![f32::NEG_INFINITY; nq * len];
+    let keys = &a.fp_k[base + lo * d..base + hi * d];
+    for (i, k) in keys.chunks_exact(d).enumerate() {
+        for (qi, &e) in ends.iter().enumerate() {
+            if lo + i < e {
+                s[qi * len + i] = dot(qrow(qi), k) * a.scale;
             }
         }
-        out.push(Partial { m, l, acc });
     }
-    out
+    let mut m = vec![f32::NEG_INFINITY; nq];
+    let mut l = vec![0f32; nq];
+    for qi in 0..nq {
+        let row = &mut s[qi * len..(qi + 1) * len];
+        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        m[qi] = mx;
+        if mx == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = if *x == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_neg(*x - mx)
+            };
+            sum += *x;
+        }
+        l[qi] = sum;
+    }
+    let mut acc = vec![0f32; nq * d];
+    let vals = &a.fp_v[base + lo * d..base + hi * d];
+    for (i, v) in vals.chunks_exact(d).enumerate() {
+        for (qi, o) in acc.chunks_exact_mut(d).enumerate() {
+            let p = s[qi * len + i];
+            if p != 0.0 {
+                for (x, y) in o.iter_mut().zip(v) {
+                    *x = p.mul_add(*y, *x);
+                }
+            }
+        }
+    }
+    (0..nq)
+        .map(|qi| Partial {
+            m: m[qi],
+            l: l[qi],
+            acc: acc[qi * d..(qi + 1) * d].to_vec(),
+        })
+        .collect()
 }
 
 /// Softmax attention over `[decode(codes); fp]` for every query, without decoding.
@@ -538,6 +571,27 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
     Ok((out, lse))
 }
 
+/// `sum_d max(q_d * lo_d, q_d * hi_d)` with eight independent lanes (vectorizes).
+#[inline(always)]
+fn bound(q: &[f32], lo: &[f32], hi: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n8 = q.len() / 8 * 8;
+    for ((x, a), c) in q[..n8]
+        .chunks_exact(8)
+        .zip(lo[..n8].chunks_exact(8))
+        .zip(hi[..n8].chunks_exact(8))
+    {
+        for l in 0..8 {
+            acc[l] += (x[l] * a[l]).max(x[l] * c[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for ((x, a), c) in q[n8..].iter().zip(&lo[n8..]).zip(&hi[n8..]) {
+        s += (x * a).max(x * c);
+    }
+    s
+}
+
 /// Quest page scores: for each page, an upper bound of `q . k` over its keys from the per-page
 /// key minimum and maximum, maximized over the query heads of the KV head's group and the
 /// query tokens.
@@ -579,27 +633,29 @@ pub fn page_scores(
     }
     let g = hq / hkv;
     let mut out = vec![f32::NEG_INFINITY; batch * hkv * pages];
+    let score_rows = |bh: usize, p0: usize, row: &mut [f32]| {
+        let (b, h) = (bh / hkv, bh % hkv);
+        for (i, o) in row.iter_mut().enumerate() {
+            let base = (bh * pages + p0 + i) * d;
+            let (lo, hi) = (&kmin[base..base + d], &kmax[base..base + d]);
+            for gi in 0..g {
+                for t in 0..tq {
+                    let qr = ((b * hq + h * g + gi) * tq + t) * d;
+                    *o = o.max(bound(&q[qr..qr + d], lo, hi));
+                }
+            }
+        }
+    };
+    const PAGES_PER_TASK: usize = 512;
     crate::parallel::install(|| {
         out.par_chunks_mut(pages.max(1))
             .enumerate()
             .for_each(|(bh, row)| {
-                let (b, h) = (bh / hkv, bh % hkv);
-                for (p, o) in row.iter_mut().enumerate() {
-                    let base = (bh * pages + p) * d;
-                    let (lo, hi) = (&kmin[base..base + d], &kmax[base..base + d]);
-                    for gi in 0..g {
-                        for t in 0..tq {
-                            let qr = ((b * hq + h * g + gi) * tq + t) * d;
-                            let qv = &q[qr..qr + d];
-                            let s: f32 = qv
-                                .iter()
-                                .zip(lo.iter().zip(hi))
-                                .map(|(x, (a, c))| (x * a).max(x * c))
-                                .sum();
-                            *o = o.max(s);
-                        }
-                    }
-                }
+                row.par_chunks_mut(PAGES_PER_TASK)
+                    .enumerate()
+                    .for_each(|(c, part)| {
+                        crate::dispatch!(score_rows(bh, c * PAGES_PER_TASK, part));
+                    });
             });
         Ok(())
     })?;

@@ -258,6 +258,7 @@ impl KVStore {
         d.set_item("hits", s.hits)?;
         d.set_item("misses", s.misses)?;
         d.set_item("prefetched", s.prefetched)?;
+        d.set_item("prefetch_requested", s.prefetch_requested)?;
         d.set_item("evictions", s.evictions)?;
         d.set_item("bytes_read", s.bytes_read)?;
         d.set_item("bytes_written", s.bytes_written)?;

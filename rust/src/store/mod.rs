@@ -157,6 +157,8 @@ pub struct Stats {
     pub misses: u64,
     /// Pages loaded by the prefetch thread.
     pub prefetched: u64,
+    /// Pages queued for prefetch (not resident when asked for).
+    pub prefetch_requested: u64,
     /// Pages evicted from RAM.
     pub evictions: u64,
     /// Bytes read from the disk tier.
@@ -178,6 +180,7 @@ struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
     prefetched: AtomicU64,
+    prefetch_requested: AtomicU64,
     evictions: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
@@ -844,6 +847,10 @@ impl KvStore {
         if ids.is_empty() {
             return Ok(());
         }
+        self.shared
+            .counters
+            .prefetch_requested
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
         match &self.prefetch_tx {
             Some(tx) if tx.send(ids.clone()).is_ok() => Ok(()),
             _ => {
@@ -920,6 +927,7 @@ impl KvStore {
             hits: c.hits.load(Ordering::Relaxed),
             misses: c.misses.load(Ordering::Relaxed),
             prefetched: c.prefetched.load(Ordering::Relaxed),
+            prefetch_requested: c.prefetch_requested.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
             bytes_read: c.bytes_read.load(Ordering::Relaxed),
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
