@@ -256,6 +256,16 @@ fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
     GroupTables { k }
 }
 
+/// Key tables of `(b, h) = (bh / hkv, bh % hkv)`, or none when that sequence has no codes.
+fn tables_for(a: &PqAttention, bh: usize) -> GroupTables {
+    let b = bh / a.hkv;
+    let (cs, ce) = a.code_range[b];
+    if cs == ce {
+        return GroupTables { k: Vec::new() };
+    }
+    build_tables(a, b, bh % a.hkv)
+}
+
 /// Attention of the group's queries over code tokens `[lo, hi)` of `(b, h)` (at most [`CHUNK`]).
 ///
 /// Three passes keep every table in L1 and avoid rescaling: key scores of the whole chunk (one
@@ -501,13 +511,11 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
         crate::parallel::install(|| {
             Ok((0..a.batch * a.hkv)
                 .into_par_iter()
-                .map(|bh| build_tables(a, bh / a.hkv, bh % a.hkv))
+                .map(|bh| tables_for(a, bh))
                 .collect())
         })?
     } else {
-        (0..a.batch * a.hkv)
-            .map(|bh| build_tables(a, bh / a.hkv, bh % a.hkv))
-            .collect()
+        (0..a.batch * a.hkv).map(|bh| tables_for(a, bh)).collect()
     };
     let run = |&(b, h, part): &WorkItem| {
         let p = match part {
