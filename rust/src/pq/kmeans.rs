@@ -15,31 +15,71 @@ pub fn derived(c: &[f32], k: usize, d: usize, ct: &mut [f32], cm2: &mut [f32], n
     }
 }
 
+/// Points per block of the k-means++ distance table (block sums make sampling O(n / B + B)).
+const PP_BLOCK: usize = 256;
+
+/// `dist[i] = min(dist[i], ||x_i - c||^2)` over points `xt` (Layout `(d, n)`), refreshing the
+/// block sums. Vectorizes over points.
 #[inline(always)]
-fn sqdist(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+fn pp_update(xt: &[f32], n: usize, c: &[f32], dist: &mut [f32], bsum: &mut [f64]) {
+    let mut tmp = [0f32; PP_BLOCK];
+    for (bi, (dblk, bs)) in dist.chunks_mut(PP_BLOCK).zip(bsum.iter_mut()).enumerate() {
+        let lo = bi * PP_BLOCK;
+        let len = dblk.len();
+        let t = &mut tmp[..len];
+        t.fill(0.0);
+        for (dd, &cv) in c.iter().enumerate() {
+            let col = &xt[dd * n + lo..dd * n + lo + len];
+            for (acc, &v) in t.iter_mut().zip(col) {
+                let diff = v - cv;
+                *acc = diff.mul_add(diff, *acc);
+            }
+        }
+        let mut sum = 0f32;
+        for (w, &nd) in dblk.iter_mut().zip(t.iter()) {
+            *w = w.min(nd);
+            sum += *w;
+        }
+        *bs = sum as f64;
+    }
 }
 
 /// k-means++ seeding: `k` rows of `x` (`[n, d]`), chosen with probability proportional to the
 /// squared distance to the nearest already chosen center.
 fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    let mut xt = vec![0f32; d * n];
+    for (i, row) in x.chunks_exact(d).enumerate() {
+        for (dd, &v) in row.iter().enumerate() {
+            xt[dd * n + i] = v;
+        }
+    }
+    let mut dist = vec![f32::INFINITY; n];
+    let mut bsum = vec![0f64; n.div_ceil(PP_BLOCK)];
     let mut c = Vec::with_capacity(k * d);
     let first = rng.below(n);
     c.extend_from_slice(&x[first * d..(first + 1) * d]);
-    let mut dist: Vec<f64> = (0..n)
-        .map(|i| sqdist(&x[i * d..(i + 1) * d], &c[..d]) as f64)
-        .collect();
+    crate::dispatch!(pp_update(&xt, n, &c[..d], &mut dist, &mut bsum));
     for _ in 1..k {
-        let total: f64 = dist.iter().sum();
+        let total: f64 = bsum.iter().sum();
         let pick = if total > 0.0 && total.is_finite() {
             let mut r = rng.next_f64() * total;
-            let mut pick = n - 1;
-            for (i, &w) in dist.iter().enumerate() {
+            let mut blk = bsum.len() - 1;
+            for (bi, &w) in bsum.iter().enumerate() {
                 if r < w {
-                    pick = i;
+                    blk = bi;
                     break;
                 }
                 r -= w;
+            }
+            let lo = blk * PP_BLOCK;
+            let hi = (lo + PP_BLOCK).min(n);
+            let mut pick = hi - 1;
+            for (i, &w) in dist[lo..hi].iter().enumerate() {
+                if r < w as f64 {
+                    pick = lo + i;
+                    break;
+                }
+                r -= w as f64;
             }
             // Never pick a point with zero weight (it is already a center).
             if dist[pick] == 0.0 {
@@ -52,13 +92,13 @@ fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, rng: &mut SplitMix64) -> Ve
         };
         let start = c.len();
         c.extend_from_slice(&x[pick * d..(pick + 1) * d]);
-        let newc = &c[start..start + d];
-        for (i, w) in dist.iter_mut().enumerate() {
-            let dn = sqdist(&x[i * d..(i + 1) * d], newc) as f64;
-            if dn < *w {
-                *w = dn;
-            }
-        }
+        crate::dispatch!(pp_update(
+            &xt,
+            n,
+            &c[start..start + d],
+            &mut dist,
+            &mut bsum
+        ));
     }
     c
 }
