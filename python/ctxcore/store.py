@@ -297,6 +297,78 @@ class KVStore:
         """Page abstracts float32 ``[pages, kv_heads, 3, head_dim]``: min, max, mean of the keys."""
         return self._s.abstracts(int(seq), int(layer))
 
+    def attend(
+        self,
+        layer: int,
+        q: Any,
+        seq: int = 0,
+        method: str = "dense",
+        budget: int | float | None = None,
+        scale: float | None = None,
+        causal: bool = True,
+    ) -> tuple[Any, Any]:
+        """Decode attention of ``q`` over this store's context, entirely in Rust.
+
+        Args:
+            q: queries ``[Hq, Tq, D]`` or ``[1, Hq, Tq, D]`` (numpy or CPU torch, any float
+                dtype; ``Hq`` a multiple of ``kv_heads``). With ``causal`` their own K/V must
+                already be appended: they are the window's last ``Tq`` tokens.
+            method: ``"dense"``: sinks + window in float32 and every page through its PQ codes
+                (:func:`ctxcore.ops.pq_attention` semantics, no page decoded). ``"quest"``:
+                per KV head, the pages whose abstracts bound ``q . k`` highest, exactly over
+                their fp16 copies (needs ``keep_full_precision=True``), plus sinks, the open
+                page and the window.
+            budget: for ``"quest"``: history tokens to select (int) or a fraction of the paged
+                tokens (float in (0, 1]); rounded up to whole pages. Default: everything.
+            scale: default ``1 / sqrt(D)``.
+
+        Returns:
+            ``(out, lse)``: ``out`` like ``q`` (same kind and dtype), ``lse`` float32
+            ``[Hq, Tq]`` (``[1, Hq, Tq]`` for 4-D ``q``).
+        """
+        c = self.config
+        torch_in = is_torch(q)
+        dtype = q.dtype if torch_in else None
+        if torch_in:
+            if q.device.type != "cpu":
+                from .exceptions import DeviceError
+
+                raise DeviceError(f"q is on {q.device}; KVStore.attend runs on the CPU (q.cpu())")
+            qa = q.detach().float().contiguous().numpy()
+        else:
+            qa = np.asarray(q)
+            if qa.dtype.kind != "f":
+                raise DTypeError(f"q: expected a floating-point array, got {qa.dtype}")
+            qa = qa.astype(np.float32, copy=False)
+        four = qa.ndim == 4
+        if four:
+            if qa.shape[0] != 1:
+                raise ShapeError(f"q: a store holds one sequence per call; got batch {qa.shape[0]}")
+            qa = qa[0]
+        if qa.ndim != 3 or qa.shape[2] != c["head_dim"]:
+            raise ShapeError(f"q: expected [Hq, Tq, head_dim={c['head_dim']}], got {tuple(np.shape(q))}")
+        qa = np.ascontiguousarray(qa)
+        scale = 1.0 / np.sqrt(c["head_dim"]) if scale is None else float(scale)
+        closed = self.paged_tokens(layer, seq) // c["page_size"]
+        if budget is None:
+            pages = closed
+        elif isinstance(budget, float):
+            if not 0.0 <= budget <= 1.0:
+                raise ConfigError(f"budget as a fraction must be in [0, 1], got {budget}")
+            pages = int(np.ceil(budget * closed))
+        else:
+            if int(budget) < 0:
+                raise ConfigError(f"budget must be >= 0 tokens, got {budget}")
+            pages = -(-int(budget) // c["page_size"])
+        out, lse = self._s.attend(int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages))
+        if four:
+            out, lse = out[None], lse[None]
+        if torch_in:
+            import torch
+
+            return torch.from_numpy(out).to(dtype), torch.from_numpy(lse)
+        return out, lse
+
     def prefetch(self, layer: int, pages: list[int], seq: int = 0) -> None:
         """Load ``pages`` into RAM in the background, ahead of use."""
         self._s.prefetch(int(seq), int(layer), [int(p) for p in pages])

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use numpy::ndarray::{Array3, Array4};
-use numpy::{IntoPyArray, PyArray1, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
@@ -15,6 +17,9 @@ use crate::store::{check_compatible, KvStore, Region, StoreConfig};
 fn internal<E: std::fmt::Display>(e: E) -> PyErr {
     super::error::to_pyerr(Error::Internal(e.to_string()))
 }
+
+/// Attention output `[hq, tq, D]` and log-sum-exp `[hq, tq]`.
+type OutLse<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<f32>>);
 
 /// Key and value centroids, float32 `[H, m, ksub, D / m]` each.
 type Centroids<'py> = (Bound<'py, PyArray4<f32>>, Bound<'py, PyArray4<f32>>);
@@ -240,6 +245,52 @@ impl KVStore {
         Ok(Array4::from_shape_vec((n, c.kv_heads, 3, c.head_dim), a)
             .map_err(internal)?
             .into_pyarray(py))
+    }
+
+    /// Attention of ``q`` float32 ``[hq, tq, D]`` over the stored context of ``(seq, layer)``:
+    /// ``method="dense"`` (every page through its codes) or ``"quest"`` (``budget_pages`` pages
+    /// per KV head by their abstracts, exact over their fp16 copies). Returns ``(out, lse)``.
+    #[pyo3(signature = (seq, layer, q, scale, causal, method, budget_pages))]
+    #[allow(clippy::too_many_arguments)]
+    fn attend<'py>(
+        &self,
+        py: Python<'py>,
+        seq: usize,
+        layer: usize,
+        q: PyReadonlyArray3<'py, f32>,
+        scale: f32,
+        causal: bool,
+        method: &str,
+        budget_pages: usize,
+    ) -> PyResult<OutLse<'py>> {
+        let shape = q.shape().to_vec();
+        let (hq, tq) = (shape[0], shape[1]);
+        let qs = q.as_slice().map_err(internal)?;
+        let store = &self.inner;
+        let dense = match method {
+            "dense" => true,
+            "quest" => false,
+            other => {
+                return Err(Error::config(format!(
+                    "method must be 'dense' or 'quest', got {other:?}"
+                )))
+                .py()
+            }
+        };
+        let (out, lse) = py
+            .detach(|| {
+                catch_panic(|| {
+                    if dense {
+                        store.attend_dense(seq, layer, qs, hq, tq, scale, causal)
+                    } else {
+                        store.attend_quest(seq, layer, qs, hq, tq, scale, causal, budget_pages)
+                    }
+                })
+            })
+            .py()?;
+        let out = Array3::from_shape_vec((hq, tq, shape[2]), out).map_err(internal)?;
+        let lse = numpy::ndarray::Array2::from_shape_vec((hq, tq), lse).map_err(internal)?;
+        Ok((out.into_pyarray(py), lse.into_pyarray(py)))
     }
 
     fn prefetch(&self, seq: usize, layer: usize, pages: Vec<usize>) -> PyResult<()> {

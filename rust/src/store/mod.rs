@@ -18,6 +18,7 @@
 //! Page blob layout (`page_bytes` bytes):
 //! `K codes (H, P, ck) | V codes (H, P, cv) | [K fp16 (H, P, D) | V fp16 (H, P, D)]`.
 
+mod attend;
 mod disk;
 mod persist;
 
@@ -32,6 +33,7 @@ use half::f16;
 
 use crate::error::{Error, Result};
 use crate::pq::ProductQuantizer;
+pub use attend::Attended;
 pub use disk::Slot;
 use disk::{read_at, DiskTier};
 pub use persist::{check_compatible, STORE_FORMAT_VERSION};

@@ -1,0 +1,124 @@
+"""KVStore.attend: dense-over-codes and Quest attention computed in Rust straight from the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ctxcore
+import ctxcore.ops as ops
+from ctxcore.exceptions import ConfigError
+
+H, D, HQ = 2, 16, 6
+
+
+def build(tokens=300, keep_fp=True, plant=None, **kw) -> tuple[ctxcore.KVStore, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    s = ctxcore.KVStore(1, H, D, page_size=16, window=8, sinks=2, bits=4, keep_full_precision=keep_fp, **kw)
+    sample = rng.standard_normal((H, 400, D)).astype(np.float32)
+    s.calibrate(0, sample, sample * 0.5, iters=3)
+    k = rng.standard_normal((H, tokens, D)).astype(np.float32)
+    v = rng.standard_normal((H, tokens, D)).astype(np.float32)
+    if plant is not None:  # keys of page `plant` aligned with dimension 0
+        k[:, 2 + plant * 16 : 2 + (plant + 1) * 16, 0] = 5.0
+    for i in range(0, tokens, 37):
+        s.append(0, k[:, i : i + 37], v[:, i : i + 37])
+    return s, k, v
+
+
+def reference(q: torch.Tensor, k: np.ndarray, v: np.ndarray, tq: int) -> torch.Tensor:
+    """Causal attention of q [HQ, tq, D] whose positions are the last tq of k/v [H, T, D]."""
+    kk = torch.from_numpy(k).double().repeat_interleave(HQ // H, 0)
+    vv = torch.from_numpy(v).double().repeat_interleave(HQ // H, 0)
+    t = k.shape[1]
+    mask = torch.ones(tq, t, dtype=torch.bool).tril(t - tq)
+    return torch.nn.functional.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=mask).float()
+
+
+def stored_history(s: ctxcore.KVStore, fp16: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[sinks; pages (decoded codes, or fp16 copies); window] as [H, T, D] float32."""
+    kc, vc = s.codebooks(0)
+    ks, vs = s.sinks(0)
+    parts_k, parts_v = [ks], [vs]
+    for p in range(s.num_pages(0)):
+        page = s.page(0, p)
+        if fp16:
+            parts_k.append(page.k_fp16.astype(np.float32))
+            parts_v.append(page.v_fp16.astype(np.float32))
+        else:
+            parts_k.append(
+                ops.decode_codes(torch.from_numpy(page.k_codes)[None], torch.from_numpy(kc))[0].numpy()
+            )
+            parts_v.append(
+                ops.decode_codes(torch.from_numpy(page.v_codes)[None], torch.from_numpy(vc))[0].numpy()
+            )
+    kw, vw = s.window(0)
+    parts_k.append(kw)
+    parts_v.append(vw)
+    return np.concatenate(parts_k, 1), np.concatenate(parts_v, 1)
+
+
+@pytest.mark.parametrize("tokens", [0, 1, 9, 10, 26, 300])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_dense_equals_attention_over_decoded_pages(tokens, tq):
+    s, _, _ = build(tokens=max(tokens, 0))
+    if tokens < tq:
+        pytest.skip("queries are the last appended tokens")
+    q = torch.randn(HQ, tq, D)
+    out, lse = s.attend(0, q)
+    assert out.shape == q.shape and lse.shape == (HQ, tq)
+    k, v = stored_history(s, fp16=False)
+    torch.testing.assert_close(out, reference(q, k, v, tq), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_matches_the_python_path_and_reads_evicted_pages(tmp_path):
+    s, _, _ = build(tokens=500, ram_budget=None, offload_dir=tmp_path)
+    s.evict_all()
+    q = torch.randn(1, HQ, 1, D)
+    out, lse = s.attend(0, q)
+    ref, ref_lse = ops.dense_attention_from_store(q, s, 0)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    assert s.stats()["bytes_read"] > 0
+
+
+@pytest.mark.parametrize("tq", [1, 2])
+def test_quest_full_budget_is_exact_over_fp16_copies(tq):
+    s, k, v = build(tokens=300)
+    q = torch.randn(HQ, tq, D)
+    kf, vf = stored_history(s, fp16=True)
+    for budget in (None, 1.0, 10_000):
+        out, _ = s.attend(0, q, method="quest", budget=budget)
+        torch.testing.assert_close(out, reference(q, kf, vf, tq), rtol=1e-4, atol=1e-5)
+    # and close to the original float32 keys/values
+    torch.testing.assert_close(out, reference(q, k, v, tq), rtol=0, atol=5e-3)
+    py, _ = ops.selective_attention(q[None], s, 0, 1.0, method="quest")
+    torch.testing.assert_close(out, py[0], rtol=1e-4, atol=1e-5)
+
+
+def test_quest_small_budget_finds_the_planted_page():
+    s, _, _ = build(tokens=300, plant=7)
+    q = torch.zeros(HQ, 1, D)
+    q[:, 0, 0] = 10.0
+    out, _ = s.attend(0, q, method="quest", budget=16)  # one page per KV head
+    full, _ = s.attend(0, q, method="quest")
+    assert torch.isfinite(out).all()
+    # The planted page carries almost all of the softmax mass: one page is close to everything.
+    torch.testing.assert_close(out, full, rtol=0, atol=0.05)
+    bf, _ = s.attend(0, q.bfloat16(), method="quest", budget=0.1)
+    assert bf.dtype == torch.bfloat16
+
+
+def test_errors():
+    s, _, _ = build(tokens=40, keep_fp=False)
+    with pytest.raises(ConfigError, match="keep_full_precision"):
+        s.attend(0, np.zeros((HQ, 1, D), np.float32), method="quest")
+    with pytest.raises(ConfigError, match="multiple"):
+        s.attend(0, np.zeros((3, 1, D), np.float32))
+    with pytest.raises(ConfigError, match="method"):
+        s.attend(0, np.zeros((HQ, 1, D), np.float32), method="magic")
+    with pytest.raises(ctxcore.exceptions.ShapeError):
+        s.attend(0, np.zeros((HQ, 1, D + 1), np.float32))
+    with pytest.raises(ConfigError, match="fraction"):
+        build(tokens=40)[0].attend(0, np.zeros((HQ, 1, D), np.float32), method="quest", budget=1.5)
