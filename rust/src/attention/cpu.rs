@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::pq::fastscan::{self, QuantLut};
 use crate::pq::kernels::{pair_tables_4bit, scan_bytes};
 
 /// Code tokens per block inside a chunk (scores of a block stay in L1).
@@ -222,6 +223,10 @@ struct GroupTables {
     /// Layout `(queries, ck)` byte tables (4-bit tables folded pairwise: one lookup per byte,
     /// measured 3.3x faster than two per-nibble lookups despite the larger tables).
     k: Vec<[f32; 256]>,
+    /// 4-bit keys on AVX2: per query, 24-bit tables in three byte planes for the shuffle-based
+    /// scan of [`crate::pq::fastscan`] (scores within ~2e-6 of the table span: float-exact).
+    /// When present, `k` is empty.
+    kq: Vec<QuantLut>,
 }
 
 fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
@@ -230,7 +235,9 @@ fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
     let dsub = d / a.k_m;
     let ck = code_bytes(a.k_m, a.k_nbits);
     let cent = &a.k_cent[h * a.k_m * ksub * dsub..(h + 1) * a.k_m * ksub * dsub];
-    let mut k = vec![[0f32; 256]; g * tq * ck];
+    let shuffle = a.k_nbits == 4 && crate::simd::has_avx2_fma() && ck <= 128;
+    let mut k = vec![[0f32; 256]; if shuffle { 0 } else { g * tq * ck }];
+    let mut kq = Vec::with_capacity(if shuffle { g * tq } else { 0 });
     let mut lut = vec![0f32; a.k_m * ksub];
     for qi in 0..g * tq {
         let (gi, t) = (qi / tq, qi % tq);
@@ -244,6 +251,10 @@ fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
                 lut[j * ksub + c] = dot * a.scale;
             }
         }
+        if shuffle {
+            kq.push(fastscan::quantize_exact(&lut, a.k_m));
+            continue;
+        }
         let out = &mut k[qi * ck..(qi + 1) * ck];
         if a.k_nbits == 8 {
             for (j, t) in out.iter_mut().enumerate() {
@@ -253,7 +264,7 @@ fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
             pair_tables_4bit(&lut, a.k_m, out);
         }
     }
-    GroupTables { k }
+    GroupTables { k, kq }
 }
 
 /// Key tables of `(b, h) = (bh / hkv, bh % hkv)`, or none when that sequence has no codes.
@@ -261,7 +272,10 @@ fn tables_for(a: &PqAttention, bh: usize) -> GroupTables {
     let b = bh / a.hkv;
     let (cs, ce) = a.code_range[b];
     if cs == ce {
-        return GroupTables { k: Vec::new() };
+        return GroupTables {
+            k: Vec::new(),
+            kq: Vec::new(),
+        };
     }
     build_tables(a, b, bh % a.hkv)
 }
@@ -289,17 +303,24 @@ fn codes_chunk(
     let kc = &a.k_codes[kbase..kbase + len * ck];
     let vc = &a.v_codes[vbase..vbase + len * cv];
     // Pass 1: scores, Layout (nq, len), block by block so a block of codes is read once. (Fusing
-    // the group's queries per code byte was measured slower: it loses the 4-token ILP.)
+    // the group's queries per code byte was measured slower: it loses the 4-token ILP.) 4-bit
+    // keys on AVX2 use the shuffle scan with 24-bit tables, all queries per transposed block.
     let mut s = vec![0f32; nq * len];
-    let mut start = 0;
-    while start < len {
-        let end = (start + BLOCK).min(len);
-        for qi in 0..nq {
-            let codes = &kc[start * ck..end * ck];
-            let out = &mut s[qi * len + start..qi * len + end];
-            scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], codes, out);
+    if !tables.kq.is_empty() {
+        let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(len.max(1)).collect();
+        rows.truncate(nq);
+        fastscan::scan(&tables.kq, kc, ck, &mut rows);
+    } else {
+        let mut start = 0;
+        while start < len {
+            let end = (start + BLOCK).min(len);
+            for qi in 0..nq {
+                let codes = &kc[start * ck..end * ck];
+                let out = &mut s[qi * len + start..qi * len + end];
+                scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], codes, out);
+            }
+            start = end;
         }
-        start = end;
     }
     // Pass 2: softmax numerators.
     let mut m = vec![f32::NEG_INFINITY; nq];
@@ -926,6 +947,49 @@ mod ab {
             "byte cells: {:.1} ns/token, nibble cells: {:.1} ns/token",
             ta / 20.0 / n as f64 * 1e9,
             tb / 20.0 / n as f64 * 1e9
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn ab_shuffle24_vs_pair_tables() {
+        let (m, n, g) = (64usize, 4096usize, 3usize);
+        let cb = m / 2;
+        let mut r = SplitMix64::new(5, 0);
+        let codes: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
+        let luts: Vec<Vec<f32>> = (0..g)
+            .map(|_| (0..m * 16).map(|_| r.next_f64() as f32).collect())
+            .collect();
+        let mut pairs = vec![[0f32; 256]; g * cb];
+        for (q, lut) in luts.iter().enumerate() {
+            crate::pq::kernels::pair_tables_4bit(lut, m, &mut pairs[q * cb..(q + 1) * cb]);
+        }
+        let qs: Vec<_> = luts
+            .iter()
+            .map(|l| crate::pq::fastscan::quantize_exact(l, m))
+            .collect();
+        let mut out = vec![0f32; g * n];
+        let (mut ta, mut tb) = (f64::MAX, f64::MAX);
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            for q in 0..g {
+                crate::dispatch!(scan_bytes(
+                    &pairs[q * cb..(q + 1) * cb],
+                    &codes,
+                    &mut out[q * n..(q + 1) * n]
+                ));
+            }
+            ta = ta.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            let mut rows: Vec<&mut [f32]> = out.chunks_exact_mut(n).collect();
+            crate::pq::fastscan::scan(&qs, &codes, cb, &mut rows);
+            tb = tb.min(t.elapsed().as_secs_f64());
+        }
+        let per = |t: f64| t / (n * g) as f64 * 1e9;
+        println!(
+            "K scan: pair tables {:.1} vs 24-bit shuffle {:.1} ns/token-query",
+            per(ta),
+            per(tb)
         );
     }
 

@@ -14,17 +14,32 @@
 /// Quantized lookup tables of one query.
 #[derive(Clone, Debug)]
 pub struct QuantLut {
-    /// Layout: `(2 * code_bytes, 16)`; table `2b` is the low nibble of byte `b`, `2b + 1` the
-    /// high nibble. A padding table (odd `m`) is all zeros.
+    /// Layout: `(planes, 2 * code_bytes, 16)`; table `2b` is the low nibble of byte `b`, `2b + 1`
+    /// the high nibble; plane `p` holds bits `8p..8p+8` of each quantized entry. A padding table
+    /// (odd `m`) is all zeros.
     pub tables: Vec<u8>,
+    /// 1 (8-bit entries, approximate) or 3 (24-bit entries, float-exact for attention).
+    pub planes: usize,
     /// `1 / a`.
     pub scale: f32,
     /// `sum_j min_j`.
     pub bias: f32,
 }
 
-/// Quantize float tables, Layout `(m, 16)`, into [`QuantLut`].
+/// Quantize float tables, Layout `(m, 16)`, into 8-bit [`QuantLut`] (error per score up to
+/// `m * max_span / 510`).
 pub fn quantize(lut: &[f32], m: usize) -> QuantLut {
+    quantize_planes(lut, m, 1)
+}
+
+/// Quantize into 24-bit entries split over three byte planes: each score is within
+/// `m * max_span / 2^25` of the exact sum (about 2e-6 of the span at m = 64), float-exact for
+/// softmax attention, at three table lookups per nibble instead of one.
+pub fn quantize_exact(lut: &[f32], m: usize) -> QuantLut {
+    quantize_planes(lut, m, 3)
+}
+
+fn quantize_planes(lut: &[f32], m: usize, planes: usize) -> QuantLut {
     let cb = m.div_ceil(2);
     let mut mins = vec![0f32; m];
     let mut span = 0f32;
@@ -35,22 +50,29 @@ pub fn quantize(lut: &[f32], m: usize) -> QuantLut {
         mins[j] = lo;
         span = span.max(hi - lo);
     }
+    let top = ((1u64 << (8 * planes)) - 1) as f64;
     let a = if span > 0.0 && span.is_finite() {
-        255.0 / span
+        top / span as f64
     } else {
         1.0
     };
-    let mut tables = vec![0u8; 2 * cb * 16];
+    let per_plane = 2 * cb * 16;
+    let mut tables = vec![0u8; planes * per_plane];
     for j in 0..m {
         for k in 0..16 {
-            let v = ((lut[j * 16 + k] - mins[j]) * a).round();
-            tables[j * 16 + k] = v.clamp(0.0, 255.0) as u8;
+            let v = (((lut[j * 16 + k] - mins[j]) as f64) * a)
+                .round()
+                .clamp(0.0, top) as u32;
+            for p in 0..planes {
+                tables[p * per_plane + j * 16 + k] = (v >> (8 * p)) as u8;
+            }
         }
     }
     let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
     QuantLut {
         tables,
-        scale: 1.0 / a,
+        planes,
+        scale: (1.0 / a) as f32,
         bias,
     }
 }
@@ -58,13 +80,19 @@ pub fn quantize(lut: &[f32], m: usize) -> QuantLut {
 /// Portable reference: `rows[qi][i] = bias + scale * sum_j tables[j][code_j]`.
 pub fn scan_portable(qs: &[QuantLut], codes: &[u8], cb: usize, rows: &mut [&mut [f32]]) {
     for (q, row) in qs.iter().zip(rows.iter_mut()) {
+        let per_plane = 2 * cb * 16;
         for (o, c) in row.iter_mut().zip(codes.chunks_exact(cb)) {
-            let mut s = 0u32;
-            for (b, &byte) in c.iter().enumerate() {
-                s += q.tables[(2 * b) * 16 + (byte & 15) as usize] as u32;
-                s += q.tables[(2 * b + 1) * 16 + (byte >> 4) as usize] as u32;
+            let mut total = 0f32;
+            for p in (0..q.planes).rev() {
+                let t = &q.tables[p * per_plane..(p + 1) * per_plane];
+                let mut s = 0u32;
+                for (b, &byte) in c.iter().enumerate() {
+                    s += t[(2 * b) * 16 + (byte & 15) as usize] as u32;
+                    s += t[(2 * b + 1) * 16 + (byte >> 4) as usize] as u32;
+                }
+                total = total.mul_add(256.0, s as f32);
             }
-            *o = (s as f32).mul_add(q.scale, q.bias);
+            *o = total.mul_add(q.scale, q.bias);
         }
     }
 }
@@ -131,17 +159,26 @@ mod avx2 {
         assert!(rows_out.len() == nq && rows_out.iter().all(|r| r.len() == n));
         let chunks = cb.div_ceil(16);
         let padded_cb = chunks * 16;
-        // Each 16-entry table broadcast to both 128-bit lanes. Layout (nq, 2 * padded_cb).
-        let mut luts = Vec::with_capacity(nq * 2 * padded_cb);
+        // Each 16-entry table broadcast to both 128-bit lanes.
+        // Layout per query: (planes, 2 * padded_cb); `offsets[qi]` is where query qi starts.
+        let per_plane = 2 * cb * 16;
+        let mut luts = Vec::new();
+        let mut offsets = Vec::with_capacity(nq);
         for q in qs {
-            for t in 0..2 * padded_cb {
-                let v = if t < q.tables.len() / 16 {
-                    // SAFETY: table t has 16 bytes inside q.tables.
-                    _mm_loadu_si128(q.tables.as_ptr().add(t * 16) as *const __m128i)
-                } else {
-                    _mm_setzero_si128()
-                };
-                luts.push(_mm256_broadcastsi128_si256(v));
+            assert!(q.planes >= 1 && q.tables.len() == q.planes * per_plane);
+            offsets.push(luts.len());
+            for p in 0..q.planes {
+                for t in 0..2 * padded_cb {
+                    let v = if t < 2 * cb {
+                        // SAFETY: table t of plane p has 16 bytes inside q.tables (length checked).
+                        _mm_loadu_si128(
+                            q.tables.as_ptr().add(p * per_plane + t * 16) as *const __m128i
+                        )
+                    } else {
+                        _mm_setzero_si128()
+                    };
+                    luts.push(_mm256_broadcastsi128_si256(v));
+                }
             }
         }
         let mask = _mm256_set1_epi8(0x0f);
@@ -171,33 +208,43 @@ mod avx2 {
                     nib[2 * (c * 16 + p) + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(col), mask);
                 }
             }
+            let zero = _mm256_setzero_si256();
+            let f256 = _mm256_set1_ps(256.0);
             for (qi, q) in qs.iter().enumerate() {
-                let ql = &luts[qi * 2 * padded_cb..(qi + 1) * 2 * padded_cb];
-                let mut acc0 = _mm256_setzero_si256();
-                let mut acc1 = _mm256_setzero_si256();
-                for (t, &n) in ql.iter().zip(nib.iter()) {
-                    let r = _mm256_shuffle_epi8(*t, n);
-                    acc0 = _mm256_add_epi16(acc0, r);
-                    acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16::<8>(r));
+                // Per plane (most significant first): u16 sums of 32 codes, widened to f32 in code
+                // order, folded as total = total * 256 + plane_sum.
+                let mut tot = [_mm256_setzero_ps(); 4];
+                for p in (0..q.planes).rev() {
+                    let base = offsets[qi] + p * 2 * padded_cb;
+                    let ql = &luts[base..base + 2 * padded_cb];
+                    let mut acc0 = _mm256_setzero_si256();
+                    let mut acc1 = _mm256_setzero_si256();
+                    for (t, &n) in ql.iter().zip(nib.iter()) {
+                        let r = _mm256_shuffle_epi8(*t, n);
+                        acc0 = _mm256_add_epi16(acc0, r);
+                        acc1 = _mm256_add_epi16(acc1, _mm256_srli_epi16::<8>(r));
+                    }
+                    // acc0 word w = sum(code 2w) + 256 * sum(code 2w+1) (mod 2^16);
+                    // acc1 word w = sum(code 2w+1).
+                    let even = _mm256_sub_epi16(acc0, _mm256_slli_epi16::<8>(acc1));
+                    // Interleave even/odd words back into code order and widen to i32.
+                    let lo16 = _mm256_unpacklo_epi16(even, acc1); // codes 0..8 | 16..24
+                    let hi16 = _mm256_unpackhi_epi16(even, acc1); // codes 8..16 | 24..32
+                    let parts = [
+                        _mm256_unpacklo_epi16(lo16, zero), // codes 0..4 | 16..20
+                        _mm256_unpackhi_epi16(lo16, zero), // codes 4..8 | 20..24
+                        _mm256_unpacklo_epi16(hi16, zero), // codes 8..12 | 24..28
+                        _mm256_unpackhi_epi16(hi16, zero), // codes 12..16 | 28..32
+                    ];
+                    for (acc, &part) in tot.iter_mut().zip(parts.iter()) {
+                        *acc = _mm256_fmadd_ps(*acc, f256, _mm256_cvtepi32_ps(part));
+                    }
                 }
-                // acc0 word w = sum(code 2w) + 256 * sum(code 2w+1) (mod 2^16);
-                // acc1 word w = sum(code 2w+1).
-                let even = _mm256_sub_epi16(acc0, _mm256_slli_epi16::<8>(acc1));
-                // Interleave even/odd words back into code order, widen to i32, convert.
-                let lo16 = _mm256_unpacklo_epi16(even, acc1); // codes 0..8 | 16..24
-                let hi16 = _mm256_unpackhi_epi16(even, acc1); // codes 8..16 | 24..32
-                let zero = _mm256_setzero_si256();
                 let scale = _mm256_set1_ps(q.scale);
                 let bias = _mm256_set1_ps(q.bias);
-                let parts = [
-                    _mm256_unpacklo_epi16(lo16, zero), // codes 0..4 | 16..20
-                    _mm256_unpackhi_epi16(lo16, zero), // codes 4..8 | 20..24
-                    _mm256_unpacklo_epi16(hi16, zero), // codes 8..12 | 24..28
-                    _mm256_unpackhi_epi16(hi16, zero), // codes 12..16 | 28..32
-                ];
                 let mut res = [0f32; 32];
-                for (k, &p) in parts.iter().enumerate() {
-                    let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, bias);
+                for (k, &t) in tot.iter().enumerate() {
+                    let f = _mm256_fmadd_ps(t, scale, bias);
                     let mut tmp = [0f32; 8];
                     _mm256_storeu_ps(tmp.as_mut_ptr(), f);
                     res[4 * k..4 * k + 4].copy_from_slice(&tmp[..4]);
@@ -214,6 +261,50 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::rng::SplitMix64;
+
+    #[test]
+    fn exact_planes_match_float_sums() {
+        for m in [1usize, 3, 32, 64, 128, 200] {
+            let cb = m.div_ceil(2);
+            let mut r = SplitMix64::new(100 + m as u64, 0);
+            let lut: Vec<f32> = (0..m * 16)
+                .map(|_| (r.next_f64() as f32 - 0.3) * 7.0)
+                .collect();
+            for n in [0usize, 1, 31, 32, 33, 100] {
+                let mut codes: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
+                if m % 2 == 1 {
+                    for i in 0..n {
+                        codes[i * cb + cb - 1] &= 0x0f;
+                    }
+                }
+                let q = [quantize_exact(&lut, m)];
+                let mut a = vec![0f32; n];
+                let mut b = vec![0f32; n];
+                scan(&q, &codes, cb, &mut [&mut a[..]]);
+                scan_portable(&q, &codes, cb, &mut [&mut b[..]]);
+                for i in 0..n {
+                    let exact: f64 = (0..m)
+                        .map(|j| {
+                            let byte = codes[i * cb + j / 2];
+                            let k = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            lut[j * 16 + k as usize] as f64
+                        })
+                        .sum();
+                    let tol = 1e-5 * (1.0 + exact.abs());
+                    assert!(
+                        (a[i] as f64 - exact).abs() <= tol,
+                        "simd m={m} i={i}: {} vs {exact}",
+                        a[i]
+                    );
+                    assert!(
+                        (b[i] as f64 - exact).abs() <= tol,
+                        "portable m={m} i={i}: {} vs {exact}",
+                        b[i]
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn simd_equals_portable_and_error_is_bounded() {
