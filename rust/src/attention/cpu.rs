@@ -395,23 +395,6 @@ fn codes_chunk(
     out
 }
 
-/// Dot product with eight independent lanes (vectorizes; a plain `zip().sum()` does not).
-#[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n8 = x.len() / 8 * 8;
-    for (a, b) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] = a[l].mul_add(b[l], acc[l]);
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (a, b) in x[n8..].iter().zip(&y[n8..]) {
-        s = a.mul_add(*b, s);
-    }
-    s
-}
-
 /// Exact attention of the group's queries over fp tokens `[lo, hi)` of `(b, h)`.
 ///
 /// Every key and value row is loaded once for all queries of the group (GQA): scores of all
@@ -440,15 +423,44 @@ fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Pa
         let r = (b * a.hq + h * g + gi) * tq + t;
         &a.q[r * d..(r + 1) * d]
     };
-    // Scores, Layout (nq, len); masked entries stay -inf.
+    // Scores, Layout (nq, len); masked entries stay -inf. Keys are transposed in blocks of
+    // KT tokens (Layout (d, KT), 16 KB at d = 64) so each query's scores vectorize over tokens
+    // with no horizontal sums; the transposed block is shared by the group's queries.
+    const KT: usize = 64;
     let mut s = vec![f32::NEG_INFINITY; nq * len];
     let keys = &a.fp_k[base + lo * d..base + hi * d];
-    for (i, k) in keys.chunks_exact(d).enumerate() {
-        for (qi, &e) in ends.iter().enumerate() {
-            if lo + i < e {
-                s[qi * len + i] = dot(qrow(qi), k) * a.scale;
+    let mut kt = vec![0f32; d * KT];
+    let mut start = 0;
+    while start < len {
+        let bl = (len - start).min(KT);
+        for (i, k) in keys[start * d..(start + bl) * d]
+            .chunks_exact(d)
+            .enumerate()
+        {
+            for (dd, &x) in k.iter().enumerate() {
+                kt[dd * KT + i] = x;
             }
         }
+        for (qi, &e) in ends.iter().enumerate() {
+            let visible = e.saturating_sub(lo + start).min(bl);
+            if visible == 0 {
+                continue;
+            }
+            let mut acc = [0f32; KT];
+            for (dd, &qd) in qrow(qi).iter().enumerate() {
+                let col = &kt[dd * KT..(dd + 1) * KT];
+                for (x, &kv) in acc.iter_mut().zip(col) {
+                    *x = qd.mul_add(kv, *x);
+                }
+            }
+            for (dst, &x) in s[qi * len + start..qi * len + start + visible]
+                .iter_mut()
+                .zip(&acc)
+            {
+                *dst = x * a.scale;
+            }
+        }
+        start += bl;
     }
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
