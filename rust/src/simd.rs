@@ -6,17 +6,26 @@
 //! AVX2+FMA, once for the baseline target. One source, no `unsafe` arithmetic, and the wheel
 //! stays portable to any x86-64 (or aarch64, where the baseline already has NEON).
 
-/// Whether the running CPU supports the AVX2+FMA fast path.
+/// Whether the AVX2+FMA fast paths run: the CPU supports them and the environment variable
+/// `CTXCORE_PORTABLE` is not set to `1` (read once; it lets tests exercise the portable paths
+/// that CPUs without AVX2 take).
 #[inline]
 pub fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        if std::env::var("CTXCORE_PORTABLE").is_ok_and(|v| v.trim() == "1") {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 /// `dispatch!(fn_name(args...))` calls `fn_name` compiled for AVX2+FMA when available.
