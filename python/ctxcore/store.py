@@ -83,23 +83,29 @@ def _parse_bytes(v: int | str | None, what: str) -> int | None:
     return int(v)
 
 
-def _as_kv(x: Any, what: str, kv_heads: int, head_dim: int) -> np.ndarray:
+def _float_array(x: Any, what: str) -> np.ndarray:
+    """``x`` (numpy, CPU torch tensor or nested lists of any float dtype) as a float32 array."""
     if is_torch(x):
         if x.device.type != "cpu":
             from .exceptions import DeviceError
 
-            raise DeviceError(f"{what} is on {x.device}; the store takes CPU tensors ({what}.cpu())")
-        x = x.detach().float().contiguous().numpy()
+            raise DeviceError(f"{what} is on {x.device}; the store runs on the CPU ({what}.cpu())")
+        return x.detach().float().numpy()
     x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float16, np.float64):
+    if x.dtype.kind != "f":
         raise DTypeError(f"{what}: expected a floating-point array, got {x.dtype}")
+    return x.astype(np.float32, copy=False)
+
+
+def _as_kv(x: Any, what: str, kv_heads: int, head_dim: int) -> np.ndarray:
+    x = _float_array(x, what)
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
     if x.ndim != 3 or x.shape[0] != kv_heads or x.shape[2] != head_dim:
         raise ShapeError(
             f"{what}: expected shape [kv_heads={kv_heads}, t, head_dim={head_dim}], got {tuple(x.shape)}"
         )
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return np.ascontiguousarray(x)
 
 
 @dataclass(frozen=True)
@@ -329,17 +335,7 @@ class KVStore:
         c = self.config
         torch_in = is_torch(q)
         dtype = q.dtype if torch_in else None
-        if torch_in:
-            if q.device.type != "cpu":
-                from .exceptions import DeviceError
-
-                raise DeviceError(f"q is on {q.device}; KVStore.attend runs on the CPU (q.cpu())")
-            qa = q.detach().float().contiguous().numpy()
-        else:
-            qa = np.asarray(q)
-            if qa.dtype.kind != "f":
-                raise DTypeError(f"q: expected a floating-point array, got {qa.dtype}")
-            qa = qa.astype(np.float32, copy=False)
+        qa = _float_array(q, "q")
         four = qa.ndim == 4
         if four:
             if qa.shape[0] != 1:

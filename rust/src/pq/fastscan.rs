@@ -262,34 +262,50 @@ mod tests {
     use super::*;
     use crate::rng::SplitMix64;
 
+    fn random_lut(r: &mut SplitMix64, m: usize) -> Vec<f32> {
+        (0..m * 16)
+            .map(|_| (r.next_f64() as f32 - 0.3) * 7.0)
+            .collect()
+    }
+
+    /// `n` random 4-bit codes of `m` subquantizers (padding nibble zero when `m` is odd).
+    fn random_codes(r: &mut SplitMix64, n: usize, m: usize) -> Vec<u8> {
+        let cb = m.div_ceil(2);
+        let mut codes: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
+        if m % 2 == 1 {
+            for i in 0..n {
+                codes[i * cb + cb - 1] &= 0x0f;
+            }
+        }
+        codes
+    }
+
+    /// `sum_j lut[j][code_j]` in f64.
+    fn exact_score(lut: &[f32], code: &[u8], m: usize) -> f64 {
+        (0..m)
+            .map(|j| {
+                let byte = code[j / 2];
+                let k = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                lut[j * 16 + k as usize] as f64
+            })
+            .sum()
+    }
+
     #[test]
     fn exact_planes_match_float_sums() {
         for m in [1usize, 3, 32, 64, 128, 200] {
             let cb = m.div_ceil(2);
             let mut r = SplitMix64::new(100 + m as u64, 0);
-            let lut: Vec<f32> = (0..m * 16)
-                .map(|_| (r.next_f64() as f32 - 0.3) * 7.0)
-                .collect();
+            let lut = random_lut(&mut r, m);
             for n in [0usize, 1, 31, 32, 33, 100] {
-                let mut codes: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
-                if m % 2 == 1 {
-                    for i in 0..n {
-                        codes[i * cb + cb - 1] &= 0x0f;
-                    }
-                }
+                let codes = random_codes(&mut r, n, m);
                 let q = [quantize_exact(&lut, m)];
                 let mut a = vec![0f32; n];
                 let mut b = vec![0f32; n];
                 scan(&q, &codes, cb, &mut [&mut a[..]]);
                 scan_portable(&q, &codes, cb, &mut [&mut b[..]]);
                 for i in 0..n {
-                    let exact: f64 = (0..m)
-                        .map(|j| {
-                            let byte = codes[i * cb + j / 2];
-                            let k = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
-                            lut[j * 16 + k as usize] as f64
-                        })
-                        .sum();
+                    let exact = exact_score(&lut, &codes[i * cb..(i + 1) * cb], m);
                     let tol = 1e-5 * (1.0 + exact.abs());
                     assert!(
                         (a[i] as f64 - exact).abs() <= tol,
@@ -311,16 +327,9 @@ mod tests {
         for m in [1usize, 2, 3, 8, 31, 32, 33, 64, 128, 200] {
             let cb = m.div_ceil(2);
             let mut r = SplitMix64::new(m as u64, 0);
-            let lut: Vec<f32> = (0..m * 16)
-                .map(|_| (r.next_f64() as f32 - 0.3) * 7.0)
-                .collect();
+            let lut = random_lut(&mut r, m);
             for n in [0usize, 1, 31, 32, 33, 100] {
-                let mut codes: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
-                if m % 2 == 1 {
-                    for i in 0..n {
-                        codes[i * cb + cb - 1] &= 0x0f;
-                    }
-                }
+                let codes = random_codes(&mut r, n, m);
                 let q = [
                     quantize(&lut, m),
                     quantize(&lut.iter().map(|v| -v).collect::<Vec<_>>(), m),
@@ -342,13 +351,7 @@ mod tests {
                     })
                     .fold(0f32, f32::max);
                 for i in 0..n {
-                    let exact: f32 = (0..m)
-                        .map(|j| {
-                            let byte = codes[i * cb + j / 2];
-                            let k = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
-                            lut[j * 16 + k as usize]
-                        })
-                        .sum();
+                    let exact = exact_score(&lut, &codes[i * cb..(i + 1) * cb], m) as f32;
                     let bound = m as f32 * span / 510.0 + 1e-4 * exact.abs().max(1.0);
                     assert!(
                         (a[i] - exact).abs() <= bound,

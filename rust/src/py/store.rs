@@ -12,7 +12,7 @@ use pyo3::types::{PyBytes, PyDict};
 use super::error::IntoPy;
 use super::pq::PQCodec;
 use crate::error::{catch_panic, Error};
-use crate::store::{check_compatible, KvStore, Region, StoreConfig};
+use crate::store::{check_compatible, KvStore, LoadOptions, Queries, Region, StoreConfig};
 
 fn internal<E: std::fmt::Display>(e: E) -> PyErr {
     super::error::to_pyerr(Error::Internal(e.to_string()))
@@ -280,10 +280,17 @@ impl KVStore {
         let (out, lse) = py
             .detach(|| {
                 catch_panic(|| {
+                    let queries = Queries {
+                        q: qs,
+                        hq,
+                        tq,
+                        scale,
+                        causal,
+                    };
                     if dense {
-                        store.attend_dense(seq, layer, qs, hq, tq, scale, causal)
+                        store.attend_dense(seq, layer, &queries)
                     } else {
-                        store.attend_quest(seq, layer, qs, hq, tq, scale, causal, budget_pages)
+                        store.attend_quest(seq, layer, &queries, budget_pages)
                     }
                 })
             })
@@ -344,25 +351,12 @@ impl KVStore {
         let (store, extra) = py
             .detach(|| {
                 catch_panic(|| {
-                    let runtime = StoreConfig {
-                        layers: 1,
-                        kv_heads: 1,
-                        head_dim: 1,
-                        page_size: 1,
-                        window: 0,
-                        sinks: 0,
-                        k_m: 1,
-                        k_nbits: 8,
-                        v_m: 1,
-                        v_nbits: 8,
-                        keep_full_precision: false,
-                        batch: 1,
+                    let opts = LoadOptions {
                         ram_budget,
                         offload_dir,
                         max_disk_bytes,
-                        model_id: String::new(),
                     };
-                    let (store, extra) = KvStore::load(&path, &runtime)?;
+                    let (store, extra) = KvStore::load(&path, &opts)?;
                     let saved = store.config();
                     let mut current = saved.clone();
                     if let Some(m) = expect_model_id {

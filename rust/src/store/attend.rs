@@ -12,8 +12,24 @@ use crate::error::{Error, Result};
 /// Output `(hq, tq, d)` and log-sum-exp `(hq, tq)`.
 pub type Attended = (Vec<f32>, Vec<f32>);
 
+/// Decode queries of one sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct Queries<'a> {
+    /// Layout `(hq, tq, d)`.
+    pub q: &'a [f32],
+    /// Query heads (a multiple of the store's KV heads).
+    pub hq: usize,
+    /// Query tokens; with `causal` they are the window's last `tq` tokens.
+    pub tq: usize,
+    /// Score scale (usually `1 / sqrt(d)`).
+    pub scale: f32,
+    /// Causal masking over the window.
+    pub causal: bool,
+}
+
 impl KvStore {
-    fn check_q(&self, q: &[f32], hq: usize, tq: usize) -> Result<()> {
+    fn check_q(&self, qs: &Queries) -> Result<()> {
+        let (q, hq, tq) = (qs.q, qs.hq, qs.tq);
         let c = self.config();
         if c.kv_heads == 0 || hq % c.kv_heads != 0 {
             return Err(Error::config(format!(
@@ -52,18 +68,15 @@ impl KvStore {
     /// Softmax attention of `q` (Layout `(hq, tq, d)`) over everything stored for
     /// `(seq, layer)`: sinks and window in full precision, every page through its PQ codes.
     /// With `causal`, the last `tq` window tokens are the queries' own positions.
-    #[allow(clippy::too_many_arguments)]
-    pub fn attend_dense(
-        &self,
-        seq: usize,
-        layer: usize,
-        q: &[f32],
-        hq: usize,
-        tq: usize,
-        scale: f32,
-        causal: bool,
-    ) -> Result<Attended> {
-        self.check_q(q, hq, tq)?;
+    pub fn attend_dense(&self, seq: usize, layer: usize, qs: &Queries) -> Result<Attended> {
+        self.check_q(qs)?;
+        let Queries {
+            q,
+            hq,
+            tq,
+            scale,
+            causal,
+        } = *qs;
         let c = self.config().clone();
         let (h, d) = (c.kv_heads, c.head_dim);
         let (ck, cv) = c.code_bytes();
@@ -133,19 +146,21 @@ impl KvStore {
     /// exactly over sinks + selected pages (fp16 copies) + the open page + window. Needs
     /// `keep_full_precision`. With a budget covering every page this is exact attention over the
     /// stored fp16 keys and values.
-    #[allow(clippy::too_many_arguments)]
     pub fn attend_quest(
         &self,
         seq: usize,
         layer: usize,
-        q: &[f32],
-        hq: usize,
-        tq: usize,
-        scale: f32,
-        causal: bool,
+        qs: &Queries,
         budget_pages: usize,
     ) -> Result<Attended> {
-        self.check_q(q, hq, tq)?;
+        self.check_q(qs)?;
+        let Queries {
+            q,
+            hq,
+            tq,
+            scale,
+            causal,
+        } = *qs;
         let c = self.config().clone();
         if !c.keep_full_precision {
             return Err(Error::config("Quest attention reads the pages' fp16 copies: build the store with keep_full_precision=True"));
@@ -203,6 +218,9 @@ impl KvStore {
                     .map(|x| f16::from_le_bytes([x[0], x[1]]).to_f32()),
             )
         };
+        // Only the full-precision part is attended (no codes); the kernel still takes codebooks.
+        let no_kcent = vec![0f32; (1 << c.k_nbits) * d];
+        let no_vcent = vec![0f32; (1 << c.v_nbits) * d];
         for (hh, sel) in chosen.iter().enumerate() {
             let mut fk = Vec::with_capacity(f * d);
             let mut fv = Vec::with_capacity(f * d);
@@ -231,10 +249,10 @@ impl KvStore {
                 n: 0,
                 k_codes: &[],
                 v_codes: &[],
-                k_cent: &vec![0f32; (1 << c.k_nbits) * d],
+                k_cent: &no_kcent,
                 k_m: c.k_m,
                 k_nbits: c.k_nbits,
-                v_cent: &vec![0f32; (1 << c.v_nbits) * d],
+                v_cent: &no_vcent,
                 v_m: c.v_m,
                 v_nbits: c.v_nbits,
                 code_range: &[(0, 0)],

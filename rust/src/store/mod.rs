@@ -33,10 +33,10 @@ use half::f16;
 
 use crate::error::{Error, Result};
 use crate::pq::ProductQuantizer;
-pub use attend::Attended;
+pub use attend::{Attended, Queries};
 pub use disk::Slot;
 use disk::{read_at, DiskTier};
-pub use persist::{check_compatible, STORE_FORMAT_VERSION};
+pub use persist::{check_compatible, LoadOptions, STORE_FORMAT_VERSION};
 
 /// Configuration of a [`KvStore`].
 #[derive(Clone, Debug, PartialEq)]
@@ -471,30 +471,38 @@ impl Shared {
         self.fixed_bytes(st) + st.ram.bytes
     }
 
+    /// Move the least recently used resident page out of RAM, writing it to the disk tier first
+    /// if it has no copy there. Returns false when no page is resident.
+    fn evict_lru(&self, st: &mut State) -> Result<bool> {
+        let Some(id) = st.ram.lru() else {
+            return Ok(false);
+        };
+        if st.pages[id as usize].disk.is_none() {
+            let blob = st.ram.map[&id].0.clone();
+            let slot = st.disk.write(&blob)?; // on failure the page stays in RAM: no data lost
+            self.counters
+                .bytes_written
+                .fetch_add(blob.len() as u64, Ordering::Relaxed);
+            st.pages[id as usize].disk = Some(slot);
+        }
+        st.ram.remove(id);
+        self.counters.evictions.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Evict LRU pages until the RAM total fits the budget (spilling them to disk first).
     fn enforce_budget(&self, st: &mut State) -> Result<()> {
         let Some(budget) = self.cfg.ram_budget else {
             return Ok(());
         };
-        while self.ram_total(st) > budget {
-            let Some(id) = st.ram.lru() else { break };
-            if st.pages[id as usize].disk.is_none() {
-                let blob = st.ram.map[&id].0.clone();
-                let slot = st.disk.write(&blob)?; // on failure the page stays in RAM: no data lost
-                self.counters
-                    .bytes_written
-                    .fetch_add(blob.len() as u64, Ordering::Relaxed);
-                st.pages[id as usize].disk = Some(slot);
-            }
-            st.ram.remove(id);
-            self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.ram_total(st) > budget {
+        // Evicting only moves resident pages: the fixed part is the same throughout.
+        let fixed = self.fixed_bytes(st);
+        while fixed + st.ram.bytes > budget && self.evict_lru(st)? {}
+        if fixed + st.ram.bytes > budget {
             return Err(Error::Budget(format!(
-                "the store needs {} bytes of RAM that cannot be offloaded (window, sinks, open pages, \
-                 codebooks and {} page abstracts) but ram_budget is {budget}; raise ram_budget or \
-                 use a larger page_size",
-                self.fixed_bytes(st),
+                "the store needs {fixed} bytes of RAM that cannot be offloaded (window, sinks, open \
+                 pages, codebooks and {} page abstracts) but ram_budget is {budget}; raise \
+                 ram_budget or use a larger page_size",
                 st.pages.len()
             )));
         }
@@ -943,23 +951,7 @@ impl KvStore {
     /// Drop every resident closed page from RAM (spilling to disk), e.g. to test page-in.
     pub fn evict_all(&self) -> Result<()> {
         let mut st = self.shared.lock()?;
-        let st = &mut *st;
-        while let Some(id) = st.ram.lru() {
-            if st.pages[id as usize].disk.is_none() {
-                let blob = st.ram.map[&id].0.clone();
-                let slot = st.disk.write(&blob)?;
-                self.shared
-                    .counters
-                    .bytes_written
-                    .fetch_add(blob.len() as u64, Ordering::Relaxed);
-                st.pages[id as usize].disk = Some(slot);
-            }
-            st.ram.remove(id);
-            self.shared
-                .counters
-                .evictions
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        while self.shared.evict_lru(&mut st)? {}
         Ok(())
     }
 }

@@ -301,10 +301,9 @@ impl KvStore {
         Ok(())
     }
 
-    /// Load a context saved by [`KvStore::save`]. `ram_budget`, `offload_dir` and
-    /// `max_disk_bytes` are taken from `runtime` (the rest of its fields are ignored). Returns
-    /// the store and the caller metadata.
-    pub fn load(dir: &Path, runtime: &StoreConfig) -> Result<(KvStore, Vec<u8>)> {
+    /// Load a context saved by [`KvStore::save`], with this process's RAM budget and disk tier
+    /// from `opts`. Returns the store and the caller metadata.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<(KvStore, Vec<u8>)> {
         let meta_path = dir.join(META);
         let file = meta_path.display().to_string();
         let b = std::fs::read(&meta_path).map_err(io(format!("reading saved context {file}")))?;
@@ -357,9 +356,9 @@ impl KvStore {
             v_nbits,
             keep_full_precision: keep,
             batch,
-            ram_budget: runtime.ram_budget,
-            offload_dir: runtime.offload_dir.clone(),
-            max_disk_bytes: runtime.max_disk_bytes,
+            ram_budget: opts.ram_budget,
+            offload_dir: opts.offload_dir.clone(),
+            max_disk_bytes: opts.max_disk_bytes,
             model_id,
         };
         cfg.validate()?;
@@ -487,29 +486,17 @@ impl KvStore {
         }
         Ok((store, extra))
     }
+}
 
-    /// Read the configuration and model id of a saved context without loading it.
-    pub fn saved_config(dir: &Path) -> Result<StoreConfig> {
-        let runtime = StoreConfig {
-            layers: 1,
-            kv_heads: 1,
-            head_dim: 1,
-            page_size: 1,
-            window: 0,
-            sinks: 0,
-            k_m: 1,
-            k_nbits: 8,
-            v_m: 1,
-            v_nbits: 8,
-            keep_full_precision: false,
-            batch: 1,
-            ram_budget: None,
-            offload_dir: None,
-            max_disk_bytes: None,
-            model_id: String::new(),
-        };
-        Ok(KvStore::load(dir, &runtime)?.0.config().clone())
-    }
+/// Runtime settings of a loaded context (everything else comes from the saved metadata).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadOptions {
+    /// Byte budget of everything held in RAM; `None` = unbounded.
+    pub ram_budget: Option<u64>,
+    /// Directory for pages evicted later; a private temporary directory when `None`.
+    pub offload_dir: Option<std::path::PathBuf>,
+    /// Cap on disk-tier bytes.
+    pub max_disk_bytes: Option<u64>,
 }
 
 /// Check a loaded context against what the caller expects, naming both sides on mismatch.

@@ -228,7 +228,7 @@ fn save_load_round_trip_and_faults() {
     let s = store(c.clone());
     fill(&s, 30, 5);
     s.save(&dir, b"extra").unwrap();
-    let (l, extra) = KvStore::load(&dir, &cfg(None, None)).unwrap();
+    let (l, extra) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(extra, b"extra");
     for layer in 0..2 {
         assert_eq!(l.num_tokens(0, layer).unwrap(), 30);
@@ -268,7 +268,7 @@ fn save_load_round_trip_and_faults() {
     let mut bad = bytes.clone();
     bad[c.page_bytes() + 3] ^= 0x40;
     std::fs::write(&seg, &bad).unwrap();
-    let (l, _) = KvStore::load(&dir, &cfg(None, None)).unwrap();
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
     assert!(l.page(0, 0, 0).is_ok());
     match l.page(0, 0, 1) {
         Err(Error::Corrupt { what, .. }) => {
@@ -280,13 +280,13 @@ fn save_load_round_trip_and_faults() {
     // Truncated segment: caught at load.
     std::fs::write(&seg, &bytes[..bytes.len() - 10]).unwrap();
     assert!(matches!(
-        KvStore::load(&dir, &cfg(None, None)),
+        KvStore::load(&dir, &LoadOptions::default()),
         Err(Error::Corrupt { .. })
     ));
     // Missing segment.
     std::fs::remove_file(&seg).unwrap();
     assert!(matches!(
-        KvStore::load(&dir, &cfg(None, None)),
+        KvStore::load(&dir, &LoadOptions::default()),
         Err(Error::Corrupt { .. })
     ));
     std::fs::write(&seg, &bytes).unwrap();
@@ -297,25 +297,25 @@ fn save_load_round_trip_and_faults() {
     bad[40] ^= 1;
     std::fs::write(&meta, &bad).unwrap();
     assert!(matches!(
-        KvStore::load(&dir, &cfg(None, None)),
+        KvStore::load(&dir, &LoadOptions::default()),
         Err(Error::Corrupt { .. })
     ));
     let mut bad = m.clone();
     bad[8] = 7;
     std::fs::write(&meta, &bad).unwrap();
     assert!(matches!(
-        KvStore::load(&dir, &cfg(None, None)),
+        KvStore::load(&dir, &LoadOptions::default()),
         Err(Error::Version { found: 7, .. })
     ));
     let mut bad = m.clone();
     bad[0] = b'X';
     std::fs::write(&meta, &bad).unwrap();
     assert!(matches!(
-        KvStore::load(&dir, &cfg(None, None)),
+        KvStore::load(&dir, &LoadOptions::default()),
         Err(Error::Corrupt { .. })
     ));
     std::fs::write(&meta, &m).unwrap();
-    let (l, _) = KvStore::load(&dir, &cfg(None, None)).unwrap();
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
     // Compatibility check names both sides.
     let mut other = cfg(None, None);
     other.model_id = "other-model".into();
@@ -338,11 +338,11 @@ fn resave_over_old_version_keeps_a_readable_context() {
     let s = store(cfg(None, None));
     fill(&s, 20, 1);
     s.save(&dir, b"v1").unwrap();
-    let (l, _) = KvStore::load(&dir, &cfg(None, None)).unwrap();
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
     fill(&l, 20, 2);
     // Save the loaded store over its own directory: reads old pages while writing new ones.
     l.save(&dir, b"v2").unwrap();
-    let (l2, extra) = KvStore::load(&dir, &cfg(None, None)).unwrap();
+    let (l2, extra) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
     assert_eq!(extra, b"v2");
     assert_eq!(l2.num_tokens(0, 0).unwrap(), 40);
     for p in 0..l.num_pages(0, 0).unwrap() {
