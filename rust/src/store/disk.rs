@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -24,7 +25,9 @@ pub struct Slot {
 pub struct Segment {
     /// Path of the file (for error messages).
     pub path: PathBuf,
-    file: File,
+    /// Shared with readers: `pread` needs no exclusive access, so page-in clones the `Arc`
+    /// instead of duplicating the descriptor.
+    file: Arc<File>,
     /// Slots in use (writable segments fill sequentially).
     pub used: u32,
     writable: bool,
@@ -138,7 +141,7 @@ impl DiskTier {
         advise_sequential(&file);
         self.segments.push(Segment {
             path: path.to_path_buf(),
-            file,
+            file: Arc::new(file),
             used: slots,
             writable: false,
         });
@@ -173,7 +176,7 @@ impl DiskTier {
             advise_sequential(&file);
             self.segments.push(Segment {
                 path,
-                file,
+                file: Arc::new(file),
                 used: 0,
                 writable: true,
             });
@@ -196,17 +199,13 @@ impl DiskTier {
     }
 
     /// A handle for reading `slot` without holding the tier (for lock-free page-in).
-    pub fn reader(&self, slot: Slot) -> Result<(File, u64, PathBuf)> {
+    pub fn reader(&self, slot: Slot) -> Result<(Arc<File>, u64, PathBuf)> {
         let seg = self
             .segments
             .get(slot.segment as usize)
             .ok_or_else(|| Error::Internal(format!("no segment {}", slot.segment)))?;
-        let file = seg
-            .file
-            .try_clone()
-            .map_err(io(format!("opening {}", seg.path.display())))?;
         Ok((
-            file,
+            seg.file.clone(),
             slot.slot as u64 * self.page_bytes as u64,
             seg.path.clone(),
         ))
