@@ -187,10 +187,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def test_cli_demo_runs(smollm2):
+def test_cli_kv_report_runs(smollm2):
     del smollm2  # only to skip cleanly when the model is not installed
     proc = subprocess.run(
-        [sys.executable, "-m", "ctxcore", "demo", "--tokens", "256", "--layers", "0"],
+        [sys.executable, "-m", "ctxcore", "kv-report", "--tokens", "256", "--layers", "0"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -203,7 +203,7 @@ def test_cli_demo_runs(smollm2):
 
 def test_cli_missing_text_file_is_a_usage_error():
     proc = subprocess.run(
-        [*_cli(), "demo", "--text", "/nonexistent"], capture_output=True, text=True, timeout=120, env=_env()
+        [*_cli(), "kv-report", "--text", "/nonexistent"], capture_output=True, text=True, timeout=120, env=_env()
     )
     assert proc.returncode == 2
     assert "/nonexistent" in proc.stderr
@@ -213,7 +213,7 @@ def test_cli_missing_text_file_is_a_usage_error():
 
 def test_cli_bad_bits_is_a_usage_error():
     proc = subprocess.run(
-        [*_cli(), "demo", "--bits", "3"], capture_output=True, text=True, timeout=120, env=_env()
+        [*_cli(), "kv-report", "--bits", "3"], capture_output=True, text=True, timeout=120, env=_env()
     )
     assert proc.returncode == 2
     assert "--bits" in proc.stderr

@@ -430,3 +430,114 @@ def test_codebooks_round_trip_through_save(tmp_path):
     np.testing.assert_array_equal(vc[0], vq[0].centroids)
     s.save(tmp_path / "c")
     np.testing.assert_array_equal(ctxcore.KVStore.load(tmp_path / "c").codebooks(1)[0], kc)
+
+
+def seq_state(s: ctxcore.KVStore, seq: int) -> list:
+    """Everything observable of one sequence: per layer tokens, sinks, window, page codes, attention."""
+    q = rand((2 * H, 1, D), 77)
+    out = []
+    for layer in range(s.config["layers"]):
+        pages = [s.page(layer, p, seq) for p in range(s.num_pages(layer, seq))]
+        out.append(
+            (
+                s.num_tokens(layer, seq),
+                s.sinks(layer, seq)[0].tobytes(),
+                s.window(layer, seq)[1].tobytes(),
+                [(p.k_codes.tobytes(), p.v_codes.tobytes(), p.tokens) for p in pages],
+                s.attend(layer, q, seq=seq)[0].tobytes(),
+            )
+        )
+    return out
+
+
+def beam_store(**kw) -> tuple[ctxcore.KVStore, list]:
+    s = make_store(batch=2, **kw)
+    for layer in range(2):
+        s.append(layer, rand((H, 45, D), 10 + layer), rand((H, 45, D), 20 + layer), seq=0)
+        s.append(layer, rand((H, 30, D), 30 + layer), rand((H, 30, D), 40 + layer), seq=1)
+    return s, [seq_state(s, 0), seq_state(s, 1)]
+
+
+def test_select_seqs_reorder_repeat_shrink(tmp_path):
+    torch = pytest.importorskip("torch")
+    s, old = beam_store(offload_dir=tmp_path / "off")
+    pages = s.stats()["pages"]
+    assert s.batch == 2 and s.config["batch"] == 2
+    s.select_seqs([1, 0])
+    assert s.batch == 2 and [seq_state(s, 0), seq_state(s, 1)] == [old[1], old[0]]
+    s.select_seqs(np.array([1, 1, 0, 0]))  # -> old [0, 0, 1, 1]
+    assert s.batch == 4 and s.config["batch"] == 2
+    assert [seq_state(s, i) for i in range(4)] == [old[0], old[0], old[1], old[1]]
+    assert s.stats()["pages"] == pages, "closed pages are shared, not copied"
+    # Appending to one of two sequences sharing pages leaves the other as it was.
+    for layer in range(2):
+        s.append(layer, rand((H, 20, D), 50), rand((H, 20, D), 51), seq=1)
+    assert seq_state(s, 0) == old[0] and s.num_tokens(0, seq=1) == 65
+    # Shrink to one copy of the old sequence 1: pages only the others used leave RAM.
+    ram = s.stats()["ram_bytes"]
+    s.select_seqs(torch.tensor([3]))
+    assert s.batch == 1 and seq_state(s, 0) == old[1]
+    st = s.stats()
+    assert st["ram_bytes"] < ram and st["pages"] == 2 * (s.paged_tokens(0) // 8)
+    with pytest.raises(ConfigError):
+        s.num_tokens(0, seq=1)
+
+
+def test_select_seqs_errors_change_nothing():
+    s, old = beam_store()
+    for bad in ([], [0, 2], [-1], np.array([0.5]), [[0, 1]]):
+        with pytest.raises(ConfigError):
+            s.select_seqs(bad)
+    assert s.batch == 2 and [seq_state(s, 0), seq_state(s, 1)] == old
+
+
+def test_select_seqs_then_save_and_load(tmp_path):
+    s, old = beam_store()
+    s.save(tmp_path / "before", token_ids=[list(range(45)), list(range(100, 130))])
+    s.select_seqs([1, 0, 1])
+    assert [len(t) for t in s.metadata["token_ids"]] == [30, 45, 30]
+    s.save(tmp_path / "ctx")
+    loaded = ctxcore.KVStore.load(tmp_path / "ctx")
+    assert loaded.batch == 3
+    assert [seq_state(loaded, i) for i in range(3)] == [old[1], old[0], old[1]]
+    assert loaded.stats()["pages"] == s.stats()["pages"]
+    # Shared pages are written once: the segment is no bigger than before the selection.
+    (seg_before,) = (tmp_path / "before").glob("pages-*.seg")
+    (seg,) = (tmp_path / "ctx").glob("pages-*.seg")
+    assert seg.stat().st_size == seg_before.stat().st_size
+    assert loaded.matching_prefix(list(range(100, 116)), seq=2) == 16
+
+
+def test_crop():
+    s = make_store(batch=2)  # page_size 8, window 4, sinks 2
+    k, v = rand((H, 30, D), 1), rand((H, 30, D), 2)
+    for layer in range(2):
+        s.append(layer, k, v, seq=0)
+        s.append(layer, k[:, :5], v[:, :5], seq=1)  # nothing paged: 2 sinks + 3 window
+    s.crop(3, seq=0)
+    assert [s.num_tokens(layer, 0) for layer in range(2)] == [27, 27]
+    np.testing.assert_array_equal(s.window(0)[0], k[:, 26:27])
+    with pytest.raises(ConfigError, match=r"at most 1 .*PQ-coded"):
+        s.crop(2, seq=0, layer=1)
+    # Appending after a crop continues where it left off.
+    s.append(0, k[:, 27:], v[:, 27:])
+    np.testing.assert_array_equal(s.window(0)[1], v[:, 26:])
+    assert s.num_tokens(0) == 30
+    # No paged token yet: window, then sinks.
+    s.crop(4, seq=1, layer=0)
+    assert s.num_tokens(0, 1) == 1 and s.window(0, 1)[0].shape[1] == 0
+    np.testing.assert_array_equal(s.sinks(0, 1)[0], k[:, :1])
+    s.append(0, k[:, 1:12], v[:, 1:12], seq=1)
+    np.testing.assert_array_equal(s.page(0, 0, seq=1).k_codes, s.page(0, 0, seq=0).k_codes[:, :6])
+    # All sequences and layers, all or nothing: layer 0 of seq 0 holds 4 window tokens but
+    # layer 1 only 1, so cropping 2 everywhere fails and changes nothing.
+    before = [s.num_tokens(layer, seq) for seq in range(2) for layer in range(2)]
+    with pytest.raises(ConfigError, match="at most 1"):
+        s.crop(2)
+    assert [s.num_tokens(layer, seq) for seq in range(2) for layer in range(2)] == before
+    s.crop(1)
+    assert [s.num_tokens(layer, seq) for seq in range(2) for layer in range(2)] == [n - 1 for n in before]
+    with pytest.raises(ConfigError):
+        s.crop(1, seq=2)
+    with pytest.raises(ConfigError):
+        s.crop(-1)

@@ -122,3 +122,65 @@ def test_errors():
         s.attend(0, np.zeros((HQ, 1, D + 1), np.float32))
     with pytest.raises(ConfigError, match="fraction"):
         build(tokens=40)[0].attend(0, np.zeros((HQ, 1, D), np.float32), method="quest", budget=1.5)
+
+
+def reference_from(q: torch.Tensor, k: np.ndarray, v: np.ndarray, tq: int, start: int) -> tuple:
+    """Causal attention over positions >= start only; a query seeing nothing gives zeros, lse -inf."""
+    kk = torch.from_numpy(k).double().repeat_interleave(HQ // H, 0)
+    vv = torch.from_numpy(v).double().repeat_interleave(HQ // H, 0)
+    t = k.shape[1]
+    pos = torch.arange(t)
+    own = torch.arange(t - tq, t)[:, None]
+    visible = (pos[None] <= own) & (pos[None] >= start)
+    s = (q.double() @ kk.transpose(1, 2)) / np.sqrt(D)
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    w = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    return (w @ vv).float(), lse.float()
+
+
+# 300 tokens: sinks [0, 2), 18 closed pages [2, 290), open page [290, 292), window [292, 300).
+@pytest.mark.parametrize("start", [0, 1, 2, 18, 57, 290, 291, 292, 295, 298, 299, 300])
+def test_start_ignores_left_padding(start):
+    s, _, _ = build(tokens=300)
+    tq = 3
+    q = torch.randn(HQ, tq, D) * 2
+    kd, vd = stored_history(s, fp16=False)
+    ref, ref_lse = reference_from(q, kd, vd, tq, start)
+    out, lse = s.attend(0, q, start=start)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    kf, vf = stored_history(s, fp16=True)
+    ref, ref_lse = reference_from(q, kf, vf, tq, start)
+    out, lse = s.attend(0, q, method="quest", start=start)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+    if start > 300 - tq:  # the first queries see nothing at all
+        blind = 300 - tq + np.arange(tq) < start
+        assert (out[:, blind] == 0).all() and torch.isneginf(lse[:, blind]).all()
+
+
+def test_start_skips_padded_pages_for_quest_and_reads():
+    # Page 0 (positions 2..18) is padding with keys aligned to q; page 7 is the real match.
+    s, k, v = build(tokens=300, plant=7)
+    kk = k.copy()
+    kk[:, 2:18, 0] = 50.0
+    s2 = ctxcore.KVStore(1, H, D, page_size=16, window=8, sinks=2, bits=4, keep_full_precision=True)
+    s2.calibrate(0, kk[:, :200], v[:, :200], iters=3)
+    s2.append(0, kk, v)
+    q = torch.zeros(HQ, 1, D)
+    q[:, 0, 0] = 10.0
+    one, _ = s2.attend(0, q, method="quest", budget=16, start=18)
+    full, _ = s2.attend(0, q, method="quest", start=18)
+    torch.testing.assert_close(one, full, rtol=0, atol=0.05)
+
+
+def test_start_errors():
+    s, _, _ = build(tokens=40)
+    q = np.zeros((HQ, 1, D), np.float32)
+    with pytest.raises(ConfigError, match="start"):
+        s.attend(0, q, start=41)
+    with pytest.raises(ConfigError, match="start"):
+        s.attend(0, q, start=-1)
+    out, lse = s.attend(0, q, start=40)
+    assert (out == 0).all() and np.isneginf(lse).all()

@@ -14,7 +14,31 @@ from .exceptions import CtxcoreError
 from .pq import ProductQuantizer
 from .store import KVStore, Page, bits_to_pq
 
+# Lazily imported (they need torch / transformers; ``import ctxcore`` alone does not).
+_LAZY = {
+    "CompressedCache": "cache",
+    "enable": "attention",
+    "disable": "attention",
+    "load_default_model": "models",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ctxcore' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
+    "CompressedCache",
+    "disable",
+    "enable",
+    "load_default_model",
     "KVStore",
     "Page",
     "bits_to_pq",

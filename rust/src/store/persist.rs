@@ -4,7 +4,9 @@
 //! DIR/meta.ctxkv         metadata: magic b"CTXCKV\0\0", format version (u32 LE), configuration,
 //!                        model id, codebooks, page tables, abstracts, sinks, windows, open pages,
 //!                        caller metadata; CRC-32 of everything before it (u32 LE) at the end
-//! DIR/pages-GEN.seg      closed page blobs, back to back; each page's CRC-32 is in the metadata
+//! DIR/pages-GEN.seg      closed page blobs, back to back, each once (page-table entries of
+//!                        sequences sharing a page name the same slot); each page's CRC-32 is in
+//!                        the metadata
 //! ```
 //!
 //! `save` writes the segment and `meta.ctxkv.tmp`, fsyncs both, renames the metadata into place
@@ -12,6 +14,7 @@
 //! point leaves the previous save readable. `load` verifies the metadata eagerly and each page
 //! lazily, when it is first read.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -160,7 +163,8 @@ impl KvStore {
                 "creating {} (is the directory writable?)",
                 tmp_seg.display()
             )))?;
-        // Pages in page-table order; the new slot of every page id.
+        // Pages in page-table order, each once (sequences may share pages after select_seqs);
+        // the new slot of every page id.
         let mut slot_of = vec![u32::MAX; st.pages.len()];
         let mut next = 0u32;
         let page_bytes = cfg.page_bytes();
@@ -168,6 +172,9 @@ impl KvStore {
             for seq in &st.seqs {
                 for l in seq {
                     for &id in &l.pages {
+                        if slot_of[id as usize] != u32::MAX {
+                            continue; // shared page, already written
+                        }
                         let blob: Vec<u8> = match st.ram.map.get(&id) {
                             Some((b, _)) => b.to_vec(),
                             None => {
@@ -214,7 +221,7 @@ impl KvStore {
             cfg.sinks,
             cfg.k_m,
             cfg.v_m,
-            cfg.batch,
+            st.seqs.len(),
         ] {
             w.u64(v as u64);
         }
@@ -394,7 +401,9 @@ impl KvStore {
             let v = qs.split_off(h);
             books.push(Some(LayerBooks { k: qs, v }));
         }
-        let mut pages = Vec::new();
+        let mut pages: Vec<PageMeta> = Vec::new();
+        // Page-table entries naming the same slot are one shared page (see `select_seqs`).
+        let mut id_of_slot: HashMap<u32, u32> = HashMap::new();
         let mut seqs = Vec::with_capacity(batch);
         for _ in 0..batch {
             let mut ls_all = Vec::with_capacity(layers);
@@ -446,8 +455,23 @@ impl KvStore {
                             format!("page table entry out of range (slot {slot})"),
                         ));
                     }
-                    ls.pages.push(pages.len() as u32);
+                    if let Some(&id) = id_of_slot.get(&slot) {
+                        let m = &mut pages[id as usize];
+                        if m.crc != crc || m.abstract_ != abs {
+                            return Err(Error::corrupt(
+                                file.clone(),
+                                format!("page table entries for slot {slot} disagree"),
+                            ));
+                        }
+                        m.refs = m.refs.saturating_add(1);
+                        ls.pages.push(id);
+                        continue;
+                    }
+                    let id = pages.len() as u32;
+                    id_of_slot.insert(slot, id);
+                    ls.pages.push(id);
                     pages.push(PageMeta {
+                        refs: 1,
                         crc,
                         disk: Some(Slot { segment: seg, slot }),
                         abstract_: abs,
@@ -474,6 +498,7 @@ impl KvStore {
         let state = State {
             books,
             seqs,
+            live: pages.len(),
             pages,
             ram: RamTier::default(),
             disk,

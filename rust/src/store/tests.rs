@@ -458,3 +458,474 @@ fn prefetch_then_read_reads_each_page_once() {
     }
     let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
 }
+
+/// Append `t` random tokens to every layer of `seq`.
+fn fill_seq(s: &KvStore, seq: usize, t: usize, seed: u64) {
+    let c = s.config().clone();
+    for l in 0..c.layers {
+        let k = rand(c.kv_heads * t * c.head_dim, seed + l as u64);
+        let v = rand(c.kv_heads * t * c.head_dim, seed + 100 + l as u64);
+        s.append(seq, l, &k, &v, t).unwrap();
+    }
+}
+
+fn widen16(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(2)
+        .map(|x| f16::from_le_bytes([x[0], x[1]]).to_f32())
+        .collect()
+}
+
+/// Every stored token of `(seq, layer)`: `(k, v, T)` Layout `(H, T, D)`; sinks and window as
+/// stored, pages decoded from their codes, or their fp16 copies with `fp16`.
+fn history(s: &KvStore, seq: usize, layer: usize, fp16: bool) -> (Vec<f32>, Vec<f32>, usize) {
+    let c = s.config().clone();
+    let (h, d) = (c.kv_heads, c.head_dim);
+    let (kb, vb) = s.codebooks(layer).unwrap().unwrap();
+    let mut parts = vec![s.full_precision(seq, layer, Region::Sinks).unwrap()];
+    for p in 0..s.num_pages(seq, layer).unwrap() {
+        let page = s.page(seq, layer, p).unwrap();
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for hh in 0..h {
+            if fp16 {
+                k.extend(widen16(page.k_fp16(hh).unwrap()));
+                v.extend(widen16(page.v_fp16(hh).unwrap()));
+            } else {
+                k.extend(kb[hh].decode(page.k_codes(hh)).unwrap());
+                v.extend(vb[hh].decode(page.v_codes(hh)).unwrap());
+            }
+        }
+        parts.push((k, v, page.tokens));
+    }
+    parts.push(s.full_precision(seq, layer, Region::Window).unwrap());
+    let total: usize = parts.iter().map(|p| p.2).sum();
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    for hh in 0..h {
+        for (pk, pv, t) in &parts {
+            k.extend_from_slice(&pk[hh * t * d..(hh + 1) * t * d]);
+            v.extend_from_slice(&pv[hh * t * d..(hh + 1) * t * d]);
+        }
+    }
+    (k, v, total)
+}
+
+/// Causal softmax attention (f64) of `q` `(hq, tq, D)`, the last `tq` of `total` positions,
+/// over positions `[start, own]` of `k`, `v` `(H, total, D)`. A query seeing nothing gets zeros
+/// and `lse = -inf`.
+#[allow(clippy::too_many_arguments)]
+fn reference(
+    q: &[f32],
+    hq: usize,
+    tq: usize,
+    k: &[f32],
+    v: &[f32],
+    h: usize,
+    total: usize,
+    d: usize,
+    start: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let g = hq / h;
+    let mut out = vec![0f32; hq * tq * d];
+    let mut lse = vec![f32::NEG_INFINITY; hq * tq];
+    for qh in 0..hq {
+        let kh = qh / g;
+        for t in 0..tq {
+            let qr = &q[(qh * tq + t) * d..(qh * tq + t + 1) * d];
+            let own = total - tq + t;
+            if start > own {
+                continue;
+            }
+            let scores: Vec<f64> = (start..=own)
+                .map(|j| {
+                    let kr = &k[(kh * total + j) * d..(kh * total + j + 1) * d];
+                    qr.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for (j, wj) in (start..=own).zip(&w) {
+                let vr = &v[(kh * total + j) * d..(kh * total + j + 1) * d];
+                for dd in 0..d {
+                    out[(qh * tq + t) * d + dd] += (wj / z * vr[dd] as f64) as f32;
+                }
+            }
+            lse[qh * tq + t] = (m + z.ln()) as f32;
+        }
+    }
+    (out, lse)
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let ok = (x == y) || (x - y).abs() <= tol * (1.0 + y.abs());
+        assert!(ok, "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+#[test]
+fn attend_with_start_ignores_left_padding() {
+    let c = cfg(None, Some(tmpdir("start")));
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    // 2 sinks, 18 paged (4 closed pages + 2 tokens in the open page), 3 in the window.
+    fill(&s, 23, 7);
+    assert_eq!(s.paged_tokens(0, 0).unwrap(), 18);
+    let total = 23;
+    let (hq, tq) = (2 * h, 2);
+    let q: Vec<f32> = rand(hq * tq * d, 99).iter().map(|x| x * 3.0).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    let (kd, vd, t1) = history(&s, 0, 1, false);
+    let (kf, vf, t2) = history(&s, 0, 1, true);
+    assert_eq!((t1, t2), (total, total));
+    // 0, 1, the sinks' end, page boundaries and inside pages, the open page, the window, past
+    // the first query (it sees nothing), and everything (no query sees anything).
+    for start in [0, 1, 2, 3, 6, 9, 18, 19, 20, 21, 22, 23] {
+        let qs = Queries {
+            q: &q,
+            hq,
+            tq,
+            scale,
+            causal: true,
+            start,
+        };
+        let (ro, rl) = reference(&q, hq, tq, &kd, &vd, h, total, d, start, scale);
+        let (o, l) = s.attend_dense(0, 1, &qs).unwrap();
+        assert_close(&o, &ro, 1e-4, &format!("dense out, start={start}"));
+        assert_close(&l, &rl, 1e-4, &format!("dense lse, start={start}"));
+        let (ro, rl) = reference(&q, hq, tq, &kf, &vf, h, total, d, start, scale);
+        let (o, l) = s.attend_quest(0, 1, &qs, 100).unwrap();
+        assert_close(&o, &ro, 1e-4, &format!("quest out, start={start}"));
+        assert_close(&l, &rl, 1e-4, &format!("quest lse, start={start}"));
+    }
+    // Pages wholly before `start` are not read: start=11 skips pages 0 and 1 (positions 2..10).
+    s.evict_all().unwrap();
+    let before = s.stats().unwrap();
+    let qs = Queries {
+        q: &q,
+        hq,
+        tq,
+        scale,
+        causal: true,
+        start: 11,
+    };
+    s.attend_dense(0, 0, &qs).unwrap();
+    let after = s.stats().unwrap();
+    let read = (after.misses + after.prefetched) - (before.misses + before.prefetched);
+    assert_eq!(
+        read, 2,
+        "only the 2 closed pages at or after start are read"
+    );
+    // start beyond the stored tokens is an error.
+    let qs = Queries { start: 24, ..qs };
+    assert!(matches!(s.attend_dense(0, 0, &qs), Err(Error::Config(_))));
+    assert!(matches!(
+        s.attend_quest(0, 0, &qs, 1),
+        Err(Error::Config(_))
+    ));
+    let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+}
+
+#[test]
+fn quest_does_not_pick_pages_before_start() {
+    let c = cfg(None, None);
+    let s = store(c.clone());
+    let (h, d, t) = (c.kv_heads, c.head_dim, 23);
+    let mut k = rand(h * t * d, 1);
+    let v = rand(h * t * d, 2);
+    // Keys of page 0 (positions 2..6) dominate q . k; page 2 (positions 10..14) comes next.
+    for hh in 0..h {
+        for pos in 2..6 {
+            k[(hh * t + pos) * d] = 50.0;
+        }
+        for pos in 10..14 {
+            k[(hh * t + pos) * d] = 20.0;
+        }
+    }
+    s.append(0, 0, &k, &v, t).unwrap();
+    let mut q = vec![0f32; h * d];
+    for hh in 0..h {
+        q[hh * d] = 1.0;
+    }
+    let qs = Queries {
+        q: &q,
+        hq: h,
+        tq: 1,
+        scale: 1.0,
+        causal: true,
+        start: 6,
+    };
+    // With page 0 padded away, one page per head must be page 2, which holds the mass.
+    let (one, _) = s.attend_quest(0, 0, &qs, 1).unwrap();
+    let (all, _) = s.attend_quest(0, 0, &qs, 100).unwrap();
+    assert_close(&one, &all, 1e-3, "budget 1 vs everything");
+}
+
+/// Everything observable of one sequence: per layer token count, sinks, window, page blobs.
+type SeqSnapshot = Vec<(usize, Vec<f32>, Vec<f32>, Vec<Vec<u8>>)>;
+
+fn snapshot(s: &KvStore, seq: usize) -> SeqSnapshot {
+    (0..s.config().layers)
+        .map(|l| {
+            (
+                s.num_tokens(seq, l).unwrap(),
+                s.full_precision(seq, l, Region::Sinks).unwrap().0,
+                s.full_precision(seq, l, Region::Window).unwrap().1,
+                (0..s.num_pages(seq, l).unwrap())
+                    .map(|p| s.page(seq, l, p).unwrap().blob().to_vec())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn attend_all(s: &KvStore, seq: usize) -> Vec<Vec<f32>> {
+    let c = s.config();
+    let q = rand(c.kv_heads * c.head_dim, 5);
+    let qs = Queries {
+        q: &q,
+        hq: c.kv_heads,
+        tq: 1,
+        scale: 0.3,
+        causal: true,
+        start: 0,
+    };
+    (0..c.layers)
+        .flat_map(|l| {
+            [
+                s.attend_dense(seq, l, &qs).unwrap().0,
+                s.attend_quest(seq, l, &qs, 100).unwrap().0,
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn select_seqs_reorders_repeats_and_shrinks() {
+    let mut c = cfg(None, Some(tmpdir("select")));
+    c.batch = 2;
+    let s = store(c.clone());
+    fill_seq(&s, 0, 30, 1);
+    fill_seq(&s, 1, 21, 2);
+    let old = [snapshot(&s, 0), snapshot(&s, 1)];
+    let old_att = [attend_all(&s, 0), attend_all(&s, 1)];
+    let pages0 = s.stats().unwrap().pages;
+    assert_eq!(s.batch().unwrap(), 2);
+
+    s.select_seqs(&[1, 0]).unwrap();
+    assert_eq!(s.batch().unwrap(), 2);
+    assert_eq!(snapshot(&s, 0), old[1]);
+    assert_eq!(snapshot(&s, 1), old[0]);
+    assert_eq!(attend_all(&s, 0), old_att[1]);
+    assert_eq!(
+        s.stats().unwrap().pages,
+        pages0,
+        "pages are shared, not copied"
+    );
+
+    // Now [seq1, seq0] -> [seq1, seq1, seq0, seq0].
+    s.select_seqs(&[0, 0, 1, 1]).unwrap();
+    assert_eq!(s.batch().unwrap(), 4);
+    for (i, o) in [1, 1, 0, 0].iter().enumerate() {
+        assert_eq!(snapshot(&s, i), old[*o], "new sequence {i}");
+        assert_eq!(attend_all(&s, i), old_att[*o]);
+    }
+    assert_eq!(s.stats().unwrap().pages, pages0);
+    assert!(matches!(s.num_tokens(4, 0), Err(Error::Config(_))));
+
+    // Appending to one of two sequences sharing pages leaves the other as it was.
+    fill_seq(&s, 2, 13, 3);
+    assert_eq!(snapshot(&s, 3), old[0]);
+    assert_eq!(s.num_tokens(2, 0).unwrap(), 43);
+    assert_eq!(snapshot(&s, 2)[0].3[..6], old[0][0].3[..6]);
+
+    // Errors change nothing.
+    let before = snapshot(&s, 2);
+    assert!(matches!(s.select_seqs(&[]), Err(Error::Config(_))));
+    match s.select_seqs(&[0, 4]) {
+        Err(Error::Config(msg)) => assert!(msg.contains("batch=4"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.batch().unwrap(), 4);
+    assert_eq!(snapshot(&s, 2), before);
+
+    // Shrink to the old sequence 1 (twice appended copy of seq 0 dropped): RAM is released.
+    s.evict_all().unwrap(); // half of the pages on disk, the rest resident below
+    for i in 0..4 {
+        for l in 0..2 {
+            for p in 0..s.num_pages(i, l).unwrap() / 2 {
+                s.page(i, l, p).unwrap();
+            }
+        }
+    }
+    let ram0 = s.stats().unwrap();
+    s.select_seqs(&[1]).unwrap();
+    let ram1 = s.stats().unwrap();
+    assert_eq!(s.batch().unwrap(), 1);
+    assert_eq!(snapshot(&s, 0), old[1]);
+    assert_eq!(attend_all(&s, 0), old_att[1]);
+    assert!(ram1.ram_bytes < ram0.ram_bytes, "{ram1:?} vs {ram0:?}");
+    assert!(ram1.ram_page_bytes < ram0.ram_page_bytes);
+    let live: u64 = (0..2)
+        .map(|l| (s.paged_tokens(0, l).unwrap() / c.page_size) as u64)
+        .sum();
+    assert_eq!(
+        ram1.pages, live,
+        "only the remaining sequence's closed pages stay live"
+    );
+    assert!(ram1.pages < pages0);
+    // Resident pages all belong to the remaining sequence.
+    let st = s.shared.lock().unwrap();
+    for id in st.ram.map.keys() {
+        assert!(st.pages[*id as usize].refs > 0);
+    }
+    drop(st);
+    let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+}
+
+#[test]
+fn select_seqs_then_save_and_load() {
+    let dir = tmpdir("select-save");
+    let mut c = cfg(None, None);
+    c.batch = 2;
+    let s = store(c.clone());
+    fill_seq(&s, 0, 30, 1);
+    fill_seq(&s, 1, 25, 2);
+    s.select_seqs(&[0, 1, 0]).unwrap();
+    fill_seq(&s, 2, 5, 9);
+    s.save(&dir, b"beam").unwrap();
+    // Shared pages are written once.
+    let unique = s.stats().unwrap().pages;
+    let seg = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        unique * c.page_bytes() as u64
+    );
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
+    assert_eq!(l.batch().unwrap(), 3);
+    assert_eq!(l.config().batch, 3);
+    assert_eq!(
+        l.stats().unwrap().pages,
+        unique,
+        "sharing survives the round trip"
+    );
+    for i in 0..3 {
+        assert_eq!(snapshot(&l, i), snapshot(&s, i));
+        assert_eq!(attend_all(&l, i), attend_all(&s, i));
+    }
+    // And the loaded store keeps selecting and appending independently.
+    l.select_seqs(&[2, 2]).unwrap();
+    fill_seq(&l, 0, 9, 4);
+    assert_eq!(snapshot(&l, 1), snapshot(&s, 2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn select_seqs_checks_the_budget_before_changing_anything() {
+    let mut c = cfg(None, Some(tmpdir("select-budget")));
+    c.ram_budget = Some(c.min_ram_budget() + 64 * 1024);
+    let s = store(c.clone());
+    fill(&s, 40, 1);
+    let before = snapshot(&s, 0);
+    assert!(matches!(
+        s.select_seqs(&vec![0; 200]),
+        Err(Error::Budget(_))
+    ));
+    assert_eq!(s.batch().unwrap(), 1);
+    assert_eq!(snapshot(&s, 0), before);
+    s.select_seqs(&[0, 0]).unwrap();
+    assert!(s.stats().unwrap().ram_bytes <= c.ram_budget.unwrap());
+    let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+}
+
+#[test]
+fn crop_removes_full_precision_tokens_only() {
+    let mut c = cfg(None, None);
+    c.batch = 2;
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    // Sequence 0: 2 sinks + 3 window, nothing paged; sequence 1: 2 sinks, pages, 3 window.
+    fill_seq(&s, 0, 5, 1);
+    fill_seq(&s, 1, 20, 2);
+    let win1 = s.full_precision(1, 0, Region::Window).unwrap();
+    s.crop(1, 0, 2).unwrap();
+    assert_eq!(s.num_tokens(1, 0).unwrap(), 18);
+    let (k, v, t) = s.full_precision(1, 0, Region::Window).unwrap();
+    assert_eq!(t, 1);
+    for hh in 0..h {
+        assert_eq!(
+            &k[hh * d..(hh + 1) * d],
+            &win1.0[hh * 3 * d..hh * 3 * d + d]
+        );
+        assert_eq!(
+            &v[hh * d..(hh + 1) * d],
+            &win1.1[hh * 3 * d..hh * 3 * d + d]
+        );
+    }
+    assert_eq!(s.num_tokens(1, 1).unwrap(), 20, "other layers untouched");
+    // Only the one window token is left: more is refused, naming the maximum and the reason.
+    match s.crop(1, 0, 2) {
+        Err(Error::Config(msg)) => {
+            assert!(
+                msg.contains("at most 1") && msg.contains("PQ-coded"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.num_tokens(1, 0).unwrap(), 18);
+    // Appending after a crop continues at the cropped position.
+    let k = rand(h * 2 * d, 3);
+    s.append(1, 0, &k, &k, 2).unwrap();
+    assert_eq!(s.num_tokens(1, 0).unwrap(), 20);
+    assert_eq!(s.full_precision(1, 0, Region::Window).unwrap().2, 3);
+
+    // Nothing paged: the window, then the sinks.
+    let sinks0 = s.full_precision(0, 0, Region::Sinks).unwrap();
+    s.crop(0, 0, 4).unwrap();
+    assert_eq!(s.num_tokens(0, 0).unwrap(), 1);
+    assert_eq!(s.full_precision(0, 0, Region::Window).unwrap().2, 0);
+    let (k, _, t) = s.full_precision(0, 0, Region::Sinks).unwrap();
+    assert_eq!(t, 1);
+    for hh in 0..h {
+        assert_eq!(
+            &k[hh * d..(hh + 1) * d],
+            &sinks0.0[hh * 2 * d..hh * 2 * d + d]
+        );
+    }
+    assert!(matches!(s.crop(0, 0, 2), Err(Error::Config(_))));
+    s.crop(0, 0, 1).unwrap();
+    assert_eq!(s.num_tokens(0, 0).unwrap(), 0);
+    // Refilled from scratch, the layout is as for a fresh sequence.
+    let k = rand(h * 10 * d, 4);
+    s.append(0, 0, &k, &k, 10).unwrap();
+    assert_eq!(s.full_precision(0, 0, Region::Sinks).unwrap().2, 2);
+    assert_eq!(s.paged_tokens(0, 0).unwrap(), 5);
+
+    // crop_many is all or nothing.
+    let n = [s.num_tokens(0, 1).unwrap(), s.num_tokens(1, 1).unwrap()];
+    assert!(matches!(
+        s.crop_many(&[(0, 1), (1, 1)], 4),
+        Err(Error::Config(_))
+    ));
+    assert_eq!(
+        [s.num_tokens(0, 1).unwrap(), s.num_tokens(1, 1).unwrap()],
+        n
+    );
+    s.crop_many(&[(0, 1), (1, 1), (1, 1)], 3).unwrap();
+    assert_eq!(
+        [s.num_tokens(0, 1).unwrap(), s.num_tokens(1, 1).unwrap()],
+        [n[0] - 3, n[1] - 3]
+    );
+    assert!(matches!(s.crop(2, 0, 0), Err(Error::Config(_))));
+}

