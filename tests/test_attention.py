@@ -519,7 +519,7 @@ def test_selective_full_budget_is_exact(method, tq):
 
 @pytest.mark.parametrize("method", ["quest", "pq"])
 def test_selective_small_budget(method):
-    store, k, v = build_store(tokens=600, ram_budget="64KB")
+    store, k, v = build_store(tokens=600, ram_budget="256KB")
     cb = store_codebooks(store)
     q = torch.randn(1, 6, 1, D).bfloat16()
     store.evict_all()

@@ -311,7 +311,8 @@ def test_memory_stats_counts_everything():
     s = cache.memory_stats()
     assert s["tokens"] == 400 and s["batch"] == 1
     assert s["dense_bytes"] == 2 * 2 * 2 * 400 * 16 * 4  # layers x K/V x heads x tokens x dim x f32
-    assert 0 < s["compressed_bytes"] < s["dense_fp16_bytes"]
+    codebooks = 2 * 2 * 2 * 16 * 256 * 4  # layers x heads x K/V x head_dim x 256 x f32
+    assert codebooks < s["compressed_bytes"] < s["dense_fp16_bytes"] + codebooks
     assert s["ram_bytes"] == s["compressed_bytes"] and s["disk_bytes"] == 0
 
 

@@ -134,7 +134,7 @@ def test_cli_ask_save_load_and_errors(model_tok, tmp_path):
         (("--context", str(tmp_path / "missing.txt"), "--question", "q"), "no such file"),
         (("--context", str(doc), "--question", "  "), "question is empty"),
         (("--context", str(doc), "--question", "q", "--model", str(bad)), "not a .gguf"),
-        (("--context", str(doc), "--question", "q", "--load", str(save)), "not allowed with"),
+        (("--context", str(doc), "--question", "q", "--load", str(save)), "exclusive"),
         (("--load", str(tmp_path / "nowhere"), "--question", "q"), "nowhere"),
     ]
     if os.geteuid() != 0:  # root can write anywhere

@@ -166,7 +166,7 @@ def test_start_skips_padded_pages_for_quest_and_reads():
     kk = k.copy()
     kk[:, 2:18, 0] = 50.0
     s2 = ctxcore.KVStore(1, H, D, page_size=16, window=8, sinks=2, bits=4, keep_full_precision=True)
-    s2.calibrate(0, kk[:, :200], v[:, :200], iters=3)
+    s2.calibrate(0, kk, v, iters=3)
     s2.append(0, kk, v)
     q = torch.zeros(HQ, 1, D)
     q[:, 0, 0] = 10.0
