@@ -252,13 +252,32 @@ def test_crop_limits():
     cache = _cache(model)
     with torch.no_grad():
         model(_ids(60), past_key_values=cache)
+        cache.crop(-30)  # still warming up (held exactly): any length
+        assert cache.get_seq_length() == 30
+        model(_ids(30, seed=1), past_key_values=cache)
+        model(_ids(1, seed=2), past_key_values=cache)  # a decode step ends the warm-up
+    assert cache.store.has_codebooks(0)
     cache.crop(-5)
-    assert cache.get_seq_length() == 55
+    assert cache.get_seq_length() == 56
     with pytest.raises(ConfigError, match="window"):
         cache.crop(-40)
     with pytest.raises(ConfigError):
         cache.crop(3)
-    assert cache.get_seq_length() == 55
+    assert cache.get_seq_length() == 56
+
+
+def test_online_calibration_waits_for_a_large_sample():
+    model = enable(_model())
+    cache = _cache(model, calibration_tokens=100, prefill_block=40)
+    ids = _ids(150)
+    with torch.no_grad():
+        full = model(ids[:, :80], past_key_values=transformers.DynamicCache(config=model.config)).logits
+        got = torch.cat([model(ids[:, i : i + 40], past_key_values=cache).logits for i in (0, 40)], 1)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)  # held exactly so far
+    assert not cache.store.has_codebooks(0) and cache.memory_stats()["ram_bytes"] > 0
+    cache.prefill(model, ids[:, 80:])  # crosses calibration_tokens: trained on 120 tokens
+    assert cache.store.has_codebooks(0) and cache.store.num_tokens(0) == 150
+    assert cache.layers[0].warm_tokens == 0
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -307,11 +326,14 @@ def test_memory_stats_counts_everything():
     model = enable(_model())
     cache = _cache(model, window=16, sinks=2, page_size=8)
     with torch.no_grad():
-        model(_ids(400), past_key_values=cache)
+        model(_ids(399), past_key_values=cache)
+        held = cache.memory_stats()
+        codebooks = 2 * 2 * 2 * 16 * 256 * 4  # reserved: layers x heads x K/V x head_dim x 256 x f32
+        assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
+        model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()
     assert s["tokens"] == 400 and s["batch"] == 1
     assert s["dense_bytes"] == 2 * 2 * 2 * 400 * 16 * 4  # layers x K/V x heads x tokens x dim x f32
-    codebooks = 2 * 2 * 2 * 16 * 256 * 4  # layers x heads x K/V x head_dim x 256 x f32
     assert codebooks < s["compressed_bytes"] < s["dense_fp16_bytes"] + codebooks
     assert s["ram_bytes"] == s["compressed_bytes"] and s["disk_bytes"] == 0
 
@@ -347,7 +369,7 @@ def test_enabled_model_still_works_with_dynamic_cache():
 def test_prefill_blocks_and_calibration_online():
     model = enable(_model())
     ids = _ids(300)
-    cache = _cache(model, prefill_block=64)
+    cache = _cache(model, prefill_block=64, calibration_tokens=128)
     logits = cache.prefill(model, ids)
     assert cache.get_seq_length() == 300 and logits.shape == (1, VOCAB)
     with torch.no_grad():

@@ -245,8 +245,14 @@ class CompressedLayer(CacheLayerMixin):
         super().__init__()
         self.cache = cache
         self.idx = idx
+        # K/V an update() left for the ctxcore attention (committed by it).
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._committed = 0
+        # Warm-up: until the layer has codebooks, tokens are held exactly here (float32
+        # [B, kv_heads, T, head_dim]) so the codebooks can be trained on a large sample.
+        self._warm: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Left padding per sequence (first position that may be attended), from the first mask.
+        self._starts: list[int] | None = None
+        self._committed = 0  # tokens in the store
 
     def __repr__(self) -> str:
         return f"CompressedLayer({self.idx}, tokens={self.get_seq_length()})"
@@ -273,8 +279,13 @@ class CompressedLayer(CacheLayerMixin):
             self._pending = (key_states, value_states)
             _HANDOFF.layer, _HANDOFF.key = self, key_states
             return key_states, value_states
+        if self.warming:
+            self._hold(key_states, value_states)
+            kw, vw = self._warm  # type: ignore[misc]
+            self._maybe_settle(key_states.shape[2])
+            return kw.to(key_states.dtype), vw.to(value_states.dtype)  # exact
         past = self._committed
-        self.commit(key_states, value_states, [0] * key_states.shape[0])
+        self.commit(key_states, value_states, self._starts or [0] * key_states.shape[0])
         if past == 0:
             return key_states, value_states  # exact prefill
         k, v = self.dequantized()
@@ -284,13 +295,14 @@ class CompressedLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self._committed + (0 if self._pending is None else self._pending[0].shape[2])
+        pending = 0 if self._pending is None else self._pending[0].shape[2]
+        return self._committed + self.warm_tokens + pending
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
-        self._pending = None
+        self._pending = self._warm = self._starts = None
         self._committed = 0
         self.is_initialized = False
 
@@ -314,12 +326,43 @@ class CompressedLayer(CacheLayerMixin):
         pass
 
     # -- ctxcore ----------------------------------------------------------------------------
+    @property
+    def warming(self) -> bool:
+        """Whether new tokens are still held exactly, waiting for the codebooks' training."""
+        return self._committed == 0 and not self.cache.store.has_codebooks(self.idx)
+
+    @property
+    def warm_tokens(self) -> int:
+        return 0 if self._warm is None else self._warm[0].shape[2]
+
+    def _hold(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        kc, vc = k.detach().to("cpu", torch.float32), v.detach().to("cpu", torch.float32)
+        if self._warm is None:
+            self._warm = (kc.clone(), vc.clone())
+        else:
+            self._warm = (torch.cat([self._warm[0], kc], 2), torch.cat([self._warm[1], vc], 2))
+
+    def _maybe_settle(self, tq: int) -> None:
+        # A single-token step means the prompt is over: train on what there is.
+        if tq == 1 or self.warm_tokens >= self.cache._calibration_cap():
+            self.settle()
+
+    def settle(self) -> None:
+        """End the warm-up: train the codebooks on the held tokens and page them."""
+        if self._warm is not None:
+            k, v = self._warm
+            self._warm = None
+            self.commit(k, v, self._starts or [0] * k.shape[0])
+
     def flush(self) -> None:
         """Commit K/V an ``update`` left for an attention call that did not come."""
         if self._pending is not None:
             k, v = self._pending
             self._pending = None
-            self.commit(k, v, [0] * k.shape[0])
+            if self.warming:
+                self._hold(k, v)
+            else:
+                self.commit(k, v, self._starts or [0] * k.shape[0])
 
     def commit(self, k: torch.Tensor, v: torch.Tensor, starts: list[int]) -> None:
         """Append K/V ``[B, kv_heads, T, head_dim]`` to the store, training codebooks first when
@@ -387,13 +430,29 @@ class CompressedLayer(CacheLayerMixin):
         k_new, v_new = self._pending
         self._pending = None
         b, hq, tq, d = q.shape
-        past = self._committed
         c = self.cache
+        if self.warming:
+            # Exact attention over the held tokens and the new ones, like a DynamicCache.
+            past = self.warm_tokens
+            if past == 0:
+                if self._starts is None:
+                    valid = _split_mask(mask, b, tq, 0)[1]
+                    self._starts = [_first_valid(valid, i) for i in range(b)]
+                k, v = k_new, v_new
+            else:
+                kw, vw = self._warm  # type: ignore[misc]
+                k, v = torch.cat([kw.to(k_new.dtype), k_new], 2), torch.cat([vw.to(v_new.dtype), v_new], 2)
+            out = _sdpa(module, q, k, v, mask, scale, **kwargs)
+            self._hold(k_new, v_new)
+            self._maybe_settle(tq)
+            return out
+        past = self._committed
         starts, new_valid, plain = _split_mask(mask, b, tq, past)
         if past == 0:
             # First prefill: exact attention over the full-precision K/V, then compress them.
             out = _sdpa(module, q, k_new, v_new, mask, scale, **kwargs)
-            self.commit(k_new, v_new, [_first_valid(new_valid, i) for i in range(b)])
+            self._starts = [_first_valid(new_valid, i) for i in range(b)]
+            self.commit(k_new, v_new, self._starts)
             return out
         if starts is None:
             # A mask the paged kernels cannot express (holes in the history): dense fallback.
@@ -480,6 +539,10 @@ class CompressedCache(Cache):
             page's codes. Pages then carry fp16 copies (``memory_stats`` counts them).
         prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
             prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
+        calibration_tokens: online calibration holds up to this many leading tokens exactly
+            (float32, counted in ``ram_bytes``) and trains the codebooks on them once reached,
+            or at the first single-token (decode) step; attention over them is exact meanwhile.
+            With ``ram_budget`` the hold is capped to fit the budget.
         model_id: identity saved with the context and checked on load (default: a fingerprint
             of the config's shape, see :func:`model_fingerprint`).
         max_disk_bytes: cap on the offload directory's size.
@@ -513,6 +576,7 @@ class CompressedCache(Cache):
         select: int | float | None = None,
         *,
         prefill_block: int | None = None,
+        calibration_tokens: int = 2048,
         model_id: str | None = None,
         max_disk_bytes: int | str | None = None,
         _store: KVStore | None = None,
@@ -532,6 +596,9 @@ class CompressedCache(Cache):
         if prefill_block is not None and int(prefill_block) < 1:
             raise ConfigError(f"prefill_block must be >= 1 token, got {prefill_block}")
         self.prefill_block = None if prefill_block is None else int(prefill_block)
+        if int(calibration_tokens) < 1:
+            raise ConfigError(f"calibration_tokens must be >= 1, got {calibration_tokens}")
+        self.calibration_tokens = int(calibration_tokens)
         self.model_id = model_id if model_id is not None else model_fingerprint(config)
         self._store_kwargs = dict(
             layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, page_size=self.page_size,
@@ -560,6 +627,16 @@ class CompressedCache(Cache):
         return getattr(cfg, "_attn_implementation", None) == "ctxcore" or (
             getattr(self.config, "_attn_implementation", None) == "ctxcore"
         )
+
+    def _calibration_cap(self) -> int:
+        """Tokens the warm-up may hold: ``calibration_tokens``, within ``ram_budget``."""
+        cap = self.calibration_tokens
+        budget = self._store_kwargs.get("ram_budget")
+        if budget is not None:
+            per_token = 2 * self.num_layers * self.store.batch * self.kv_heads * self.head_dim * 4
+            spare = budget - self.store.config["min_ram_budget"]
+            cap = min(cap, max(1, spare // per_token))
+        return cap
 
     def _method(self) -> tuple[str, int | float | None]:
         return ("dense", None) if self.select is None else ("quest", self.select)
@@ -625,8 +702,19 @@ class CompressedCache(Cache):
             return
         if n > self.get_seq_length():
             raise ConfigError(f"cannot remove {n} tokens from a cache of {self.get_seq_length()}")
-        self.store.crop(n)
-        for lay in self.layers:
+        held = [lay for lay in self.layers if lay._warm is not None]
+        paged = [lay for lay in self.layers if lay._warm is None and lay._committed > 0]
+        if any(lay.warm_tokens < n for lay in held):
+            raise ConfigError(f"cannot remove {n} tokens: some layers hold fewer")
+        if paged:
+            self.store.crop(n, layer=None if len(paged) == self.num_layers else paged[0].idx)
+            if 1 < len(paged) < self.num_layers:  # pragma: no cover - layers settle together
+                for lay in paged[1:]:
+                    self.store.crop(n, layer=lay.idx)
+        for lay in held:
+            k, v = lay._warm  # type: ignore[misc]
+            lay._warm = (k[:, :, :-n], v[:, :, :-n])
+        for lay in paged:
             lay._committed -= n
 
     def _flush(self) -> None:
@@ -635,7 +723,15 @@ class CompressedCache(Cache):
 
     def _select(self, indices: list[int]) -> None:
         self._flush()
+        if not indices or min(indices) < 0 or max(indices) >= self.store.batch:
+            raise ConfigError(f"sequence indices {indices} out of range for batch {self.store.batch}")
         self.store.select_seqs(indices)
+        idx = torch.tensor(indices)
+        for lay in self.layers:
+            if lay._warm is not None:
+                lay._warm = (lay._warm[0][idx], lay._warm[1][idx])
+            if lay._starts is not None:
+                lay._starts = [lay._starts[i] for i in indices]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence ``i`` becomes a copy of sequence ``beam_idx[i]`` (pages shared)."""
@@ -726,6 +822,7 @@ class CompressedCache(Cache):
         ``ram_budget`` bounds), ``disk_bytes`` (offload files)."""
         self._flush()
         s = self.store.stats()
+        held = sum(lay._warm[0].nbytes * 2 for lay in self.layers if lay._warm is not None)
         t = self.get_seq_length()
         b = self.store.batch
         elems = 2 * self.num_layers * b * self.kv_heads * t * self.head_dim
@@ -735,16 +832,18 @@ class CompressedCache(Cache):
             "batch": b,
             "dense_bytes": elems * _DTYPE_BYTES.get(self._kv_dtype or torch.float16, 2),
             "dense_fp16_bytes": elems * 2,
-            "compressed_bytes": int(s["ram_bytes"] - s["ram_page_bytes"] + s["pages"] * page_bytes),
-            "ram_bytes": int(s["ram_bytes"]),
+            "compressed_bytes": int(s["ram_bytes"] - s["ram_page_bytes"] + s["pages"] * page_bytes + held),
+            "ram_bytes": int(s["ram_bytes"] + held),
             "disk_bytes": int(s["disk_bytes"]),
         }
 
     def save(self, path: str | os.PathLike, token_ids: Any = None, metadata: dict | None = None) -> None:
         """Save the context (pages, window, sinks, codebooks, abstracts) to directory ``path``,
         atomically. ``token_ids`` (``[T]`` or ``[B, T]``) are saved with it so a later prompt can
-        be matched (:attr:`token_ids`)."""
+        be matched (:attr:`token_ids`). Ends a calibration warm-up first."""
         self._flush()
+        for lay in self.layers:
+            lay.settle()
         meta = {
             "ctxcore_cache": {
                 "bits": self.bits, "window": self.window, "sinks": self.sinks,
