@@ -62,10 +62,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
 
 
-def _bar(desc: str, total: int) -> Any:
+def _bar(desc: str, total: int, unit: str = "tok") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)
 
 
 def _step(msg: str) -> None:
@@ -78,6 +78,27 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _prefill_with_bars(sess: Any, name: str, n: int) -> Any:
+    bars: dict[str, Any] = {}
+
+    def prefill_cb(done: int, total: int) -> None:
+        bar = bars.setdefault("p", _bar(f"prefill {name}", total))
+        bar.update(done - bar.n)
+
+    def compress_cb(done: int, total: int) -> None:
+        if "p" in bars:
+            bars.pop("p").close()
+        bar = bars.setdefault("c", _bar(f"calibrate + compress {name}", total, unit="layer"))
+        bar.update(done - bar.n)
+
+    cache = sess.prefill(prefill_cb, compress_progress=compress_cb)
+    for bar in bars.values():
+        bar.close()
+    extra = f" (calibration + compression {sess.compress_seconds:.1f} s)" if sess.compress_seconds else ""
+    _step(f"prefill {name}: {n} tokens in {sess.prefill_seconds:.1f} s{extra}")
+    return cache
 
 
 def _check_options(args: argparse.Namespace) -> Any:
@@ -225,9 +246,7 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     results: dict[str, list[Any]] = {}
     for name, sess in sessions.items():
-        with _bar(f"prefill {name}", n) as bar:
-            cache = sess.prefill(lambda done, total, bar=bar: bar.update(done - bar.n))
-        _step(f"prefill {name}: {n} tokens in {sess.prefill_seconds:.1f} s")
+        cache = _prefill_with_bars(sess, name, n)
         answers = []
         for fact in FACTS:
             q = torch.tensor([tok(chat_question(tok, doc, fact.question), add_special_tokens=False)["input_ids"]])
@@ -316,9 +335,7 @@ def run_ask(args: argparse.Namespace) -> int:
             ctx_ids = head + ctx_ids[len(ctx_ids) - room + len(head) :]
         ctx = torch.tensor([ctx_ids])
         sess = QASession(model, tok, ctx, lambda: _make_compressed(model, args, select, budget, model_id))
-        with _bar("prefill + compress", ctx.shape[1]) as bar:
-            cache = sess.prefill(lambda done, total: bar.update(done - bar.n))
-        _step(f"prefill: {ctx.shape[1]} tokens in {sess.prefill_seconds:.1f} s")
+        cache = _prefill_with_bars(sess, "context", ctx.shape[1])
         if args.save is not None:
             t0 = time.perf_counter()
             cache.save(args.save, token_ids=ctx[0], metadata={"header": header, "model": name})

@@ -247,7 +247,7 @@ class CompressedLayer(CacheLayerMixin):
         self.idx = idx
         # K/V an update() left for the ctxcore attention (committed by it).
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        # Warm-up: until the layer has codebooks, tokens are held exactly here (float32
+        # Warm-up: until the layer has codebooks, tokens are held exactly here (model dtype,
         # [B, kv_heads, T, head_dim]) so the codebooks can be trained on a large sample.
         self._warm: tuple[torch.Tensor, torch.Tensor] | None = None
         # Left padding per sequence (first position that may be attended), from the first mask.
@@ -336,7 +336,7 @@ class CompressedLayer(CacheLayerMixin):
         return 0 if self._warm is None else self._warm[0].shape[2]
 
     def _hold(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        kc, vc = k.detach().to("cpu", torch.float32), v.detach().to("cpu", torch.float32)
+        kc, vc = k.detach().cpu(), v.detach().cpu()
         if self._warm is None:
             self._warm = (kc.clone(), vc.clone())
         else:
@@ -540,7 +540,7 @@ class CompressedCache(Cache):
         prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
             prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
         calibration_tokens: online calibration holds up to this many leading tokens exactly
-            (float32, counted in ``ram_bytes``) and trains the codebooks on them once reached,
+            (in the model's dtype, counted in ``ram_bytes``) and trains the codebooks on them once reached,
             or at the first single-token (decode) step; attention over them is exact meanwhile.
             With ``ram_budget`` the hold is capped to fit the budget.
         model_id: identity saved with the context and checked on load (default: a fingerprint
@@ -576,7 +576,7 @@ class CompressedCache(Cache):
         select: int | float | None = None,
         *,
         prefill_block: int | None = None,
-        calibration_tokens: int = 2048,
+        calibration_tokens: int = 4096,
         model_id: str | None = None,
         max_disk_bytes: int | str | None = None,
         _store: KVStore | None = None,
@@ -633,7 +633,8 @@ class CompressedCache(Cache):
         cap = self.calibration_tokens
         budget = self._store_kwargs.get("ram_budget")
         if budget is not None:
-            per_token = 2 * self.num_layers * self.store.batch * self.kv_heads * self.head_dim * 4
+            size = _DTYPE_BYTES.get(self._kv_dtype or torch.float32, 4)
+            per_token = 2 * self.num_layers * self.store.batch * self.kv_heads * self.head_dim * size
             spare = budget - self.store.config["min_ram_budget"]
             cap = min(cap, max(1, spare // per_token))
         return cap
@@ -813,6 +814,16 @@ class CompressedCache(Cache):
                 progress(e, t)
         assert logits is not None, "empty input_ids"
         return logits
+
+    def compress(self, progress: Any = None) -> None:
+        """End the calibration warm-up now: train each layer's codebooks on the tokens held so
+        far and page them (otherwise this happens at the first decode step or at
+        ``calibration_tokens``). ``progress(done_layers, layers)`` is called per layer."""
+        self._flush()
+        for i, lay in enumerate(self.layers):
+            lay.settle()
+            if progress is not None:
+                progress(i + 1, self.num_layers)
 
     def memory_stats(self) -> dict[str, int]:
         """KV memory: ``tokens`` (per sequence), ``batch``, ``dense_bytes`` (what a

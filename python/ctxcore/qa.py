@@ -121,12 +121,20 @@ class QASession:
     context_ids: torch.Tensor
     make_cache: Callable[[], Any]
     prefill_seconds: float = 0.0
+    compress_seconds: float = 0.0
     _snapshot: Any = None
     _tmp: Any = field(default=None, repr=False)
 
     @torch.no_grad()
-    def prefill(self, progress: Callable[[int, int], None] | None = None, block: int = 256) -> Any:
-        """Run the document through the model into a new cache; keep it for :meth:`ask`."""
+    def prefill(
+        self,
+        progress: Callable[[int, int], None] | None = None,
+        block: int = 256,
+        compress_progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Run the document through the model into a new cache (and, for a CompressedCache,
+        train its codebooks and compress: ``compress_seconds``); keep it for :meth:`ask`.
+        ``prefill_seconds`` includes the compression."""
         from transformers import DynamicCache
 
         from .cache import CompressedCache
@@ -137,6 +145,9 @@ class QASession:
             if cache.prefill_block is None:
                 cache.prefill_block = block
             cache.prefill(self.model, self.context_ids, progress=progress)
+            t1 = time.perf_counter()
+            cache.compress(compress_progress)
+            self.compress_seconds = time.perf_counter() - t1
         else:
             cache = cache if cache is not None else DynamicCache(config=self.model.config)
             t = self.context_ids.shape[1]
