@@ -241,7 +241,9 @@ def test_assisted_decoding_crops_the_cache():
     ids = torch.cat([_ids(40, seed=7)] * 3, dim=1)  # repetitive: prompt lookup proposes tokens
     plain = model.generate(ids, past_key_values=_cache(model, bits=8), max_new_tokens=12, do_sample=False)
     cache = _cache(model, bits=8)
-    got = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4)
+    got = model.generate(
+        ids, past_key_values=cache, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=4
+    )
     assert got.shape == plain.shape
     assert cache.get_seq_length() == got.shape[1] - 1
     assert (got[0, -12:] == plain[0, -12:]).float().mean() > 0.8

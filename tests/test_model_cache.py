@@ -104,7 +104,9 @@ def test_save_then_load_in_a_new_process_gives_the_same_answer(model_tok, passke
         print("ANSWER:" + tok.decode(out[0, ids.shape[1]:]))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=_env()
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     there = proc.stdout.split("ANSWER:", 1)[1].rstrip("\n")
     assert there == here
@@ -113,11 +115,13 @@ def test_save_then_load_in_a_new_process_gives_the_same_answer(model_tok, passke
 
 def test_cli_ask_save_load_and_errors(model_tok, tmp_path):
     del model_tok
-    _, tok = None, None
     doc = tmp_path / "doc.txt"
     doc.write_text(SAMPLE_TEXT[:1500] + "\n\nThe secret passkey is 48213.\n\n" + SAMPLE_TEXT[1500:3000])
     save = tmp_path / "saved"
-    run = lambda *a: subprocess.run([*_cli(), "ask", *a], capture_output=True, text=True, timeout=600, env=_env())  # noqa: E731
+
+    def run(*a: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*_cli(), "ask", *a], capture_output=True, text=True, timeout=600, env=_env())
+
     p = run("--context", str(doc), "--question", "What is the secret passkey?", "--save", str(save))
     assert p.returncode == 0, p.stderr[-3000:]
     assert "48213" in p.stdout

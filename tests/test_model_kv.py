@@ -203,7 +203,11 @@ def test_cli_kv_report_runs(smollm2):
 
 def test_cli_missing_text_file_is_a_usage_error():
     proc = subprocess.run(
-        [*_cli(), "kv-report", "--text", "/nonexistent"], capture_output=True, text=True, timeout=120, env=_env()
+        [*_cli(), "kv-report", "--text", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
     )
     assert proc.returncode == 2
     assert "/nonexistent" in proc.stderr

@@ -51,10 +51,10 @@ def test_stubs_match_extension():
 
 
 @pytest.mark.parametrize(
-    "module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store", "ctxcore.ops"]
+    "module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store", "ctxcore.ops", "ctxcore.cache"]
 )
 def test_docstring_examples_run(module):
-    if module == "ctxcore.ops":
+    if module in ("ctxcore.ops", "ctxcore.cache"):
         pytest.importorskip("torch")
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

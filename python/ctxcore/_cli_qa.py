@@ -54,9 +54,13 @@ def add_parsers(sub: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=int, default=4, help="average bits per K/V element: 1, 2, 4 or 8 (default 4)")
+    p.add_argument(
+        "--bits", type=int, default=4, help="average bits per K/V element: 1, 2, 4 or 8 (default 4)"
+    )
     p.add_argument("--window", type=int, default=128, help="recent tokens kept exact (default 128)")
-    p.add_argument("--select", default=None, help="selective attention budget: tokens (int) or fraction (0-1]")
+    p.add_argument(
+        "--select", default=None, help="selective attention budget: tokens (int) or fraction (0-1]"
+    )
     p.add_argument("--ram-budget", default=None, help="RAM bound for the KV cache, e.g. 256MB")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="where pages beyond the budget go")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
@@ -241,7 +245,10 @@ def run_demo(args: argparse.Namespace) -> int:
     sessions = {
         "full (DynamicCache)": QASession(model, tok, ctx, lambda: DynamicCache(config=model.config)),
         f"ctxcore {args.bits}-bit": QASession(
-            model, tok, ctx, lambda: _make_compressed(model, args, select, budget, model_fingerprint(model.config))
+            model,
+            tok,
+            ctx,
+            lambda: _make_compressed(model, args, select, budget, model_fingerprint(model.config)),
         ),
     }
     results: dict[str, list[Any]] = {}
@@ -249,7 +256,9 @@ def run_demo(args: argparse.Namespace) -> int:
         cache = _prefill_with_bars(sess, name, n)
         answers = []
         for fact in FACTS:
-            q = torch.tensor([tok(chat_question(tok, doc, fact.question), add_special_tokens=False)["input_ids"]])
+            q = torch.tensor(
+                [tok(chat_question(tok, doc, fact.question), add_special_tokens=False)["input_ids"]]
+            )
             answers.append(sess.ask(q, args.max_new_tokens))
         results[name] = [sess, cache, answers]
     print()
@@ -263,7 +272,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for name, (sess, cache, answers) in results.items():
         ttft = sum(a.ttft for a in answers) / len(answers)
         tpot = sum(a.tpot for a in answers) / len(answers)
-        correct = sum(f.answer.lower() in a.text.lower() for f, a in zip(FACTS, answers))
+        correct = sum(f.answer.lower() in a.text.lower() for f, a in zip(FACTS, answers, strict=True))
         print(
             f"{name}: {correct}/{len(FACTS)} correct; prefill {sess.prefill_seconds:.1f} s "
             f"(time to first token {sess.prefill_seconds + ttft:.1f} s for a new document, "
@@ -322,7 +331,9 @@ def run_ask(args: argparse.Namespace) -> int:
     else:
         assert text is not None
         header, _ = _chat_parts(tok)
-        ctx_ids = tok(header + "Read this document.\n\n" + text + "\n\n", add_special_tokens=False)["input_ids"]
+        ctx_ids = tok(header + "Read this document.\n\n" + text + "\n\n", add_special_tokens=False)[
+            "input_ids"
+        ]
         positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         room = positions - 64 - args.max_new_tokens if positions else None
         if room is not None and len(ctx_ids) > room:
@@ -362,6 +373,8 @@ def _chat_parts(tok: Any) -> tuple[str, str]:
     ``("", "")`` for a model without a template."""
     if getattr(tok, "chat_template", None) is None:
         return "", ""
-    text = tok.apply_chat_template([{"role": "user", "content": "XQX"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "XQX"}], tokenize=False, add_generation_prompt=True
+    )
     i = text.index("XQX")
     return text[:i], text[i + 3 :]

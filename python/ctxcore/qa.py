@@ -37,7 +37,9 @@ FACTS: list[Fact] = [
         "What is the name of the captain of the ship Albatross?",
         "Mirela",
     ),
-    Fact("The old lighthouse was painted bright green.", "What color was the old lighthouse painted?", "green"),
+    Fact(
+        "The old lighthouse was painted bright green.", "What color was the old lighthouse painted?", "green"
+    ),
 ]
 
 
@@ -56,7 +58,7 @@ def build_document(filler: str, tokenizer: Any, n_tokens: int, facts: list[Fact]
         i += 1
     depths = [(k + 1) / (len(facts) + 1) for k in range(len(facts))]
     random.Random(seed).shuffle(depths)
-    for fact, depth in sorted(zip(facts, depths), key=lambda x: -x[1]):
+    for fact, depth in sorted(zip(facts, depths, strict=True), key=lambda x: -x[1]):
         out.insert(int(depth * len(out)), fact.sentence)
     return "\n\n".join(out)
 
@@ -152,7 +154,12 @@ class QASession:
             cache = cache if cache is not None else DynamicCache(config=self.model.config)
             t = self.context_ids.shape[1]
             for s in range(0, t, block):
-                self.model(self.context_ids[:, s : s + block], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                self.model(
+                    self.context_ids[:, s : s + block],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 if progress is not None:
                     progress(min(t, s + block), t)
         self.prefill_seconds = time.perf_counter() - t0
