@@ -5,6 +5,8 @@
 
 /// Sub-vectors handled together by [`nearest_group`]: two AVX2 registers, lane = vector.
 pub const GROUP: usize = 16;
+/// Up to this many vectors, [`nearest_rows`] searches one vector at a time.
+const FEW: usize = 2;
 
 /// Nearest centroid of each of [`GROUP`] sub-vectors of width `D`.
 ///
@@ -91,6 +93,55 @@ pub fn nearest_rows(
     norms: &[f32],
     mut emit: impl FnMut(usize, u32, f32),
 ) {
+    if n <= FEW {
+        // A few vectors (a decode step appends one token): a lane per vector would waste most
+        // of the GROUP lanes. Same arithmetic in the same order, so the same codes.
+        const L: usize = 8;
+        let ksub = norms.len();
+        for i in 0..n {
+            let row = &x[i * stride + off..i * stride + off + dsub];
+            // Lane l scans centroids k = l (mod L); ties resolve to the smallest k below.
+            let mut best = [f32::INFINITY; L];
+            let mut bk = [0u32; L];
+            let mut k0 = 0;
+            while k0 + L <= ksub {
+                let mut acc = [0f32; L];
+                acc.copy_from_slice(&norms[k0..k0 + L]);
+                for (d, &xv) in row.iter().enumerate() {
+                    for l in 0..L {
+                        acc[l] = cm2[(k0 + l) * dsub + d].mul_add(xv, acc[l]);
+                    }
+                }
+                for l in 0..L {
+                    let better = acc[l] < best[l];
+                    best[l] = if better { acc[l] } else { best[l] };
+                    bk[l] = if better { (k0 + l) as u32 } else { bk[l] };
+                }
+                k0 += L;
+            }
+            for k in k0..ksub {
+                let mut acc = norms[k];
+                for (d, &xv) in row.iter().enumerate() {
+                    acc = cm2[k * dsub + d].mul_add(xv, acc);
+                }
+                let l = k % L;
+                if acc < best[l] {
+                    best[l] = acc;
+                    bk[l] = k as u32;
+                }
+            }
+            let (mut bi, mut best_d) = (bk[0], best[0]);
+            for l in 1..L {
+                if best[l] < best_d || (best[l] == best_d && bk[l] < bi) {
+                    best_d = best[l];
+                    bi = bk[l];
+                }
+            }
+            let best = best_d;
+            emit(i, bi, best);
+        }
+        return;
+    }
     let mut xt = vec![0f32; dsub * GROUP];
     let mut idx = [0u32; GROUP];
     let mut dist = [0f32; GROUP];

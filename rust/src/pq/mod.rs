@@ -267,6 +267,12 @@ impl ProductQuantizer {
         }
         check_finite("encode input", x, self.dim)?;
         let (dim, m, dsub, ksub, nbits) = (self.dim, self.m, self.dsub(), self.ksub(), self.nbits);
+        if n <= BLOCK {
+            // One block: handing it to the pool costs more than encoding it (decode appends
+            // encode a token or two per call).
+            crate::dispatch!(encode_block(x, codes, books, dim, m, dsub, ksub, nbits));
+            return Ok(());
+        }
         crate::parallel::install(|| {
             codes
                 .par_chunks_mut(BLOCK * cb)
@@ -537,6 +543,29 @@ mod tests {
         (0..n * dim)
             .map(|_| (r.next_f64() as f32 - 0.5) * 4.0)
             .collect()
+    }
+
+    #[test]
+    fn encoding_one_row_at_a_time_matches_the_batch() {
+        for (dim, m, nbits) in [(16, 8, 8), (16, 16, 4), (12, 4, 8), (16, 2, 8)] {
+            let x = data(300, dim, 3);
+            let mut pq = ProductQuantizer::new(dim, m, nbits).unwrap();
+            pq.train(&x, 4, 0).unwrap();
+            let all = pq.encode(&x).unwrap();
+            let cb = pq.code_bytes();
+            for i in [0, 1, 17, 299] {
+                let one = pq.encode(&x[i * dim..(i + 1) * dim]).unwrap();
+                assert_eq!(
+                    one,
+                    all[i * cb..(i + 1) * cb],
+                    "row {i}, m={m}, nbits={nbits}"
+                );
+                let two = pq
+                    .encode(&x[i.min(298) * dim..(i.min(298) + 2) * dim])
+                    .unwrap();
+                assert_eq!(two, all[i.min(298) * cb..(i.min(298) + 2) * cb]);
+            }
+        }
     }
 
     #[test]
