@@ -144,6 +144,20 @@ def test_lse_merge_equals_attention_over_the_union():
     torch.testing.assert_close(_merge(ref, torch.zeros_like(l3), o3, l3), ref)
 
 
+def test_update_returns_the_length_get_mask_sizes_reports():
+    model = enable(_model())
+    cache = _cache(model)
+    k = torch.randn(1, 2, 5, 16)
+    kk, vv = cache.update(k, k, 0)
+    assert kk.shape == vv.shape == (1, 2, 5, 16) and kk.stride()[2] == 0  # placeholder, no memory
+    assert cache.get_mask_sizes(3, 0) == (8, 0)
+    kk, _ = cache.update(k * 2, k, 0)  # the first K/V were never attended: committed now
+    assert kk.shape[2] == 10 == cache.get_seq_length(0)
+    disable(model)
+    kk, _ = cache.update(k, k, 1)  # any other attention: the real (here exact) history
+    assert kk.shape[2] == 5 and torch.equal(kk, k)
+
+
 def test_chunk_merge_path_tracks_the_full_cache():
     """A chunk attended as history (pages, before it is committed) + itself exactly, merged by
     log-sum-exp, is as close to the full cache as committing first and attending causally."""

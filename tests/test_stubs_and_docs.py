@@ -51,7 +51,8 @@ def test_stubs_match_extension():
 
 
 @pytest.mark.parametrize(
-    "module", ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store", "ctxcore.ops", "ctxcore.cache"]
+    "module",
+    ["ctxcore.pq", "ctxcore.exceptions", "ctxcore.chunking", "ctxcore.store", "ctxcore.ops", "ctxcore.cache"],
 )
 def test_docstring_examples_run(module):
     if module in ("ctxcore.ops", "ctxcore.cache"):

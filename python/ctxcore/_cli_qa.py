@@ -280,6 +280,10 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         if hasattr(cache, "memory_stats"):
             _report_memory(cache.memory_stats())
+            print(
+                f"  context saved once in {sess.save_seconds * 1000:.0f} ms, loaded per question in "
+                f"{sess.load_seconds * 1000:.0f} ms (pages are read lazily)"
+            )
         else:
             dense = sum(lay.keys.numel() + lay.values.numel() for lay in cache.layers) * 2
             print(f"  KV memory for {n} tokens: dense fp16 {_fmt_bytes(dense)} (all in RAM)")

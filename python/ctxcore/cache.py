@@ -265,8 +265,10 @@ class CompressedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Take new K/V ``[B, kv_heads, T, head_dim]`` (keys after RoPE).
 
-        With the ctxcore attention enabled, returns them unchanged for that attention to read
-        along with the pages; otherwise commits them and returns the whole dequantized history.
+        Returns K/V of the full length ``get_seq_length()``. With the ctxcore attention enabled
+        they are zero-stride placeholders (no memory): that attention reads the pages and the
+        new K/V directly. Otherwise the new K/V are committed and the whole history is returned
+        dequantized (exact while the calibration warm-up holds it).
         """
         self.flush()
         self.cache._check_kv(key_states, value_states)
@@ -275,8 +277,14 @@ class CompressedLayer(CacheLayerMixin):
         self.cache._ensure_batch(key_states.shape[0])
         if self.cache._ctxcore_attention():
             self._pending = (key_states, value_states)
-            _HANDOFF.layer, _HANDOFF.key = self, key_states
-            return key_states, value_states
+            # Placeholders of the full length (what get_mask_sizes reports), without memory:
+            # the ctxcore attention recognizes them and reads the pages and the pending K/V.
+            b, h, _, d = key_states.shape
+            shape = (b, h, self.get_seq_length(), d)
+            kp = key_states.new_zeros(()).expand(shape)
+            vp = value_states.new_zeros(()).expand(shape)
+            _HANDOFF.layer, _HANDOFF.key = self, kp
+            return kp, vp
         if self.warming:
             self._hold(key_states, value_states)
             kw, vw = self._warm  # type: ignore[misc]

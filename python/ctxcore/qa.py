@@ -124,6 +124,8 @@ class QASession:
     make_cache: Callable[[], Any]
     prefill_seconds: float = 0.0
     compress_seconds: float = 0.0
+    save_seconds: float = 0.0
+    load_seconds: float = 0.0
     _snapshot: Any = None
     _tmp: Any = field(default=None, repr=False)
 
@@ -177,8 +179,13 @@ class QASession:
         if isinstance(cache, CompressedCache):
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="ctxcore-qa-")
+                t0 = time.perf_counter()
                 cache.save(self._tmp.name, token_ids=self.context_ids[0])
-            return CompressedCache.load(self._tmp.name, self.model.config, model_id=cache.model_id)
+                self.save_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = CompressedCache.load(self._tmp.name, self.model.config, model_id=cache.model_id)
+            self.load_seconds = time.perf_counter() - t0
+            return out
         return copy.deepcopy(cache)
 
     @torch.no_grad()
