@@ -91,9 +91,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_qa_parsers(sub: Any) -> None:
+    from ._cli_eval import add_parser
     from ._cli_qa import add_parsers
 
     add_parsers(sub)
+    add_parser(sub)
 
 
 def _parse_layers(spec: str | None, n_layers: int) -> list[int]:
@@ -419,6 +421,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ._cli_qa import run_ask
 
             return run_ask(args)
+        if args.command == "eval":
+            from ._cli_eval import run_eval
+
+            return run_eval(args)
         raise _UsageError(f"unknown command {args.command!r}")  # pragma: no cover
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0

@@ -351,7 +351,7 @@ class KVStore:
             ``(out, lse)``: ``out`` like ``q`` (same kind and dtype), ``lse`` float32
             ``[Hq, Tq]`` (``[1, Hq, Tq]`` for 4-D ``q``).
         """
-        c = self.config
+        c = self._static_config
         torch_in = is_torch(q)
         dtype = q.dtype if torch_in else None
         qa = _float_array(q, "q")
@@ -365,11 +365,36 @@ class KVStore:
         qa = np.ascontiguousarray(qa)
         scale = 1.0 / np.sqrt(c["head_dim"]) if scale is None else float(scale)
         start = int(start)
-        if not 0 <= start <= self.num_tokens(layer, seq):
+        if start < 0 or (start > 0 and start > self.num_tokens(layer, seq)):
             raise ConfigError(
                 f"start must be in [0, num_tokens={self.num_tokens(layer, seq)}] for sequence {seq}, "
                 f"layer {layer}; got {start}"
             )
+        if method != "quest":
+            pages = 0  # dense reads every page; no budget
+        else:
+            pages = self._quest_pages(layer, seq, start, budget)
+        out, lse = self._s.attend(
+            int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages), start
+        )
+        if four:
+            out, lse = out[None], lse[None]
+        if torch_in:
+            import torch
+
+            return torch.from_numpy(out).to(dtype), torch.from_numpy(lse)
+        return out, lse
+
+    @property
+    def _static_config(self) -> dict:
+        """:attr:`config` read once (everything in it but ``batch`` is fixed at construction)."""
+        c = getattr(self, "_config_cache", None)
+        if c is None:
+            c = self._config_cache = self.config
+        return c
+
+    def _quest_pages(self, layer: int, seq: int, start: int, budget: int | float | None) -> int:
+        c = self._static_config
         closed = self.paged_tokens(layer, seq) // c["page_size"]
         # Closed pages wholly before `start` are no candidates (budget fractions are of the rest).
         sinks = min(self.num_tokens(layer, seq), c["sinks"])
@@ -384,16 +409,7 @@ class KVStore:
             if int(budget) < 0:
                 raise ConfigError(f"budget must be >= 0 tokens, got {budget}")
             pages = -(-int(budget) // c["page_size"])
-        out, lse = self._s.attend(
-            int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages), start
-        )
-        if four:
-            out, lse = out[None], lse[None]
-        if torch_in:
-            import torch
-
-            return torch.from_numpy(out).to(dtype), torch.from_numpy(lse)
-        return out, lse
+        return pages
 
     def prefetch(self, layer: int, pages: list[int], seq: int = 0) -> None:
         """Load ``pages`` into RAM in the background, ahead of use."""

@@ -229,12 +229,15 @@ struct GroupTables {
     kq: Vec<QuantLut>,
 }
 
-fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
+#[inline(always)]
+fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> GroupTables {
     let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
     let ksub = 1usize << a.k_nbits;
     let dsub = d / a.k_m;
     let ck = code_bytes(a.k_m, a.k_nbits);
-    let cent = &a.k_cent[h * a.k_m * ksub * dsub..(h + 1) * a.k_m * ksub * dsub];
+    // Transposed centroids of this head, Layout (m, dsub, ksub): every table row is a few
+    // contiguous multiply-adds over the codewords.
+    let ct = &kt[h * a.k_m * dsub * ksub..(h + 1) * a.k_m * dsub * ksub];
     let shuffle = a.k_nbits == 4 && crate::simd::has_avx2_fma() && ck <= 128;
     let mut k = vec![[0f32; 256]; if shuffle { 0 } else { g * tq * ck }];
     let mut kq = Vec::with_capacity(if shuffle { g * tq } else { 0 });
@@ -243,32 +246,71 @@ fn build_tables(a: &PqAttention, b: usize, h: usize) -> GroupTables {
         let (gi, t) = (qi / tq, qi % tq);
         let qh = h * g + gi;
         let q = &a.q[((b * a.hq + qh) * tq + t) * d..((b * a.hq + qh) * tq + t + 1) * d];
-        for j in 0..a.k_m {
-            let qs = &q[j * dsub..(j + 1) * dsub];
-            for c in 0..ksub {
-                let cv = &cent[(j * ksub + c) * dsub..(j * ksub + c + 1) * dsub];
-                let dot: f32 = qs.iter().zip(cv).map(|(x, y)| x * y).sum();
-                lut[j * ksub + c] = dot * a.scale;
+        let fill = |j: usize, row: &mut [f32]| {
+            row.fill(0.0);
+            for dd in 0..dsub {
+                let qd = q[j * dsub + dd] * a.scale;
+                let c = &ct[(j * dsub + dd) * ksub..(j * dsub + dd + 1) * ksub];
+                for (o, &x) in row.iter_mut().zip(c) {
+                    *o = qd.mul_add(x, *o);
+                }
             }
+        };
+        if a.k_nbits == 8 && !shuffle {
+            for (j, row) in k[qi * ck..(qi + 1) * ck].iter_mut().enumerate() {
+                fill(j, row);
+            }
+            continue;
+        }
+        for j in 0..a.k_m {
+            fill(j, &mut lut[j * ksub..(j + 1) * ksub]);
         }
         if shuffle {
             kq.push(fastscan::quantize_exact(&lut, a.k_m));
             continue;
         }
-        let out = &mut k[qi * ck..(qi + 1) * ck];
-        if a.k_nbits == 8 {
-            for (j, t) in out.iter_mut().enumerate() {
-                t.copy_from_slice(&lut[j * 256..(j + 1) * 256]);
-            }
-        } else {
-            pair_tables_4bit(&lut, a.k_m, out);
-        }
+        pair_tables_4bit(&lut, a.k_m, &mut k[qi * ck..(qi + 1) * ck]);
     }
     GroupTables { k, kq }
 }
 
+/// Centroids `(H, m, ksub, dsub)` transposed to `(H, m, dsub, ksub)`.
+fn transpose_books(cent: &[f32], ksub: usize, dsub: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cent.len()];
+    for (blk, dst) in cent
+        .chunks_exact(ksub * dsub)
+        .zip(out.chunks_exact_mut(ksub * dsub))
+    {
+        for c in 0..ksub {
+            for dd in 0..dsub {
+                dst[dd * ksub + c] = blk[c * dsub + dd];
+            }
+        }
+    }
+    out
+}
+
+/// `sum_i a[i] * b[i]` with eight independent accumulators (vectorizes).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s = x.mul_add(*y, s);
+    }
+    s
+}
+
 /// Key tables of `(b, h) = (bh / hkv, bh % hkv)`, or none when that sequence has no codes.
-fn tables_for(a: &PqAttention, bh: usize) -> GroupTables {
+#[inline(always)]
+fn tables_for(a: &PqAttention, kt: &[f32], bh: usize) -> GroupTables {
     let b = bh / a.hkv;
     let (cs, ce) = a.code_range[b];
     if cs == ce {
@@ -277,7 +319,7 @@ fn tables_for(a: &PqAttention, bh: usize) -> GroupTables {
             kq: Vec::new(),
         };
     }
-    build_tables(a, b, bh % a.hkv)
+    build_tables(a, kt, b, bh % a.hkv)
 }
 
 /// Attention of the group's queries over code tokens `[lo, hi)` of `(b, h)` (at most [`CHUNK`]).
@@ -289,6 +331,7 @@ fn tables_for(a: &PqAttention, bh: usize) -> GroupTables {
 fn codes_chunk(
     a: &PqAttention,
     tables: &GroupTables,
+    vt: &[f32],
     b: usize,
     h: usize,
     lo: usize,
@@ -350,15 +393,16 @@ fn codes_chunk(
             }
         }
     }
-    // Fold byte histograms into per-codeword weights and multiply with the value codebook.
+    // Fold byte histograms into per-codeword weights and multiply with the value codebook
+    // (transposed, Layout (m, dsub, ksub): one contiguous dot product per output dimension).
     let dsub = d / vm;
-    let cent = &a.v_cent[h * vm * vsub * dsub..(h + 1) * vm * vsub * dsub];
+    let ct = &vt[h * vm * dsub * vsub..(h + 1) * vm * dsub * vsub];
     let mut out = Vec::with_capacity(nq);
     let mut w = vec![0f32; vm * vsub];
     for qi in 0..nq {
         let hq = &hist[qi * cv * 256..(qi + 1) * cv * 256];
-        if a.v_nbits == 8 {
-            w.copy_from_slice(&hq[..vm * 256]);
+        let w: &[f32] = if a.v_nbits == 8 {
+            &hq[..vm * 256]
         } else {
             w.fill(0.0);
             for (bi, cell) in hq.chunks_exact(256).enumerate() {
@@ -372,18 +416,14 @@ fn codes_chunk(
                     }
                 }
             }
-        }
+            &w
+        };
         let mut acc = vec![0f32; d];
         for j in 0..vm {
-            let o = &mut acc[j * dsub..(j + 1) * dsub];
-            for c in 0..vsub {
-                let wt = w[j * vsub + c];
-                if wt != 0.0 {
-                    let cvv = &cent[(j * vsub + c) * dsub..(j * vsub + c + 1) * dsub];
-                    for (x, y) in o.iter_mut().zip(cvv) {
-                        *x = wt.mul_add(*y, *x);
-                    }
-                }
+            let wj = &w[j * vsub..(j + 1) * vsub];
+            for dd in 0..dsub {
+                acc[j * dsub + dd] =
+                    dot(wj, &ct[(j * dsub + dd) * vsub..(j * dsub + dd + 1) * vsub]);
             }
         }
         out.push(Partial {
@@ -540,21 +580,32 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
     // Small problems (short histories, tests, prefill of a few tokens) run on the calling thread:
     // waking the pool costs more than the work.
     let parallel = work >= SEQUENTIAL_BELOW;
+    let any_codes = a.code_range.iter().any(|&(cs, ce)| cs < ce);
+    let (kt, vt) = if any_codes {
+        (
+            transpose_books(a.k_cent, 1 << a.k_nbits, d / a.k_m),
+            transpose_books(a.v_cent, 1 << a.v_nbits, d / a.v_m),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let tables: Vec<GroupTables> = if parallel {
         crate::parallel::install(|| {
             Ok((0..a.batch * a.hkv)
                 .into_par_iter()
-                .map(|bh| tables_for(a, bh))
+                .map(|bh| crate::dispatch!(tables_for(a, &kt, bh)))
                 .collect())
         })?
     } else {
-        (0..a.batch * a.hkv).map(|bh| tables_for(a, bh)).collect()
+        (0..a.batch * a.hkv)
+            .map(|bh| crate::dispatch!(tables_for(a, &kt, bh)))
+            .collect()
     };
     let run = |&(b, h, part): &WorkItem| {
         let p = match part {
             Part::Fp(lo, hi) => crate::dispatch!(fp_chunk(a, b, h, lo, hi)),
             Part::Codes(lo, hi) => {
-                crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], b, h, lo, hi))
+                crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], &vt, b, h, lo, hi))
             }
         };
         (b * a.hkv + h, p)

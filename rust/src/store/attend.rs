@@ -136,19 +136,17 @@ impl KvStore {
             start - n_all
         }
         .min(f);
-        let (kcent, vcent) = match self.codebooks(layer)? {
-            Some((k, v)) => (
-                k.iter()
-                    .flat_map(|p| p.centroids().unwrap_or(&[]).to_vec())
-                    .collect::<Vec<f32>>(),
-                v.iter()
-                    .flat_map(|p| p.centroids().unwrap_or(&[]).to_vec())
-                    .collect::<Vec<f32>>(),
-            ),
-            None if n == 0 => (
-                vec![0f32; h * (1 << c.k_nbits) * d],
-                vec![0f32; h * (1 << c.v_nbits) * d],
-            ),
+        let zeros;
+        let flat = self.flat_centroids(layer)?;
+        let (kcent, vcent): (&[f32], &[f32]) = match &flat {
+            Some(f) => (&f.0, &f.1),
+            None if n == 0 => {
+                zeros = (
+                    vec![0f32; h * (1 << c.k_nbits) * d],
+                    vec![0f32; h * (1 << c.v_nbits) * d],
+                );
+                (&zeros.0, &zeros.1)
+            }
             None => {
                 return Err(Error::NotTrained {
                     what: "attend (the layer has pages but no codebooks)",
@@ -165,10 +163,10 @@ impl KvStore {
             n,
             k_codes: &kc,
             v_codes: &vc,
-            k_cent: &kcent,
+            k_cent: kcent,
             k_m: c.k_m,
             k_nbits: c.k_nbits,
-            v_cent: &vcent,
+            v_cent: vcent,
             v_m: c.v_m,
             v_nbits: c.v_nbits,
             code_range: &[(skip - first * psz, n)],

@@ -344,9 +344,27 @@ impl RamTier {
     }
 }
 
+/// Key and value centroids of every KV head, each Layout `(H, m, ksub, dsub)`.
+pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
+
 struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
+    /// The centroids of every KV head, flattened once for the attention kernels: Layout
+    /// `(H, m, ksub, dsub)` for keys and for values.
+    flat: FlatBooks,
+}
+
+impl LayerBooks {
+    fn new(k: Vec<ProductQuantizer>, v: Vec<ProductQuantizer>) -> Self {
+        let cat = |qs: &[ProductQuantizer]| -> Vec<f32> {
+            qs.iter()
+                .flat_map(|p| p.centroids().unwrap_or(&[]).iter().copied())
+                .collect()
+        };
+        let flat = Arc::new((cat(&k), cat(&v)));
+        LayerBooks { k, v, flat }
+    }
 }
 
 struct State {
@@ -738,7 +756,7 @@ impl KvStore {
                  cannot be replaced once tokens are paged (use a new store)"
             )));
         }
-        st.books[layer] = Some(LayerBooks { k, v });
+        st.books[layer] = Some(LayerBooks::new(k, v));
         Ok(())
     }
 
@@ -751,6 +769,13 @@ impl KvStore {
         self.check_layer(layer)?;
         let st = self.shared.lock()?;
         Ok(st.books[layer].as_ref().map(|b| (b.k.clone(), b.v.clone())))
+    }
+
+    /// The centroids of `layer`'s codebooks flattened for the kernels (no copy), or None.
+    pub(crate) fn flat_centroids(&self, layer: usize) -> Result<Option<FlatBooks>> {
+        self.check_layer(layer)?;
+        let st = self.shared.lock()?;
+        Ok(st.books[layer].as_ref().map(|b| b.flat.clone()))
     }
 
     /// Whether `layer` has codebooks.

@@ -399,7 +399,7 @@ impl KvStore {
                 qs.push(ProductQuantizer::from_bytes(r.bytes()?)?);
             }
             let v = qs.split_off(h);
-            books.push(Some(LayerBooks { k: qs, v }));
+            books.push(Some(LayerBooks::new(qs, v)));
         }
         let mut pages: Vec<PageMeta> = Vec::new();
         // Page-table entries naming the same slot are one shared page (see `select_seqs`).

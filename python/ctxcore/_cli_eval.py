@@ -1,0 +1,160 @@
+"""``ctxcore eval {ppl,passkey,speed,all}``: the evaluation report (see evaluation.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._cli_qa import UserError, _load_model, _quiet_loading, _read_text, _step
+
+__all__ = ["add_parser", "run_eval"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, passkey retrieval, memory and speed: ctxcore vs DynamicCache, quanto, sink+window",
+        description=(
+            "Run the evaluation on the default model (or --model) and write JSON results to --out. "
+            "--quick finishes in a few minutes (short lengths, few tokens)."
+        ),
+    )
+    p.add_argument("what", choices=["ppl", "passkey", "speed", "all"])
+    p.add_argument("--quick", action="store_true", help="small settings for CI (a few minutes)")
+    p.add_argument("--text", metavar="FILE", default=None, help="text for perplexity/speed (default: built-in)")
+    p.add_argument("--model", metavar="GGUF_OR_DIR", default=None, help="default: the embedded SmolLM2")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    p.add_argument("--lengths", default=None, help="comma-separated prefix lengths in tokens")
+    p.add_argument("--score-tokens", type=int, default=None, help="tokens scored per perplexity window")
+    p.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
+    p.add_argument("--out", default="eval-results", metavar="DIR", help="output directory (default eval-results)")
+
+
+def _bar(desc: str, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not sys.stderr.isatty(), leave=False)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    _quiet_loading()
+    from . import evaluation as ev
+
+    methods = ev.available_methods()
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in ev.METHODS]
+        if bad:
+            raise UserError(f"--methods: unknown {', '.join(bad)}; known: {', '.join(ev.METHODS)}")
+        missing = [m for m in wanted if m not in methods]
+        if missing:
+            raise UserError(f"--methods: {', '.join(missing)} need packages that are not installed "
+                            "(pip install optimum-quanto / hqq)")  # fmt: skip
+        methods = wanted
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    except ValueError:
+        raise UserError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+    text = _read_text(args.text) if args.text else None
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
+    import torch
+
+    from .attention import enable
+    from .models import SAMPLE_TEXT
+
+    model, tok, name = _load_model(args.model)
+    enable(model)
+    ids = torch.tensor(tok(text or SAMPLE_TEXT * 4)["input_ids"])
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "model": name, "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(), "methods": methods, "quick": args.quick,
+    }  # fmt: skip
+    whats = ["ppl", "passkey", "speed"] if args.what == "all" else [args.what]
+    for what in whats:
+        if what == "ppl":
+            res = _ppl(ev, model, ids, methods, args, lengths)
+        elif what == "passkey":
+            res = _passkey(ev, model, tok, methods, args, lengths)
+        else:
+            res = _speed(ev, model, ids, methods, args, lengths)
+        path = out_dir / f"eval-{what}.json"
+        path.write_text(json.dumps({**meta, "results": res}, indent=1))
+        _step(f"wrote {path}")
+    return 0
+
+
+def _sink_window(ev: Any, model: Any, ctx_bytes: int, length: int) -> int:
+    """Recent-window size whose fp16 K/V take ``ctx_bytes`` (ctxcore 2-bit's bytes at ``length``)."""
+    from .cache import _shape, _text_config
+
+    layers, _, hkv, d = _shape(_text_config(model.config))
+    per_token = 2 * layers * hkv * d * 2
+    return max(16, min(length, ctx_bytes // per_token - 4))
+
+
+def _ppl(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
+    n_score = args.score_tokens or (32 if args.quick else 256)
+    windows = args.windows or (1 if args.quick else 2)
+    lengths = lengths or ([512] if args.quick else [1024, 2048, 4096, 7168])
+    rows = []
+    for length in lengths:
+        for w in range(windows):
+            start = w * (length + n_score)
+            seg = ids[start : start + length + n_score]
+            if seg.numel() < length + n_score:
+                _step(f"ppl: text too short for {windows} windows of {length}+{n_score} tokens; skipping")
+                continue
+            sink_w = 256
+            for m in (["ctxcore2"] if "sink" in methods and "ctxcore2" in methods else []) + methods:
+                if m == "ctxcore2" and any(r["method"] == m and r["prefix"] == length and r["window"] == w
+                                           for r in rows):  # fmt: skip
+                    continue
+                with _bar(f"ppl {m} L={length} w={w}", n_score) as bar:
+                    r = ev.perplexity(model, seg, length, n_score, m, sink_window=sink_w, progress=bar.update)
+                if m == "ctxcore2":
+                    sink_w = _sink_window(ev, model, r.kv_bytes, length)
+                rows.append({"method": m, "prefix": length, "window": w, "ppl": r.ppl, "nll": r.nll,
+                             "scored": n_score, "kv_bytes": r.kv_bytes, "kv_bytes_per_token": r.kv_bytes / length,
+                             "sink_window": sink_w if m == "sink" else None, "seconds": r.seconds})  # fmt: skip
+                _step(f"ppl L={length} window {w} {m:<16} {r.ppl:8.3f}  ({r.kv_bytes / length:,.0f} B/token)")
+    return rows
+
+
+def _passkey(ev: Any, model: Any, tok: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
+    lengths = lengths or ([1024] if args.quick else [1024, 2048, 4096, 7168])
+    depths = [0.0, 0.5, 1.0] if args.quick else [0.0, 0.25, 0.5, 0.75, 1.0]
+    trials = 1 if args.quick else 2
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            for t in range(trials):
+                key = 10000 + (hash((length, depth, t)) % 89999)
+                for m in methods:
+                    ok = ev.passkey(model, tok, length, depth, key, m)
+                    rows.append({"method": m, "length": length, "depth": depth, "trial": t, "correct": ok})
+                _step(f"passkey L={length} depth={depth:.2f} trial {t}: " + " ".join(
+                    f"{r['method']}={'ok' if r['correct'] else 'miss'}" for r in rows[-len(methods):]))  # fmt: skip
+    return rows
+
+
+def _speed(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
+    lengths = lengths or ([512] if args.quick else [2048, 4096, 7168])
+    rows = []
+    for length in lengths:
+        if ids.numel() < length + 1:
+            _step(f"speed: text too short for {length} tokens; skipping")
+            continue
+        for m in methods:
+            r = ev.speed(model, ids, length, m, new_tokens=8 if args.quick else 32)
+            rows.append({"method": m, "length": length, **r})
+            _step(f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms")
+    return rows

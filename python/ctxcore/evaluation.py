@@ -1,0 +1,236 @@
+"""Quality, memory and speed of ctxcore against the caches transformers users have today.
+
+Used by ``ctxcore eval`` and ``benches/bench_eval.py``. Every method runs on the same model, text
+and positions in the same process:
+
+* ``full``: transformers ``DynamicCache`` (full precision, SDPA);
+* ``quanto4`` / ``quanto2``: ``QuantizedCache(backend="quanto")`` (needs ``optimum-quanto``),
+  ``hqq4`` with ``backend="hqq"`` where ``hqq`` is installed;
+* ``sink``: sink tokens + a recent window in full precision, everything else evicted
+  (StreamingLLM-style, without re-rotating positions), sized to the bytes of ctxcore 2-bit;
+* ``ctxcore4`` / ``ctxcore2``: :class:`ctxcore.CompressedCache` at 4 / 2 bits per element, dense
+  attention over the codes; ``ctxcore4-select``: Quest selection of 10% of the pages.
+
+Perplexity prefills ``L`` tokens (exact attention for every method) and then scores the next
+tokens one decode step at a time, so the compressed history is what is measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .cache import CompressedCache, _text_config
+
+__all__ = ["METHODS", "SinkWindowCache", "available_methods", "kv_bytes", "make_cache", "passkey", "perplexity",
+           "speed"]  # fmt: skip
+
+METHODS = ["full", "quanto4", "quanto2", "hqq4", "sink", "ctxcore4", "ctxcore2", "ctxcore4-select"]
+
+
+def available_methods() -> list[str]:
+    """Methods whose packages are installed."""
+    out = []
+    for m in METHODS:
+        if m.startswith("quanto") and importlib.util.find_spec("optimum") is None:
+            continue
+        if m.startswith("quanto") and importlib.util.find_spec("optimum.quanto") is None:
+            continue
+        if m.startswith("hqq") and importlib.util.find_spec("hqq") is None:
+            continue
+        out.append(m)
+    return out
+
+
+class _SinkWindowLayer(DynamicLayer):
+    """Keeps ``sinks`` leading and ``window`` recent tokens; the sequence length counts all."""
+
+    def __init__(self, sinks: int, window: int) -> None:
+        super().__init__()
+        self.sinks, self.window, self.seen = sinks, window, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        k, v = super().update(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        if k.shape[-2] > self.sinks + self.window:
+            keep = torch.cat([torch.arange(self.sinks), torch.arange(k.shape[-2] - self.window, k.shape[-2])])
+            self.keys, self.values = k[..., keep, :], v[..., keep, :]
+        return k, v  # this step still sees everything it was given
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+        return kept + query_length, 0
+
+
+class SinkWindowCache(Cache):
+    """Sink tokens + a recent window in full precision (StreamingLLM-style eviction baseline).
+
+    Evicted tokens are dropped; kept keys keep their original rotary positions. Decode steps
+    must pass ``position_ids`` (the true positions), as :func:`perplexity` does."""
+
+    def __init__(self, config: Any, sinks: int = 4, window: int = 256) -> None:
+        n = int(_text_config(config).num_hidden_layers)
+        super().__init__(layers=[_SinkWindowLayer(sinks, window) for _ in range(n)])
+
+
+def kv_bytes(cache: Any, model: Any) -> int:
+    """Bytes of K/V a cache holds (everything it stores: codes, scales, codebooks, window...)."""
+    if isinstance(cache, CompressedCache):
+        return cache.memory_stats()["compressed_bytes"]
+    total = 0
+    for lay in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(lay, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+        for name in ("_quantized_keys", "_quantized_values"):
+            q = getattr(lay, name, None)
+            if q is not None:
+                total += _qtensor_bytes(q)
+    return total
+
+
+def _qtensor_bytes(q: Any) -> int:
+    if isinstance(q, torch.Tensor) and type(q) is torch.Tensor:
+        return q.numel() * q.element_size()
+    total = 0
+    inner = getattr(q, "__tensor_flatten__", None)
+    if inner is not None:
+        names, _ = inner()
+        for n in names:
+            total += _qtensor_bytes(getattr(q, n))
+        return total
+    if isinstance(q, (tuple, list)):
+        return sum(_qtensor_bytes(x) for x in q)
+    if isinstance(q, dict):
+        return sum(_qtensor_bytes(x) for x in q.values() if isinstance(x, torch.Tensor))
+    return 0
+
+
+def make_cache(method: str, model: Any, sink_window: int = 256) -> Any:
+    """A fresh cache for ``method`` (see the module docs)."""
+    cfg = model.config
+    if method == "full":
+        return DynamicCache(config=cfg)
+    if method in ("quanto4", "quanto2", "hqq4"):
+        from transformers import QuantizedCache
+
+        backend = "hqq" if method.startswith("hqq") else "quanto"
+        return QuantizedCache(backend=backend, config=cfg, nbits=int(method[-1]))
+    if method == "sink":
+        return SinkWindowCache(cfg, sinks=4, window=sink_window)
+    if method == "ctxcore4":
+        return CompressedCache(cfg, bits=4)
+    if method == "ctxcore2":
+        return CompressedCache(cfg, bits=2)
+    if method == "ctxcore4-select":
+        return CompressedCache(cfg, bits=4, select=0.1)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+@dataclass
+class PplResult:
+    method: str
+    prefix: int
+    start: int
+    nll: float
+    ppl: float
+    tokens: int
+    kv_bytes: int
+    seconds: float
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any, ids: torch.Tensor, prefix: int, n_score: int, method: str, sink_window: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> PplResult:  # fmt: skip
+    """Prefill ``ids[:prefix]`` into a fresh cache, then score ``ids[prefix : prefix + n_score]``
+    one decode step at a time (``ids`` ``[T]``)."""
+    cache = make_cache(method, model, sink_window)
+    ids = ids.reshape(1, -1)
+    t0 = time.perf_counter()
+    out = model(ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if isinstance(cache, CompressedCache):
+        cache.compress()
+    logits = out.logits[:, -1].float()
+    nll = 0.0
+    for i in range(n_score):
+        pos = prefix + i
+        target = ids[0, pos]
+        nll -= torch.log_softmax(logits, -1)[0, target].item()
+        if i + 1 == n_score:
+            break
+        out = model(ids[:, pos : pos + 1], past_key_values=cache, use_cache=True,
+                    position_ids=torch.tensor([[pos]]))  # fmt: skip
+        logits = out.logits[:, -1].float()
+        if progress is not None:
+            progress(1)
+    mean = nll / n_score
+    return PplResult(method, prefix, 0, mean, math.exp(mean), n_score, kv_bytes(cache, model),
+                     time.perf_counter() - t0)  # fmt: skip
+
+
+PASSKEY_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+def passkey_prompt(tok: Any, length: int, depth: float, key: int) -> torch.Tensor:
+    """A chat prompt of about ``length`` tokens: filler with ``The pass key is KEY.`` at relative
+    ``depth`` (0 = start, 1 = end), then the question."""
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    per = len(tok(PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
+    n = max(1, (length - 60) // per)
+    at = int(round(depth * n))
+    body = PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (n - at)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": f"{body}\nWhat is the pass key? Answer with the number only."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+
+@torch.no_grad()
+def passkey(model: Any, tok: Any, length: int, depth: float, key: int, method: str,
+            sink_window: int = 256) -> bool:  # fmt: skip
+    """Whether ``method`` retrieves the pass key (greedy, 8 new tokens)."""
+    ids = passkey_prompt(tok, length, depth, key)
+    cache = make_cache(method, model, sink_window)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8,
+                         do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+    return str(key) in tok.decode(out[0, ids.shape[1] :])
+
+
+@torch.no_grad()
+def speed(model: Any, ids: torch.Tensor, length: int, method: str, new_tokens: int = 32,
+          sink_window: int = 256) -> dict[str, float]:  # fmt: skip
+    """Time to first token (prefill of ``length`` tokens + the first decode step, calibration
+    included) and time per output token over ``new_tokens`` greedy steps."""
+    cache = make_cache(method, model, sink_window)
+    x = ids.reshape(1, -1)[:, :length]
+    t0 = time.perf_counter()
+    out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[length]]))
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[length + 1 + i]]))
+    tpot = (time.perf_counter() - t1) / new_tokens
+    return {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes": kv_bytes(cache, model),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
