@@ -71,9 +71,12 @@ def _ppl_report(d: dict, out: Path) -> list[str]:
         bpt[(r["method"], r["prefix"])].append(r["kv_bytes_per_token"])
     methods = list(dict.fromkeys(r["method"] for r in d["results"]))
     lengths = sorted({r["prefix"] for r in d["results"]})
-    lines = [f"### Perplexity ({d['model']}, {d['date']}; mean over windows, spread = max - min)", "",
-             "| method | " + " | ".join(f"L={n}" for n in lengths) + " | vs full (mean) |",
-             "|---|" + "---|" * (len(lengths) + 1)]  # fmt: skip
+    lines = [
+        f"### Perplexity ({d['model']}, {d['date']}; mean over windows, spread = max - min)",
+        "",
+        "| method | " + " | ".join(f"L={n}" for n in lengths) + " | vs full (mean) |",
+        "|---|" + "---|" * (len(lengths) + 1),
+    ]
     for m in methods:
         cells, rel = [], []
         for n in lengths:
@@ -82,10 +85,15 @@ def _ppl_report(d: dict, out: Path) -> list[str]:
             if not v:
                 cells.append("-")
                 continue
-            cells.append(f"{statistics.mean(v):.2f} ±{(max(v) - min(v)) / 2:.2f} ({statistics.mean(bpt[(m, n)]):,.0f} B/tok)")
+            spread = (max(v) - min(v)) / 2
+            cells.append(
+                f"{statistics.mean(v):.2f} ±{spread:.2f} ({statistics.mean(bpt[(m, n)]):,.0f} B/tok)"
+            )
             if f:
                 rel.append(statistics.mean(v) / statistics.mean(f) - 1)
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {statistics.mean(rel) * 100:+.2f}% |" if rel else " |")
+        lines.append(
+            f"| {m} | " + " | ".join(cells) + (f" | {statistics.mean(rel) * 100:+.2f}% |" if rel else " | |")
+        )
     try:
         plt = _plt()
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
@@ -94,7 +102,9 @@ def _ppl_report(d: dict, out: Path) -> list[str]:
             ax[0].plot(xs, [statistics.mean(by[(m, n)]) for n in xs], marker="o", label=m)
             ax[1].plot(xs, [statistics.mean(bpt[(m, n)]) for n in xs], marker="o", label=m)
         ax[0].set(xlabel="prefix tokens", ylabel="perplexity (next tokens, decode)", xscale="log")
-        ax[1].set(xlabel="prefix tokens", ylabel="KV bytes per token (all overheads)", xscale="log", yscale="log")
+        ax[1].set(
+            xlabel="prefix tokens", ylabel="KV bytes per token (all overheads)", xscale="log", yscale="log"
+        )
         ax[0].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "ppl.png", dpi=120)
@@ -110,8 +120,12 @@ def _passkey_report(d: dict, out: Path) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in d["results"]))
     lengths = sorted({r["length"] for r in d["results"]})
     depths = sorted({r["depth"] for r in d["results"]})
-    lines = ["### Passkey retrieval accuracy (all depths and trials)", "",
-             "| method | " + " | ".join(f"L={n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]  # fmt: skip
+    lines = [
+        "### Passkey retrieval accuracy (all depths and trials)",
+        "",
+        "| method | " + " | ".join(f"L={n}" for n in lengths) + " |",
+        "|---|" + "---|" * len(lengths),
+    ]
     for m in methods:
         cells = []
         for n in lengths:
@@ -135,11 +149,17 @@ def _passkey_report(d: dict, out: Path) -> list[str]:
 
 
 def _speed_report(d: dict, out: Path) -> list[str]:
-    lines = ["### Speed (CPU, decode after a prefill of L tokens)", "",
-             "| method | L | TTFT s | TPOT ms | KV bytes | peak RSS MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "### Speed (CPU, decode after a prefill of L tokens)",
+        "",
+        "| method | L | TTFT s | TPOT ms | KV bytes | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in d["results"]:
-        lines.append(f"| {r['method']} | {r['length']} | {r['ttft_s']:.2f} | {r['tpot_s'] * 1000:.0f} | "
-                     f"{r['kv_bytes']:,} | {r['peak_rss_bytes'] / 2**20:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {r['method']} | {r['length']} | {r['ttft_s']:.2f} | {r['tpot_s'] * 1000:.0f} | "
+            f"{r['kv_bytes']:,} | {r['peak_rss_bytes'] / 2**20:.0f} |"
+        )
     return lines + [""]
 
 

@@ -26,13 +26,17 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("what", choices=["ppl", "passkey", "speed", "all"])
     p.add_argument("--quick", action="store_true", help="small settings for CI (a few minutes)")
-    p.add_argument("--text", metavar="FILE", default=None, help="text for perplexity/speed (default: built-in)")
+    p.add_argument(
+        "--text", metavar="FILE", default=None, help="text for perplexity/speed (default: built-in)"
+    )
     p.add_argument("--model", metavar="GGUF_OR_DIR", default=None, help="default: the embedded SmolLM2")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--lengths", default=None, help="comma-separated prefix lengths in tokens")
     p.add_argument("--score-tokens", type=int, default=None, help="tokens scored per perplexity window")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
-    p.add_argument("--out", default="eval-results", metavar="DIR", help="output directory (default eval-results)")
+    p.add_argument(
+        "--out", default="eval-results", metavar="DIR", help="output directory (default eval-results)"
+    )
 
 
 def _bar(desc: str, total: int) -> Any:
@@ -53,8 +57,10 @@ def run_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--methods: unknown {', '.join(bad)}; known: {', '.join(ev.METHODS)}")
         missing = [m for m in wanted if m not in methods]
         if missing:
-            raise UserError(f"--methods: {', '.join(missing)} need packages that are not installed "
-                            "(pip install optimum-quanto / hqq)")  # fmt: skip
+            raise UserError(
+                f"--methods: {', '.join(missing)} need packages that are not installed "
+                "(pip install optimum-quanto / hqq)"
+            )
         methods = wanted
     try:
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
@@ -75,15 +81,19 @@ def run_eval(args: argparse.Namespace) -> int:
     enable(model)
     ids = torch.tensor(tok(text or SAMPLE_TEXT * 4)["input_ids"])
     meta = {
-        "date": time.strftime("%Y-%m-%d"), "model": name, "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "methods": methods, "quick": args.quick,
-    }  # fmt: skip
+        "date": time.strftime("%Y-%m-%d"),
+        "model": name,
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "methods": methods,
+        "quick": args.quick,
+    }
     whats = ["ppl", "passkey", "speed"] if args.what == "all" else [args.what]
     for what in whats:
         if what == "ppl":
             res = _ppl(ev, model, ids, methods, args, lengths)
         elif what == "passkey":
-            res = _passkey(ev, model, tok, methods, args, lengths)
+            res = _passkey(ev, model, tok, text or SAMPLE_TEXT, methods, args, lengths)
         else:
             res = _speed(ev, model, ids, methods, args, lengths)
         path = out_dir / f"eval-{what}.json"
@@ -115,21 +125,35 @@ def _ppl(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Names
                 continue
             sink_w = 256
             for m in (["ctxcore2"] if "sink" in methods and "ctxcore2" in methods else []) + methods:
-                if m == "ctxcore2" and any(r["method"] == m and r["prefix"] == length and r["window"] == w
-                                           for r in rows):  # fmt: skip
+                if m == "ctxcore2" and any(
+                    r["method"] == m and r["prefix"] == length and r["window"] == w for r in rows
+                ):
                     continue
                 with _bar(f"ppl {m} L={length} w={w}", n_score) as bar:
                     r = ev.perplexity(model, seg, length, n_score, m, sink_window=sink_w, progress=bar.update)
                 if m == "ctxcore2":
                     sink_w = _sink_window(ev, model, r.kv_bytes, length)
-                rows.append({"method": m, "prefix": length, "window": w, "ppl": r.ppl, "nll": r.nll,
-                             "scored": n_score, "kv_bytes": r.kv_bytes, "kv_bytes_per_token": r.kv_bytes / length,
-                             "sink_window": sink_w if m == "sink" else None, "seconds": r.seconds})  # fmt: skip
+                rows.append(
+                    {
+                        "method": m,
+                        "prefix": length,
+                        "window": w,
+                        "ppl": r.ppl,
+                        "nll": r.nll,
+                        "scored": n_score,
+                        "kv_bytes": r.kv_bytes,
+                        "kv_bytes_per_token": r.kv_bytes / length,
+                        "sink_window": sink_w if m == "sink" else None,
+                        "seconds": r.seconds,
+                    }
+                )
                 _step(f"ppl L={length} window {w} {m:<16} {r.ppl:8.3f}  ({r.kv_bytes / length:,.0f} B/token)")
     return rows
 
 
-def _passkey(ev: Any, model: Any, tok: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
+def _passkey(
+    ev: Any, model: Any, tok: Any, filler: str, methods: list[str], args: argparse.Namespace, lengths: Any
+) -> list:
     lengths = lengths or ([1024] if args.quick else [1024, 2048, 4096, 7168])
     depths = [0.0, 0.5, 1.0] if args.quick else [0.0, 0.25, 0.5, 0.75, 1.0]
     trials = 1 if args.quick else 2
@@ -139,10 +163,14 @@ def _passkey(ev: Any, model: Any, tok: Any, methods: list[str], args: argparse.N
             for t in range(trials):
                 key = 10000 + (hash((length, depth, t)) % 89999)
                 for m in methods:
-                    ok = ev.passkey(model, tok, length, depth, key, m)
+                    ok = ev.passkey(model, tok, filler, length, depth, key, m, offset=7 * t + int(depth * 13))
                     rows.append({"method": m, "length": length, "depth": depth, "trial": t, "correct": ok})
-                _step(f"passkey L={length} depth={depth:.2f} trial {t}: " + " ".join(
-                    f"{r['method']}={'ok' if r['correct'] else 'miss'}" for r in rows[-len(methods):]))  # fmt: skip
+                _step(
+                    f"passkey L={length} depth={depth:.2f} trial {t}: "
+                    + " ".join(
+                        f"{r['method']}={'ok' if r['correct'] else 'miss'}" for r in rows[-len(methods) :]
+                    )
+                )
     return rows
 
 

@@ -31,8 +31,16 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .cache import CompressedCache, _text_config
 
-__all__ = ["METHODS", "SinkWindowCache", "available_methods", "kv_bytes", "make_cache", "passkey", "perplexity",
-           "speed"]  # fmt: skip
+__all__ = [
+    "METHODS",
+    "SinkWindowCache",
+    "available_methods",
+    "kv_bytes",
+    "make_cache",
+    "passkey",
+    "perplexity",
+    "speed",
+]
 
 METHODS = ["full", "quanto4", "quanto2", "hqq4", "sink", "ctxcore4", "ctxcore2", "ctxcore4-select"]
 
@@ -154,9 +162,14 @@ class PplResult:
 
 @torch.no_grad()
 def perplexity(
-    model: Any, ids: torch.Tensor, prefix: int, n_score: int, method: str, sink_window: int = 256,
+    model: Any,
+    ids: torch.Tensor,
+    prefix: int,
+    n_score: int,
+    method: str,
+    sink_window: int = 256,
     progress: Callable[[int], None] | None = None,
-) -> PplResult:  # fmt: skip
+) -> PplResult:
     """Prefill ``ids[:prefix]`` into a fresh cache, then score ``ids[prefix : prefix + n_score]``
     one decode step at a time (``ids`` ``[T]``)."""
     cache = make_cache(method, model, sink_window)
@@ -173,51 +186,72 @@ def perplexity(
         nll -= torch.log_softmax(logits, -1)[0, target].item()
         if i + 1 == n_score:
             break
-        out = model(ids[:, pos : pos + 1], past_key_values=cache, use_cache=True,
-                    position_ids=torch.tensor([[pos]]))  # fmt: skip
+        out = model(
+            ids[:, pos : pos + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]])
+        )
         logits = out.logits[:, -1].float()
         if progress is not None:
             progress(1)
     mean = nll / n_score
-    return PplResult(method, prefix, 0, mean, math.exp(mean), n_score, kv_bytes(cache, model),
-                     time.perf_counter() - t0)  # fmt: skip
-
-
-PASSKEY_FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-)
-
-
-def passkey_prompt(tok: Any, length: int, depth: float, key: int) -> torch.Tensor:
-    """A chat prompt of about ``length`` tokens: filler with ``The pass key is KEY.`` at relative
-    ``depth`` (0 = start, 1 = end), then the question."""
-    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
-    per = len(tok(PASSKEY_FILLER, add_special_tokens=False)["input_ids"])
-    n = max(1, (length - 60) // per)
-    at = int(round(depth * n))
-    body = PASSKEY_FILLER * at + needle + PASSKEY_FILLER * (n - at)
-    text = tok.apply_chat_template(
-        [{"role": "user", "content": f"{body}\nWhat is the pass key? Answer with the number only."}],
-        tokenize=False,
-        add_generation_prompt=True,
+    return PplResult(
+        method, prefix, 0, mean, math.exp(mean), n_score, kv_bytes(cache, model), time.perf_counter() - t0
     )
-    return torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+
+
+def passkey_prompt(
+    tok: Any, filler: str, length: int, depth: float, key: int, offset: int = 0
+) -> torch.Tensor:
+    """A chat prompt of about ``length`` tokens: paragraphs of ``filler`` (from paragraph
+    ``offset`` on, wrapping around) with ``The secret passkey is KEY.`` inserted at relative
+    ``depth`` (0 = start, 1 = end), then the question."""
+    from .qa import chat_prefix, chat_question
+
+    paras = [p.strip() for p in filler.split("\n\n") if p.strip()]
+    if not paras:
+        raise ValueError("filler text is empty")
+    doc: list[str] = []
+    total, i = 0, offset
+    while total < length - 80:
+        p = paras[i % len(paras)]
+        doc.append(p)
+        total += len(tok(p, add_special_tokens=False)["input_ids"]) + 1
+        i += 1
+    doc.insert(int(round(depth * len(doc))), f"The secret passkey is {key}.")
+    text = "\n\n".join(doc)
+    prompt = chat_prefix(tok, text) + chat_question(tok, text, "What is the secret passkey?")
+    return torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
 
 
 @torch.no_grad()
-def passkey(model: Any, tok: Any, length: int, depth: float, key: int, method: str,
-            sink_window: int = 256) -> bool:  # fmt: skip
-    """Whether ``method`` retrieves the pass key (greedy, 8 new tokens)."""
-    ids = passkey_prompt(tok, length, depth, key)
+def passkey(
+    model: Any,
+    tok: Any,
+    filler: str,
+    length: int,
+    depth: float,
+    key: int,
+    method: str,
+    sink_window: int = 256,
+    offset: int = 0,
+) -> bool:
+    """Whether ``method`` retrieves the passkey (greedy, 12 new tokens)."""
+    ids = passkey_prompt(tok, filler, length, depth, key, offset)
     cache = make_cache(method, model, sink_window)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8,
-                         do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        past_key_values=cache,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tok.eos_token_id,
+    )
     return str(key) in tok.decode(out[0, ids.shape[1] :])
 
 
 @torch.no_grad()
-def speed(model: Any, ids: torch.Tensor, length: int, method: str, new_tokens: int = 32,
-          sink_window: int = 256) -> dict[str, float]:  # fmt: skip
+def speed(
+    model: Any, ids: torch.Tensor, length: int, method: str, new_tokens: int = 32, sink_window: int = 256
+) -> dict[str, float]:
     """Time to first token (prefill of ``length`` tokens + the first decode step, calibration
     included) and time per output token over ``new_tokens`` greedy steps."""
     cache = make_cache(method, model, sink_window)
@@ -232,5 +266,9 @@ def speed(model: Any, ids: torch.Tensor, length: int, method: str, new_tokens: i
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[length + 1 + i]]))
     tpot = (time.perf_counter() - t1) / new_tokens
-    return {"ttft_s": ttft, "tpot_s": tpot, "kv_bytes": kv_bytes(cache, model),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # fmt: skip
+    return {
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "kv_bytes": kv_bytes(cache, model),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }

@@ -1,0 +1,107 @@
+"""The evaluation harness (ctxcore eval): baselines and measurements on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from ctxcore import evaluation as ev  # noqa: E402
+from ctxcore.attention import enable  # noqa: E402
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return enable(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def test_sink_window_cache_keeps_sinks_and_recent_tokens():
+    model = _model()
+    cache = ev.SinkWindowCache(model.config, sinks=2, window=5)
+    ids = torch.randint(0, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        full = transformers.DynamicCache(config=model.config)
+        model(ids, past_key_values=full)
+    lay, ref = cache.layers[0], full.layers[0]
+    assert cache.get_seq_length() == 20 and lay.keys.shape[-2] == 7
+    assert torch.equal(lay.keys[..., :2, :], ref.keys[..., :2, :])
+    assert torch.equal(lay.keys[..., 2:, :], ref.keys[..., -5:, :])
+    assert cache.get_mask_sizes(1, 0) == (8, 0)
+    with torch.no_grad():  # a decode step attends sinks + window + itself
+        model(ids[:, -1:], past_key_values=cache, position_ids=torch.tensor([[20]]))
+    assert lay.keys.shape[-2] == 7 and cache.get_seq_length() == 21
+
+
+def test_perplexity_orders_methods_sensibly():
+    model = _model()
+    ids = torch.randint(0, 96, (300,), generator=torch.Generator().manual_seed(1))
+    full = ev.perplexity(model, ids, 200, 40, "full")
+    c8 = ev.perplexity(model, ids, 200, 40, "ctxcore4")
+    sink = ev.perplexity(model, ids, 200, 40, "sink", sink_window=8)
+    assert full.tokens == 40 and math_close(full.ppl, 2.718281828**full.nll)
+    # The compressed cache is close to the full one; a tiny sink+window cache is not better.
+    assert abs(c8.ppl / full.ppl - 1) < 0.05
+    assert sink.kv_bytes < full.kv_bytes
+    assert ev.kv_bytes(transformers.DynamicCache(config=model.config), model) == 0
+
+
+def math_close(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def test_passkey_prompt_places_the_key():
+    tok = _FakeTok()
+    filler = "\n\n".join(f"para {i} " + "word " * 20 for i in range(50))
+    for depth in (0.0, 0.5, 1.0):
+        ids = ev.passkey_prompt(tok, filler, 3000, depth, 12345)
+        text = tok.decode(ids[0])
+        lo, hi = text.index("para "), text.rindex("word")
+        where = (text.index("passkey is 12345") - lo) / (hi - lo)
+        assert abs(where - depth) < 0.1, (depth, where)
+        assert text.count("12345") == 1 and text.rstrip().endswith("<assistant>")
+
+
+class _FakeTok:
+    """Byte-level stand-in with a chat template."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids).decode()
+
+    def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+        return f"<user>{msgs[0]['content']}</user><assistant>"
+
+
+@pytest.mark.model
+def test_cli_eval_quick_writes_json(smollm2, tmp_path):
+    del smollm2
+    exe = shutil.which("ctxcore")
+    cli = [exe] if exe else [sys.executable, "-m", "ctxcore"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = ["eval", "ppl", "--quick", "--methods", "full,sink,ctxcore4", "--out", str(tmp_path)]
+    p = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval-ppl.json").read_text())["results"]
+    by = {r["method"]: r for r in rows}
+    assert set(by) >= {"full", "sink", "ctxcore4"}
+    assert abs(by["ctxcore4"]["ppl"] / by["full"]["ppl"] - 1) < 0.05
+    bad = subprocess.run([*cli, "eval", "ppl", "--methods", "nope"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
