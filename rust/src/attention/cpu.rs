@@ -830,6 +830,10 @@ mod tests {
             (2, 2, 8, 8, 4, 2, 8, 0, 7, 3),
             (8, 1, 16, 16, 4, 16, 4, 9000, 3, 1),
             (2, 1, 16, 16, 4, 16, 4, 10, 9000, 2),
+            // 8-bit keys and values (the CompressedCache default), GQA 3, 4 and 6 queries.
+            (3, 1, 16, 8, 8, 8, 8, 700, 5, 1),
+            (8, 2, 16, 8, 8, 4, 8, 4100, 3, 1),
+            (6, 2, 16, 8, 8, 8, 8, 300, 4, 2),
         ] {
             let mk = |m: usize, nbits: u32, seed: u64| {
                 let mut pq = ProductQuantizer::new(d, m, nbits).unwrap();
