@@ -72,7 +72,7 @@ def _ppl_report(d: dict, out: Path) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in d["results"]))
     lengths = sorted({r["prefix"] for r in d["results"]})
     lines = [
-        f"### Perplexity ({d['model']}, {d['date']}; mean over windows, spread = max - min)",
+        f"### Perplexity ({d['model']}, {d['date']}; mean over windows ± half their range)",
         "",
         "| method | " + " | ".join(f"L={n}" for n in lengths) + " | vs full (mean) |",
         "|---|" + "---|" * (len(lengths) + 1),
@@ -99,9 +99,13 @@ def _ppl_report(d: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(1, 2, figsize=(11, 4))
         for m in methods:
             xs = [n for n in lengths if (m, n) in by]
-            ax[0].plot(xs, [statistics.mean(by[(m, n)]) for n in xs], marker="o", label=m)
+            rel = [100 * (statistics.mean(by[(m, n)]) / statistics.mean(by[("full", n)]) - 1) for n in xs]
+            off = max(rel) > 10
+            ax[0].plot(xs, rel, marker="o", label=f"{m} (off scale: {max(rel):+.0f}%)" if off else m)
             ax[1].plot(xs, [statistics.mean(bpt[(m, n)]) for n in xs], marker="o", label=m)
-        ax[0].set(xlabel="prefix tokens", ylabel="perplexity (next tokens, decode)", xscale="log")
+        ax[0].set(
+            xlabel="prefix tokens", ylabel="perplexity vs DynamicCache (%)", xscale="log", ylim=(-5, 10)
+        )
         ax[1].set(
             xlabel="prefix tokens", ylabel="KV bytes per token (all overheads)", xscale="log", yscale="log"
         )
