@@ -105,3 +105,6 @@ def test_cli_eval_quick_writes_json(smollm2, tmp_path):
     assert abs(by["ctxcore4"]["ppl"] / by["full"]["ppl"] - 1) < 0.05
     bad = subprocess.run([*cli, "eval", "ppl", "--methods", "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
+    for flag, value in (("--depths", "0,2"), ("--depths", "half"), ("--trials", "0")):
+        bad = subprocess.run([*cli, "eval", "passkey", flag, value], capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

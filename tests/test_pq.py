@@ -304,7 +304,13 @@ def test_property_scores_match_decode(dim_m, nbits, n, seed, scale):
     x = (rng.standard_normal((n, dim)) * scale).astype(np.float32)
     codes = pq.encode(x)
     y = pq.decode(codes).astype(np.float64)
-    np.testing.assert_array_equal(pq.encode(y.astype(np.float32)), codes)
+    # Re-encoding a codeword finds it again, up to near-ties: k-means can leave two centroids
+    # closer together than float32 distance rounding (||c||^2 - 2 x.c), most often with 256
+    # centroids on one dimension; then either is nearest to within that rounding.
+    again = pq.encode(y.astype(np.float32))
+    near_tie = np.sqrt(1e-6 * pq.dsub) * max(float(np.abs(y).max(initial=0.0)), 1e-30)
+    np.testing.assert_allclose(pq.decode(again), y, rtol=0, atol=near_tie)
+    assert (again != codes).sum() <= max(1, codes.size // 20)
     q = (rng.standard_normal((3, dim)) * scale).astype(np.float32)
     tol = 1e-4 * scale * scale * dim
     np.testing.assert_allclose(pq.inner_products(q, codes), q @ y.T, rtol=1e-4, atol=tol)

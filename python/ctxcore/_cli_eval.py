@@ -34,6 +34,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lengths", default=None, help="comma-separated prefix lengths in tokens")
     p.add_argument("--score-tokens", type=int, default=None, help="tokens scored per perplexity window")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
+    p.add_argument("--trials", type=int, default=None, help="passkey trials per (length, depth) cell")
+    p.add_argument(
+        "--depths", default=None, help="comma-separated passkey depths in [0, 1] (default 0,0.25,0.5,0.75,1)"
+    )
     p.add_argument(
         "--out", default="eval-results", metavar="DIR", help="output directory (default eval-results)"
     )
@@ -66,6 +70,15 @@ def run_eval(args: argparse.Namespace) -> int:
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     except ValueError:
         raise UserError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+    if args.depths:
+        try:
+            args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
+        except ValueError:
+            raise UserError(f"--depths: expected numbers like 0,0.5,1, got {args.depths!r}") from None
+        if not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
+            raise UserError(f"--depths: each depth must be in [0, 1], got {args.depths}")
+    if args.trials is not None and args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
     text = _read_text(args.text) if args.text else None
     out_dir = Path(args.out)
     try:
@@ -156,7 +169,8 @@ def _passkey(
 ) -> list:
     lengths = lengths or ([1024] if args.quick else [1024, 2048, 4096, 7168])
     depths = [0.0, 0.5, 1.0] if args.quick else [0.0, 0.25, 0.5, 0.75, 1.0]
-    trials = 1 if args.quick else 2
+    depths = args.depths or depths
+    trials = args.trials or (1 if args.quick else 2)
     rows = []
     for length in lengths:
         for depth in depths:

@@ -12,6 +12,32 @@ use crate::error::{Error, Result};
 /// Output `(hq, tq, d)` and log-sum-exp `(hq, tq)`.
 pub type Attended = (Vec<f32>, Vec<f32>);
 
+/// Pages per kernel call in [`KvStore::attend_dense`] (64K tokens at 64-token pages).
+pub const CHUNK_PAGES: usize = 1024;
+
+/// Softmax attention over the union of two disjoint token sets, from each set's output and
+/// log-sum-exp (`-inf` = the set was empty for that query).
+fn merge_lse(a: Attended, b: Attended, d: usize) -> Attended {
+    let (mut oa, mut la) = a;
+    let (ob, lb) = b;
+    for (i, l) in la.iter_mut().enumerate() {
+        let m = l.max(lb[i]);
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let (wa, wb) = ((*l - m).exp(), (lb[i] - m).exp());
+        let inv = 1.0 / (wa + wb);
+        for (x, &y) in oa[i * d..(i + 1) * d]
+            .iter_mut()
+            .zip(&ob[i * d..(i + 1) * d])
+        {
+            *x = (*x * wa + y * wb) * inv;
+        }
+        *l = m + (wa + wb).ln();
+    }
+    (oa, la)
+}
+
 /// Decode queries of one sequence.
 #[derive(Clone, Copy, Debug)]
 pub struct Queries<'a> {
@@ -106,27 +132,6 @@ impl KvStore {
         let skip = start.saturating_sub(ns).min(n_all);
         let first = skip / psz;
         let n = n_all - first * psz;
-        self.prefetch(seq, layer, &(first..np).collect::<Vec<_>>())?;
-        let mut kc = vec![0u8; h * n * ck];
-        let mut vc = vec![0u8; h * n * cv];
-        let mut at = 0;
-        for p in first..np {
-            let page = self.page(seq, layer, p)?;
-            let t = page.tokens;
-            if at + t > n {
-                break; // appended to meanwhile: reported below
-            }
-            for hh in 0..h {
-                kc[(hh * n + at) * ck..(hh * n + at + t) * ck].copy_from_slice(page.k_codes(hh));
-                vc[(hh * n + at) * cv..(hh * n + at + t) * cv].copy_from_slice(page.v_codes(hh));
-            }
-            at += t;
-        }
-        if at != n {
-            return Err(Error::Internal(format!(
-                "sequence {seq}, layer {layer} changed during attention (paged tokens {at} != {n})"
-            )));
-        }
         // Full-precision part: sinks [0, ns) then the window (positions ns + n_all ..).
         let fp_start = if start <= ns {
             start
@@ -153,30 +158,92 @@ impl KvStore {
                 })
             }
         };
-        pq_attention(&PqAttention {
-            batch: 1,
-            hq,
-            hkv: h,
-            tq,
-            d,
-            q,
-            n,
-            k_codes: &kc,
-            v_codes: &vc,
-            k_cent: kcent,
-            k_m: c.k_m,
-            k_nbits: c.k_nbits,
-            v_cent: vcent,
-            v_m: c.v_m,
-            v_nbits: c.v_nbits,
-            code_range: &[(skip - first * psz, n)],
-            f,
-            fp_k: &fk,
-            fp_v: &fv,
-            fp_range: &[(fp_start, f)],
-            scale,
-            causal,
-        })
+        // Pages go through the kernel in chunks of CHUNK_PAGES (codes gathered into one
+        // buffer per chunk, the next chunk prefetched meanwhile), merged by log-sum-exp: the
+        // working memory stays bounded however long the context, and a context larger than
+        // the RAM budget streams from the disk tier once per step. Sinks and window go with
+        // the last chunk.
+        let pages: Vec<usize> = (first..np).collect();
+        let chunks: Vec<&[usize]> = if pages.is_empty() {
+            vec![&[]]
+        } else {
+            pages.chunks(CHUNK_PAGES).collect()
+        };
+        self.prefetch(seq, layer, chunks[0])?;
+        let (empty_k, empty_v): (&[f32], &[f32]) = (&[], &[]);
+        let mut acc: Option<Attended> = None;
+        let mut at = 0;
+        for (ci, chunk) in chunks.iter().enumerate() {
+            let last = ci + 1 == chunks.len();
+            if !last {
+                self.prefetch(seq, layer, chunks[ci + 1])?;
+            }
+            let cn = (chunk.len() * psz).min(n - at);
+            let mut kc = vec![0u8; h * cn * ck];
+            let mut vc = vec![0u8; h * cn * cv];
+            let mut got = 0;
+            for &p in chunk.iter() {
+                let page = self.page(seq, layer, p)?;
+                let t = page.tokens;
+                if got + t > cn {
+                    break; // appended to meanwhile: reported below
+                }
+                for hh in 0..h {
+                    kc[(hh * cn + got) * ck..(hh * cn + got + t) * ck]
+                        .copy_from_slice(page.k_codes(hh));
+                    vc[(hh * cn + got) * cv..(hh * cn + got + t) * cv]
+                        .copy_from_slice(page.v_codes(hh));
+                }
+                got += t;
+            }
+            if got != cn {
+                return Err(Error::Internal(format!(
+                    "sequence {seq}, layer {layer} changed during attention (paged tokens {} != {n})",
+                    at + got
+                )));
+            }
+            let lo = if ci == 0 { skip - first * psz } else { 0 };
+            let (fk_c, fv_c, f_c, fr) = if last {
+                (&fk[..], &fv[..], f, (fp_start, f))
+            } else {
+                (empty_k, empty_v, 0, (0, 0))
+            };
+            let part = pq_attention(&PqAttention {
+                batch: 1,
+                hq,
+                hkv: h,
+                tq,
+                d,
+                q,
+                n: cn,
+                k_codes: &kc,
+                v_codes: &vc,
+                k_cent: kcent,
+                k_m: c.k_m,
+                k_nbits: c.k_nbits,
+                v_cent: vcent,
+                v_m: c.v_m,
+                v_nbits: c.v_nbits,
+                code_range: &[(lo.min(cn), cn)],
+                f: f_c,
+                fp_k: fk_c,
+                fp_v: fv_c,
+                fp_range: &[fr],
+                scale,
+                causal: causal && last,
+            })?;
+            at += cn;
+            acc = Some(match acc {
+                None => part,
+                Some(prev) => merge_lse(prev, part, d),
+            });
+        }
+        if at != n {
+            return Err(Error::Internal(format!(
+                "sequence {seq}, layer {layer} changed during attention (paged tokens {at} != {n})"
+            )));
+        }
+        Ok(acc.expect("at least one chunk"))
     }
 
     /// Quest selective attention: per KV head, rank the closed pages by the upper bound of

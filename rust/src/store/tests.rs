@@ -929,3 +929,53 @@ fn crop_removes_full_precision_tokens_only() {
     );
     assert!(matches!(s.crop(2, 0, 0), Err(Error::Config(_))));
 }
+
+#[test]
+fn dense_attention_over_many_chunks_streams_under_a_budget() {
+    use super::attend::CHUNK_PAGES;
+    // 2.5 kernel chunks of pages (plus an open page), under a RAM budget of a few chunks' worth
+    // of pages so the scan streams from the disk tier: equal to exact attention over the
+    // decoded history, with and without left padding that skips whole pages.
+    let mut c = cfg(None, Some(tmpdir("chunks")));
+    c.layers = 1;
+    c.keep_full_precision = false;
+    let pages = CHUNK_PAGES * 5 / 2 + 1;
+    c.ram_budget = Some(
+        c.min_ram_budget()
+            + 300 * c.page_bytes() as u64
+            + (pages * (c.abstract_bytes() + std::mem::size_of::<PageMeta>())) as u64,
+    );
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    let total = c.sinks + (CHUNK_PAGES * 5 / 2) * c.page_size + 2 + c.window;
+    fill(&s, total, 31);
+    assert!(
+        s.stats().unwrap().disk_bytes > 0,
+        "the context must spill to disk"
+    );
+    let (hq, tq) = (2 * h, 1);
+    let q: Vec<f32> = rand(hq * tq * d, 5).iter().map(|x| x * 3.0).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    let (kd, vd, n) = history(&s, 0, 0, false);
+    assert_eq!(n, total);
+    for start in [0, 3, CHUNK_PAGES * c.page_size + 7] {
+        let qs = Queries {
+            q: &q,
+            hq,
+            tq,
+            scale,
+            causal: true,
+            start,
+        };
+        let (ro, rl) = reference(&q, hq, tq, &kd, &vd, h, total, d, start, scale);
+        let (o, l) = s.attend_dense(0, 0, &qs).unwrap();
+        assert_close(&o, &ro, 1e-4, &format!("out, start={start}"));
+        assert_close(&l, &rl, 1e-4, &format!("lse, start={start}"));
+    }
+    let st = s.stats().unwrap();
+    assert!(
+        st.ram_bytes <= c.ram_budget.unwrap(),
+        "{} > budget",
+        st.ram_bytes
+    );
+}

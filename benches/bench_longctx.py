@@ -1,0 +1,177 @@
+"""Decode over a synthetic long context paged to disk under a RAM budget.
+
+    python benches/bench_longctx.py [--tokens 1048576] [--budget 1GiB] [--peer-tokens 131072]
+                                    [--steps 3] [--out bench-results/longctx.json]
+
+No model can prefill a million tokens on a CPU in a benchmark's time, so the context is
+synthetic: the default model (SmolLM2-135M-Instruct) prefills 2K tokens of real text, and each
+layer's own keys and values (after RoPE) are tiled, with 5% noise, to ``--tokens`` and written
+into the cache through the same path a prefill takes (encoding, paging, spilling). Then the model
+decodes ``--steps`` greedy tokens at position ``--tokens``: every layer's attention reads all
+pages through the ctxcore kernels, so each step streams the whole compressed context.
+
+Rows (each in its own process, so peak RSS is per row):
+- ``ctxcore4`` / ``ctxcore2`` at ``--tokens`` under ``--budget`` with pages on disk
+  (a temporary directory; page cache warm unless it can be dropped, see ``cold``);
+- the peer in the same run: transformers ``DynamicCache`` (SDPA over float32 K/V) and ctxcore
+  4-bit all in RAM, both at ``--peer-tokens`` (a DynamicCache of ``--tokens`` would need
+  ``dense_bytes`` of RAM, printed, more than this machine has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PREFIX = 2048
+CHUNK = 32768
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:
+    import torch
+    from transformers import DynamicCache
+
+    import ctxcore
+    from ctxcore.models import SAMPLE_TEXT
+
+    torch.manual_seed(0)
+    model, tok = ctxcore.load_default_model()
+    ids = torch.tensor(tok(SAMPLE_TEXT * 8)["input_ids"][:PREFIX])[None]
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=ref, use_cache=True)
+    kv = [(lay.keys[0].float(), lay.values[0].float()) for lay in ref.layers]  # [H, PREFIX, D]
+    del ref
+    tmp = None
+    if method == "full":
+        cache = DynamicCache(config=model.config)
+    else:
+        bits = 4 if method.startswith("ctxcore4") else 2
+        ctxcore.enable(model)
+        if budget is not None:
+            tmp = tempfile.TemporaryDirectory(prefix="ctxcore-longctx-")
+        cache = ctxcore.CompressedCache(
+            model.config, bits=bits, ram_budget=budget, offload_dir=tmp.name if tmp else None
+        )
+        cache.calibrate(model, ids)
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(1)
+    for li, (k, v) in enumerate(kv):
+        ks, vs = k.std(), v.std()
+        for s in range(0, tokens, CHUNK):
+            idx = torch.arange(s, min(tokens, s + CHUNK)) % PREFIX
+            kc = k[:, idx] + 0.05 * ks * torch.randn(k.shape[0], len(idx), k.shape[2], generator=gen)
+            vc = v[:, idx] + 0.05 * vs * torch.randn(v.shape[0], len(idx), v.shape[2], generator=gen)
+            if method == "full":
+                cache.update(kc[None], vc[None], li)
+            else:
+                cache.layers[li].commit(kc[None], vc[None], [0])
+        print(f"  {method}: layer {li + 1}/{len(kv)} filled", file=sys.stderr, flush=True)
+    fill_s = time.perf_counter() - t0
+    stats = cache.memory_stats() if method != "full" else None
+    cold = budget is not None and drop_caches()
+    nxt = ids[:, -1:]
+    times = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[tokens + i]]))
+            times.append(time.perf_counter() - t)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            print(f"  {method}: step {i + 1}/{steps} {times[-1]:.2f} s", file=sys.stderr, flush=True)
+    if stats is None:
+        n = cache.get_seq_length()
+        stats = {"tokens": n, "ram_bytes": sum(x.keys.nbytes + x.values.nbytes for x in cache.layers)}
+    if tmp is not None:
+        tmp.cleanup()
+    # The first step pages everything in from the disk tier (cold if caches could be dropped).
+    steady = times[1:] or times
+    return {
+        "method": method,
+        "tokens": tokens,
+        "ram_budget": budget,
+        "fill_s": fill_s,
+        "step_s": times,
+        "tokens_per_s": 1 / (sum(steady) / len(steady)),
+        "first_step_cold": cold,
+        "memory": stats,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=1 << 20)
+    ap.add_argument("--budget", default="1GiB")
+    ap.add_argument("--peer-tokens", type=int, default=1 << 17)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--methods", default="full,ctxcore4-ram,ctxcore4,ctxcore2")
+    ap.add_argument("--out", default="bench-results/longctx.json")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        method, tokens, budget = a.one.split(":")
+        row = one(method, int(tokens), budget or None, a.steps)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+    import torch  # noqa: F401  (fail early without torch)
+
+    rows = []
+    for m in a.methods.split(","):
+        peer = m in ("full", "ctxcore4-ram")
+        spec = f"{m}:{a.peer_tokens if peer else a.tokens}:{'' if peer else a.budget}"
+        print(f"== {spec}", flush=True)
+        p = subprocess.run(
+            [sys.executable, __file__, "--one", spec, "--steps", str(a.steps)], capture_output=True, text=True
+        )
+        line = [x for x in p.stdout.splitlines() if x.startswith("ROW ")]
+        if p.returncode != 0 or not line:
+            print(p.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(line[0][4:])
+        rows.append(row)
+        mem = row["memory"]
+        print(
+            f"{m:<13} {row['tokens']:>9,} tokens  fill {row['fill_s']:6.1f} s  "
+            f"step {1 / row['tokens_per_s']:6.2f} s ({row['tokens_per_s']:.3f} tok/s)  "
+            f"RAM {mem['ram_bytes'] / 2**20:8.1f} MiB  disk {mem.get('disk_bytes', 0) / 2**20:8.1f} MiB  "
+            f"peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB",
+            flush=True,
+        )
+    by = {r["method"]: r for r in rows}
+    if "full" in by and "ctxcore4-ram" in by:
+        print(
+            f"ctxcore4 in RAM vs DynamicCache at {a.peer_tokens:,} tokens: step time ratio "
+            f"{by['full']['tokens_per_s'] / by['ctxcore4-ram']['tokens_per_s']:.2f}x (<1 = ctxcore faster)"
+        )
+    # float32 K/V of the default model: 30 layers x 3 KV heads x 64 dims x 2 (K and V) x 4 bytes.
+    dense = a.tokens * 30 * 3 * 64 * 2 * 4
+    print(f"a DynamicCache of {a.tokens:,} tokens would hold {dense / 2**30:.1f} GiB of float32 K/V")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine()}
+    out.write_text(json.dumps({**meta, "dense_bytes_at_tokens": dense, "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
