@@ -155,6 +155,22 @@ impl StoreConfig {
     }
 }
 
+/// Appends of at least this many tokens hand freed heap memory back to the OS afterwards.
+const TRIM_AFTER_TOKENS: usize = 512;
+
+/// Return freed heap memory to the OS. glibc's malloc keeps freed blocks that lie between
+/// live allocations (here: the many long-lived page blobs) and raises its mmap threshold after
+/// large frees, so without this the temporaries of a long prefill (the caller's tensors and the
+/// encoder's token buffers) stay in the process RSS: ~4 GB of RSS for a 0.8 GB store filled in
+/// 32K-token appends. A no-op on other allocators.
+fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Counters of tier traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -791,6 +807,14 @@ impl KvStore {
     /// Validates everything before changing state, so an error leaves the store as it was
     /// (except a disk-tier write failure during eviction, after which all data is still held).
     pub fn append(&self, seq: usize, layer: usize, k: &[f32], v: &[f32], t: usize) -> Result<()> {
+        let r = self.append_inner(seq, layer, k, v, t);
+        if t >= TRIM_AFTER_TOKENS {
+            release_free_heap();
+        }
+        r
+    }
+
+    fn append_inner(&self, seq: usize, layer: usize, k: &[f32], v: &[f32], t: usize) -> Result<()> {
         self.check(seq, layer)?;
         let cfg = &self.shared.cfg;
         let (h, d) = (cfg.kv_heads, cfg.head_dim);
