@@ -105,6 +105,14 @@ def test_cli_eval_quick_writes_json(smollm2, tmp_path):
     assert abs(by["ctxcore4"]["ppl"] / by["full"]["ppl"] - 1) < 0.05
     bad = subprocess.run([*cli, "eval", "ppl", "--methods", "nope"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown" in bad.stderr and "Traceback" not in bad.stderr
+    args = ["eval", "speed", "--quick", "--isolate", "--methods", "full,ctxcore4", "--out", str(tmp_path)]
+    p = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "eval-speed.json").read_text())["results"]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"full", "ctxcore4"} and all(r["length"] == 512 for r in rows)
+    assert by["ctxcore4"]["kv_bytes"] < by["full"]["kv_bytes"]
+    assert all(r["peak_rss_bytes"] > 0 and r["tpot_s"] > 0 for r in rows)
     for flag, value in (("--depths", "0,2"), ("--depths", "half"), ("--trials", "0")):
         bad = subprocess.run([*cli, "eval", "passkey", flag, value], capture_output=True, text=True, env=env)
         assert bad.returncode == 2 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -34,6 +34,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--lengths", default=None, help="comma-separated prefix lengths in tokens")
     p.add_argument("--score-tokens", type=int, default=None, help="tokens scored per perplexity window")
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="speed: run each (method, length) in its own process, so peak RSS is per method",
+    )
     p.add_argument("--trials", type=int, default=None, help="passkey trials per (length, depth) cell")
     p.add_argument(
         "--depths", default=None, help="comma-separated passkey depths in [0, 1] (default 0,0.25,0.5,0.75,1)"
@@ -107,6 +112,8 @@ def run_eval(args: argparse.Namespace) -> int:
             res = _ppl(ev, model, ids, methods, args, lengths)
         elif what == "passkey":
             res = _passkey(ev, model, tok, text or SAMPLE_TEXT, methods, args, lengths)
+        elif args.isolate:
+            res = _speed_isolated(methods, args, lengths)
         else:
             res = _speed(ev, model, ids, methods, args, lengths)
         path = out_dir / f"eval-{what}.json"
@@ -199,4 +206,32 @@ def _speed(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Nam
             r = ev.speed(model, ids, length, m, new_tokens=8 if args.quick else 32)
             rows.append({"method": m, "length": length, **r})
             _step(f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms")
+    return rows
+
+
+def _speed_isolated(methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
+    """:func:`_speed` with every (method, length) in a fresh process: its peak RSS is its own."""
+    import subprocess
+    import tempfile
+
+    lengths = lengths or ([512] if args.quick else [2048, 4096, 7168])
+    rows = []
+    for length in lengths:
+        for m in methods:
+            with tempfile.TemporaryDirectory(prefix="ctxcore-eval-") as tmp:
+                cmd = [sys.executable, "-m", "ctxcore", "eval", "speed", "--methods", m]
+                cmd += ["--lengths", str(length), "--out", tmp]
+                cmd += ["--quick"] if args.quick else []
+                cmd += ["--text", args.text] if args.text else []
+                cmd += ["--model", args.model] if args.model else []
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise UserError(f"speed run of {m} at {length} tokens failed:\n{p.stderr[-2000:]}")
+                got = json.loads((Path(tmp) / "eval-speed.json").read_text())["results"]
+            rows += got
+            for r in got:
+                _step(
+                    f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms  "
+                    f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (own process)"
+                )
     return rows
