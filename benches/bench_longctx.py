@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -31,18 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_store import drop_caches  # benches/ is on sys.path when a bench runs as a script
+
 PREFIX = 2048
 CHUNK = 32768
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:

@@ -175,8 +175,7 @@ def _passkey(
     ev: Any, model: Any, tok: Any, filler: str, methods: list[str], args: argparse.Namespace, lengths: Any
 ) -> list:
     lengths = lengths or ([1024] if args.quick else [1024, 2048, 4096, 7168])
-    depths = [0.0, 0.5, 1.0] if args.quick else [0.0, 0.25, 0.5, 0.75, 1.0]
-    depths = args.depths or depths
+    depths = args.depths or ([0.0, 0.5, 1.0] if args.quick else [0.0, 0.25, 0.5, 0.75, 1.0])
     trials = args.trials or (1 if args.quick else 2)
     rows = []
     for length in lengths:
@@ -195,8 +194,12 @@ def _passkey(
     return rows
 
 
+def _speed_lengths(args: argparse.Namespace, lengths: Any) -> list[int]:
+    return lengths or ([512] if args.quick else [2048, 4096, 7168])
+
+
 def _speed(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
-    lengths = lengths or ([512] if args.quick else [2048, 4096, 7168])
+    lengths = _speed_lengths(args, lengths)
     rows = []
     for length in lengths:
         if ids.numel() < length + 1:
@@ -214,7 +217,7 @@ def _speed_isolated(methods: list[str], args: argparse.Namespace, lengths: Any) 
     import subprocess
     import tempfile
 
-    lengths = lengths or ([512] if args.quick else [2048, 4096, 7168])
+    lengths = _speed_lengths(args, lengths)
     rows = []
     for length in lengths:
         for m in methods:

@@ -173,14 +173,16 @@ impl KvStore {
         let (empty_k, empty_v): (&[f32], &[f32]) = (&[], &[]);
         let mut acc: Option<Attended> = None;
         let mut at = 0;
+        // One pair of code buffers for every chunk (sized for the longest).
+        let most = (CHUNK_PAGES * psz).min(n);
+        let (mut kbuf, mut vbuf) = (vec![0u8; h * most * ck], vec![0u8; h * most * cv]);
         for (ci, chunk) in chunks.iter().enumerate() {
             let last = ci + 1 == chunks.len();
             if !last {
                 self.prefetch(seq, layer, chunks[ci + 1])?;
             }
             let cn = (chunk.len() * psz).min(n - at);
-            let mut kc = vec![0u8; h * cn * ck];
-            let mut vc = vec![0u8; h * cn * cv];
+            let (kc, vc) = (&mut kbuf[..h * cn * ck], &mut vbuf[..h * cn * cv]);
             let mut got = 0;
             for &p in chunk.iter() {
                 let page = self.page(seq, layer, p)?;
@@ -216,8 +218,8 @@ impl KvStore {
                 d,
                 q,
                 n: cn,
-                k_codes: &kc,
-                v_codes: &vc,
+                k_codes: kc,
+                v_codes: vc,
                 k_cent: kcent,
                 k_m: c.k_m,
                 k_nbits: c.k_nbits,

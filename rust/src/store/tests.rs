@@ -568,6 +568,40 @@ fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// `attend_dense` (or, with `quest = Some(budget_pages)`, `attend_quest`) of sequence 0 of
+/// `layer`, causal from `start`, against exact attention over `kv` (Layout `(H, total, D)` each).
+#[allow(clippy::too_many_arguments)]
+fn assert_attends(
+    s: &KvStore,
+    layer: usize,
+    q: &[f32],
+    hq: usize,
+    tq: usize,
+    kv: (&[f32], &[f32]),
+    start: usize,
+    quest: Option<usize>,
+) {
+    let c = s.config().clone();
+    let (h, d) = (c.kv_heads, c.head_dim);
+    let scale = 1.0 / (d as f32).sqrt();
+    let total = kv.0.len() / (h * d);
+    let qs = Queries {
+        q,
+        hq,
+        tq,
+        scale,
+        causal: true,
+        start,
+    };
+    let (ro, rl) = reference(q, hq, tq, kv.0, kv.1, h, total, d, start, scale);
+    let ((o, l), what) = match quest {
+        None => (s.attend_dense(0, layer, &qs).unwrap(), "dense"),
+        Some(b) => (s.attend_quest(0, layer, &qs, b).unwrap(), "quest"),
+    };
+    assert_close(&o, &ro, 1e-4, &format!("{what} out, start={start}"));
+    assert_close(&l, &rl, 1e-4, &format!("{what} lse, start={start}"));
+}
+
 #[test]
 fn attend_with_start_ignores_left_padding() {
     let c = cfg(None, Some(tmpdir("start")));
@@ -586,22 +620,8 @@ fn attend_with_start_ignores_left_padding() {
     // 0, 1, the sinks' end, page boundaries and inside pages, the open page, the window, past
     // the first query (it sees nothing), and everything (no query sees anything).
     for start in [0, 1, 2, 3, 6, 9, 18, 19, 20, 21, 22, 23] {
-        let qs = Queries {
-            q: &q,
-            hq,
-            tq,
-            scale,
-            causal: true,
-            start,
-        };
-        let (ro, rl) = reference(&q, hq, tq, &kd, &vd, h, total, d, start, scale);
-        let (o, l) = s.attend_dense(0, 1, &qs).unwrap();
-        assert_close(&o, &ro, 1e-4, &format!("dense out, start={start}"));
-        assert_close(&l, &rl, 1e-4, &format!("dense lse, start={start}"));
-        let (ro, rl) = reference(&q, hq, tq, &kf, &vf, h, total, d, start, scale);
-        let (o, l) = s.attend_quest(0, 1, &qs, 100).unwrap();
-        assert_close(&o, &ro, 1e-4, &format!("quest out, start={start}"));
-        assert_close(&l, &rl, 1e-4, &format!("quest lse, start={start}"));
+        assert_attends(&s, 1, &q, hq, tq, (&kd, &vd), start, None);
+        assert_attends(&s, 1, &q, hq, tq, (&kf, &vf), start, Some(100));
     }
     // Pages wholly before `start` are not read: start=11 skips pages 0 and 1 (positions 2..10).
     s.evict_all().unwrap();
@@ -955,22 +975,10 @@ fn dense_attention_over_many_chunks_streams_under_a_budget() {
     );
     let (hq, tq) = (2 * h, 1);
     let q: Vec<f32> = rand(hq * tq * d, 5).iter().map(|x| x * 3.0).collect();
-    let scale = 1.0 / (d as f32).sqrt();
     let (kd, vd, n) = history(&s, 0, 0, false);
     assert_eq!(n, total);
     for start in [0, 3, CHUNK_PAGES * c.page_size + 7] {
-        let qs = Queries {
-            q: &q,
-            hq,
-            tq,
-            scale,
-            causal: true,
-            start,
-        };
-        let (ro, rl) = reference(&q, hq, tq, &kd, &vd, h, total, d, start, scale);
-        let (o, l) = s.attend_dense(0, 0, &qs).unwrap();
-        assert_close(&o, &ro, 1e-4, &format!("out, start={start}"));
-        assert_close(&l, &rl, 1e-4, &format!("lse, start={start}"));
+        assert_attends(&s, 0, &q, hq, tq, (&kd, &vd), start, None);
     }
     let st = s.stats().unwrap();
     assert!(
