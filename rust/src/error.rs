@@ -17,6 +17,7 @@
 //! | `Io`               | `CtxcoreIOError` (also an `OSError`)              |
 //! | `Budget`           | `RamBudgetError` (also a `MemoryError`)           |
 //! | `Mismatch`         | `ContextMismatchError` (also a `ValueError`)      |
+//! | `Device`           | `DeviceError` (also a `ValueError`)               |
 //! | `Internal`         | `InternalError` (a bug: please report it)         |
 
 use std::fmt;
@@ -130,6 +131,11 @@ pub enum Error {
         /// The current side.
         current: String,
     },
+
+    /// A GPU operation that this build or machine cannot run (no CUDA support compiled in, no
+    /// driver, too old a GPU) or a CUDA driver error; the message says which and what to do.
+    #[error("{0}")]
+    Device(String),
 
     /// A bug in ctxcore (a caught panic or a violated internal invariant).
     #[error("internal error in ctxcore (this is a bug, please report it): {0}")]

@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod chunk;
+pub mod cuda;
 pub mod error;
 pub mod parallel;
 pub mod pq;

@@ -20,6 +20,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::Io { .. } => "CtxcoreIOError",
         Error::Budget(_) => "RamBudgetError",
         Error::Mismatch { .. } => "ContextMismatchError",
+        Error::Device(_) => "DeviceError",
         Error::Internal(_) => "InternalError",
     }
 }
