@@ -31,9 +31,23 @@ fp_k, fp_v, fp_range, scale, causal) -> (out, lse)``
     maximized over the query heads of the KV head's group and over the query tokens, from
     ``q`` ``[B, Hq, Tq, D]`` and per-page key bounds ``kmin, kmax`` ``[B, Hkv, P, D]``.
 
-Both run on the CPU (Rust, GIL released, ``ctxcore.get_num_threads()`` threads). This build has
-no CUDA kernels for them: tensors on another device raise
-:class:`~ctxcore.exceptions.DeviceError`. Bad dtypes raise
+``torch.ops.ctxcore.pq_encode(x, centroids) -> codes``
+    PQ codes uint8 ``[B, H, N, code_bytes]`` of ``x [B, H, N, D]`` with per-head codebooks
+    ``centroids [H, m, 16 or 256, D // m]`` (nearest centroid, ties to the lowest index).
+
+``torch.ops.ctxcore.gather_pages(src, pages, page_size) -> out``
+    The tokens of selected pages: ``out [B, H, K * page_size, D]`` with
+    ``out[b, h, i * page_size + t] = src[b, h, pages[b, h, i] * page_size + t]``; zeros past the
+    end of ``src`` and for page id ``-1`` (so select full pages, or mask the padding).
+
+Every op runs on CPU tensors (Rust, GIL released, ``ctxcore.get_num_threads()`` threads) and on
+CUDA tensors (ctxcore's CUDA kernels on torch's current stream, outputs allocated by torch on
+the tensors' device, no host round trip), with the same semantics; the CPU kernels are the
+reference. All tensors of a call must be on one device, except ``code_range`` / ``fp_range``,
+which may stay on the CPU (they are then checked on the host; on the GPU, ranges outside the
+tensors are clipped to them). A CUDA tensor given to a build without CUDA kernels, on a machine
+without a driver or on a GPU older than compute capability 8.0 raises
+:class:`~ctxcore.exceptions.DeviceError`, as do other devices. Bad dtypes raise
 :class:`~ctxcore.exceptions.DTypeError`, bad shapes :class:`~ctxcore.exceptions.ShapeError`,
 inconsistent head counts or codebooks :class:`~ctxcore.exceptions.ConfigError`.
 
@@ -71,10 +85,13 @@ from . import _ctxcore
 from .exceptions import ConfigError, DeviceError, DTypeError, ShapeError
 
 __all__ = [
+    "cuda_available",
     "decode_codes",
     "dense_attention_from_store",
+    "gather_pages",
     "page_scores",
     "pq_attention",
+    "pq_encode",
     "pq_token_scores",
     "select_pages",
     "select_tokens_pq",
@@ -82,17 +99,60 @@ __all__ = [
 ]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_NO_CUDA = (
-    "{op}: {what} is on {device}, but ctxcore was built without CUDA support for this op (no "
-    "CUDA kernels for it yet); it runs on the CPU only, so pass CPU tensors ({what}.cpu())"
-)
 
 
 # -- validation (shared by the real and the fake implementations) ----------------------------
-def _check_device(op: str, **tensors: torch.Tensor) -> None:
+def _check_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """The one device of ``tensors`` (CPU or CUDA); DeviceError for mixed or other devices."""
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{w} on {t.device}" for w, t in tensors.items())
+        raise DeviceError(f"{op}: tensors are on different devices ({where}); move them to one device")
+    dev = devices.pop() if devices else torch.device("cpu")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        what = next(iter(tensors))
+        raise DeviceError(
+            f"{op}: {what} is on {dev}, but ctxcore's kernels run on CPU and CUDA tensors only; "
+            f"pass CPU tensors ({what}.cpu())"
+        )
+    return dev
+
+
+def _require_cpu(op: str, **tensors: torch.Tensor) -> None:
     for what, t in tensors.items():
         if t.device.type != "cpu":
-            raise DeviceError(_NO_CUDA.format(op=op, what=what, device=t.device))
+            raise DeviceError(
+                f"{op}: {what} is on {t.device}, but this runs on the CPU only; pass CPU tensors "
+                f"({what}.cpu())"
+            )
+
+
+def cuda_available(device: int | torch.device | None = None) -> bool:
+    """Whether ctxcore's CUDA kernels can run on ``device`` (default: torch's current CUDA device):
+    this build has them, torch sees a GPU, and the driver loads them on it (compute capability
+    8.0 or newer)."""
+    if not _ctxcore.cuda_compiled() or not torch.cuda.is_available():
+        return False
+    dev = torch.device("cuda", device) if isinstance(device, int) else device
+    try:
+        _ctxcore.cuda_device_info(_ordinal(dev))
+    except DeviceError:
+        return False
+    return True
+
+
+def _ordinal(dev: torch.device | None) -> int:
+    if dev is None or dev.index is None:
+        return torch.cuda.current_device()
+    return dev.index
+
+
+def _stream(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).cuda_stream
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
 
 
 def _check_float(what: str, t: torch.Tensor) -> None:
@@ -201,7 +261,7 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
 def _pq_attention_op(
     q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal
 ):
-    _check_device(
+    _require_cpu(
         "pq_attention",
         q=q,
         k_codes=k_codes,
@@ -260,7 +320,7 @@ def _check_page_scores(q, kmin, kmax):
     "ctxcore::page_scores", mutates_args=(), schema="(Tensor q, Tensor kmin, Tensor kmax) -> Tensor"
 )
 def _page_scores_op(q, kmin, kmax):
-    _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
+    _require_cpu("page_scores", q=q, kmin=kmin, kmax=kmax)
     _check_page_scores(q, kmin, kmax)
     f32 = torch.float32
     return torch.from_numpy(_ctxcore.page_scores(_np(q, f32), _np(kmin, f32), _np(kmax, f32)))
@@ -270,6 +330,164 @@ def _page_scores_op(q, kmin, kmax):
 def _(q, kmin, kmax):
     _check_page_scores(q, kmin, kmax)
     return q.new_empty((kmin.shape[0], kmin.shape[1], kmin.shape[2]), dtype=torch.float32)
+
+
+def _check_pq_encode(x, centroids):
+    _check_rank("x", x, 4, "[B, H, N, D]")
+    _check_rank("centroids", centroids, 4, "[H, m, ksub, D // m]")
+    _check_float("x", x)
+    _check_float("centroids", centroids)
+    h, m, ksub, dsub = centroids.shape
+    nbits = _nbits("centroids", ksub)
+    if h != x.shape[1] or m * dsub != x.shape[3]:
+        raise ShapeError(
+            f"centroids: expected [H={x.shape[1]}, m, ksub, D // m] covering D={x.shape[3]}, "
+            f"got {tuple(centroids.shape)}"
+        )
+    return (m * nbits + 7) // 8
+
+
+@torch.library.custom_op(
+    "ctxcore::pq_encode", mutates_args=(), schema="(Tensor x, Tensor centroids) -> Tensor"
+)
+def _pq_encode_op(x, centroids):
+    _require_cpu("pq_encode", x=x, centroids=centroids)
+    _check_pq_encode(x, centroids)
+    f32 = torch.float32
+    return torch.from_numpy(_ctxcore.pq_encode(_np(x, f32), _np(centroids, f32)))
+
+
+@_pq_encode_op.register_fake
+def _(x, centroids):
+    cb = _check_pq_encode(x, centroids)
+    return x.new_empty((*x.shape[:3], cb), dtype=torch.uint8)
+
+
+def _check_gather(src, pages, page_size):
+    _check_rank("src", src, 4, "[B, H, N, D]")
+    _check_rank("pages", pages, 3, "[B, H, K]")
+    if pages.dtype not in (torch.int64, torch.int32):
+        raise DTypeError(f"pages: expected int64 page ids, got {pages.dtype}")
+    if tuple(pages.shape[:2]) != tuple(src.shape[:2]):
+        raise ShapeError(f"pages: expected [B={src.shape[0]}, H={src.shape[1]}, K], got {tuple(pages.shape)}")
+    if page_size < 1:
+        raise ConfigError(f"page_size must be >= 1, got {page_size}")
+
+
+@torch.library.custom_op(
+    "ctxcore::gather_pages", mutates_args=(), schema="(Tensor src, Tensor pages, int page_size) -> Tensor"
+)
+def _gather_pages_op(src, pages, page_size):
+    _require_cpu("gather_pages", src=src, pages=pages)
+    _check_gather(src, pages, page_size)
+    b, h, n, d = src.shape
+    k = pages.shape[2]
+    tok = (pages.long().unsqueeze(-1) * page_size + torch.arange(page_size)).reshape(b, h, k * page_size)
+    valid = (pages.long().unsqueeze(-1) >= 0).expand(b, h, k, page_size).reshape(b, h, -1) & (tok < n)
+    idx = torch.where(valid, tok, 0).unsqueeze(-1).expand(b, h, k * page_size, d)
+    if n == 0:
+        return src.new_zeros((b, h, k * page_size, d))
+    out = src.gather(2, idx)
+    return out.masked_fill(~valid.unsqueeze(-1), 0)
+
+
+@_gather_pages_op.register_fake
+def _(src, pages, page_size):
+    _check_gather(src, pages, page_size)
+    b, h, _, d = src.shape
+    return src.new_empty((b, h, pages.shape[2] * page_size, d))
+
+
+# -- CUDA implementations -------------------------------------------------------------------
+def _cuda_range(what: str, r: torch.Tensor, cap: int, dev: torch.device) -> torch.Tensor:
+    if r.device.type == "cpu":
+        for i, (s, e) in enumerate(r.tolist()):
+            if not 0 <= s <= e <= cap:
+                raise ConfigError(f"sequence {i}: {what} [{s}, {e}) outside [0, {cap}]")
+    return r.to(device=dev, dtype=torch.int64).contiguous()
+
+
+@_pq_attention_op.register_kernel("cuda")
+def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal):
+    dev = _check_device(
+        "pq_attention",
+        q=q,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_centroids=k_centroids,
+        v_centroids=v_centroids,
+        fp_k=fp_k,
+        fp_v=fp_v,
+    )
+    _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range)
+    if not math.isfinite(scale):
+        raise ConfigError(f"scale must be finite, got {scale}")
+    b, hq, tq, d = q.shape
+    hkv, n = k_codes.shape[1], k_codes.shape[2]
+    f = fp_k.shape[2]
+    dt = q.dtype
+    qc = q.contiguous()
+    kc, vc = k_codes.contiguous(), v_codes.contiguous()
+    kcent = k_centroids.to(torch.float32).contiguous()
+    vcent = v_centroids.to(torch.float32).contiguous()
+    fk, fv = fp_k.to(dt).contiguous(), fp_v.to(dt).contiguous()
+    cr = _cuda_range("code_range", code_range, n, dev)
+    fr = _cuda_range("fp_range", fp_range, f, dev)
+    out = torch.empty((b, hq, tq, d), dtype=dt, device=dev)
+    lse = torch.empty((b, hq, tq), dtype=torch.float32, device=dev)
+    km, kbits = kcent.shape[1], _nbits("k_centroids", kcent.shape[2])
+    vm, vbits = vcent.shape[1], _nbits("v_centroids", vcent.shape[2])
+    dims = [b, hq, hkv, tq, d, n, f, km, kbits, vm, vbits]
+    ordinal, name = _ordinal(dev), _dtype_name(dt)
+    nbytes = _ctxcore.cuda_pq_attention_work_bytes(ordinal, dims, name, float(scale), bool(causal))
+    work = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=dev)
+    ptrs = [t.data_ptr() for t in (qc, kc, vc, kcent, vcent, cr, fk, fv, fr, out, lse)]
+    _ctxcore.cuda_pq_attention(
+        ordinal, _stream(dev), dims, name, float(scale), bool(causal), ptrs, work.data_ptr()
+    )
+    return out, lse
+
+
+@_page_scores_op.register_kernel("cuda")
+def _(q, kmin, kmax):
+    dev = _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
+    _check_page_scores(q, kmin, kmax)
+    b, hq, tq, d = q.shape
+    hkv, p = kmin.shape[1], kmin.shape[2]
+    qc, lo, hi = q.contiguous(), kmin.to(q.dtype).contiguous(), kmax.to(q.dtype).contiguous()
+    scores = torch.empty((b, hkv, p), dtype=torch.float32, device=dev)
+    ptrs = [t.data_ptr() for t in (qc, lo, hi, scores)]
+    _ctxcore.cuda_page_scores(_ordinal(dev), _stream(dev), [b, hq, hkv, tq, p, d], _dtype_name(q.dtype), ptrs)
+    return scores
+
+
+@_pq_encode_op.register_kernel("cuda")
+def _(x, centroids):
+    dev = _check_device("pq_encode", x=x, centroids=centroids)
+    cb = _check_pq_encode(x, centroids)
+    b, h, n, d = x.shape
+    m, ksub = centroids.shape[1], centroids.shape[2]
+    xc, cent = x.contiguous(), centroids.to(torch.float32).contiguous()
+    codes = torch.empty((b, h, n, cb), dtype=torch.uint8, device=dev)
+    dims = [b, h, n, d, m, _nbits("centroids", ksub)]
+    ptrs = [xc.data_ptr(), cent.data_ptr(), codes.data_ptr()]
+    _ctxcore.cuda_pq_encode(_ordinal(dev), _stream(dev), dims, _dtype_name(x.dtype), ptrs)
+    return codes
+
+
+@_gather_pages_op.register_kernel("cuda")
+def _(src, pages, page_size):
+    dev = _check_device("gather_pages", src=src, pages=pages)
+    _check_gather(src, pages, page_size)
+    b, h, n, d = src.shape
+    k = pages.shape[2]
+    sc, pc = src.contiguous(), pages.to(torch.int64).contiguous()
+    out = torch.empty((b, h, k * page_size, d), dtype=src.dtype, device=dev)
+    dims = [b, h, n, d, k, page_size, src.element_size()]
+    _ctxcore.cuda_page_gather(
+        _ordinal(dev), _stream(dev), dims, [sc.data_ptr(), pc.data_ptr(), out.data_ptr()]
+    )
+    return out
 
 
 # -- conveniences ---------------------------------------------------------------------------
@@ -306,7 +524,8 @@ def pq_attention(
     """Attention over PQ codes plus a full-precision part; see ``torch.ops.ctxcore.pq_attention``.
 
     Args:
-        q: queries ``[B, Hq, Tq, D]`` (float32, bfloat16 or float16, CPU).
+        q: queries ``[B, Hq, Tq, D]`` (float32, bfloat16 or float16; CPU or CUDA, the other
+            tensors on the same device).
         k_codes, v_codes: uint8 ``[B, Hkv, N, ck]`` / ``[B, Hkv, N, cv]``; None (both) for no
             codes (``N = 0``; the centroids may then be None too).
         k_centroids, v_centroids: float ``[Hkv, m, 16 or 256, D // m]``.
@@ -320,7 +539,8 @@ def pq_attention(
         ``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``.
 
     Raises:
-        DeviceError: a tensor is not on the CPU (this build has no CUDA kernels for this op).
+        DeviceError: tensors on different devices, or CUDA tensors where ctxcore's CUDA kernels
+            cannot run (see :func:`cuda_available`).
         DTypeError, ShapeError, ConfigError: inconsistent inputs (checked before any work).
     """
     if not isinstance(q, torch.Tensor):
@@ -352,8 +572,8 @@ def pq_attention(
             k_centroids = v_centroids = q.new_zeros((hkv, d, 16, 1), dtype=torch.float32)
         if v_centroids is None:
             v_centroids = k_centroids
-        k_codes = _empty_codes(b, hkv, k_centroids)
-        v_codes = _empty_codes(b, hkv, v_centroids)
+        k_codes = _empty_codes(b, hkv, k_centroids, q.device)
+        v_codes = _empty_codes(b, hkv, v_centroids, q.device)
     elif k_centroids is None or v_centroids is None:
         raise ConfigError("k_centroids and v_centroids are needed to attend over codes")
     if fp_k is None:
@@ -366,18 +586,35 @@ def pq_attention(
     )
 
 
-def _empty_codes(b: int, hkv: int, cent: torch.Tensor) -> torch.Tensor:
+def _empty_codes(b: int, hkv: int, cent: torch.Tensor, device: Any = None) -> torch.Tensor:
     m, ksub = cent.shape[1], cent.shape[2]
     nbits = 4 if ksub == 16 else 8
-    return torch.zeros((b, hkv, 0, (m * nbits + 7) // 8), dtype=torch.uint8)
+    return torch.zeros((b, hkv, 0, (m * nbits + 7) // 8), dtype=torch.uint8, device=device)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
     """Quest page upper bounds ``[B, Hkv, P]`` float32 from ``q [B, Hq, Tq, D]`` and ``kmin, kmax
     [B, Hkv, P, D]``: for every key ``k`` of a page and every query of the group,
-    ``q . k <= score``. Raises DeviceError for non-CPU tensors."""
+    ``q . k <= score``. CPU or CUDA tensors (one device)."""
     _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
     return torch.ops.ctxcore.page_scores(q, kmin, kmax)
+
+
+def pq_encode(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """PQ codes uint8 ``[B, H, N, code_bytes]`` of ``x [B, H, N, D]`` with per-head codebooks
+    ``centroids [H, m, 16 or 256, D // m]``: the nearest centroid per subquantizer (4-bit codes
+    packed two per byte, as :class:`ctxcore.ProductQuantizer` writes them). CPU or CUDA; the
+    inverse is :func:`decode_codes`."""
+    _check_device("pq_encode", x=x, centroids=centroids)
+    return torch.ops.ctxcore.pq_encode(x, centroids)
+
+
+def gather_pages(src: torch.Tensor, pages: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Tokens of the selected pages of ``src [B, H, N, D]``: ``pages [B, H, K]`` int64 page ids
+    (e.g. from :func:`select_pages`) give ``[B, H, K * page_size, D]``; tokens past ``N`` and
+    pages ``-1`` read as zeros. CPU or CUDA."""
+    _check_device("gather_pages", src=src, pages=pages)
+    return torch.ops.ctxcore.gather_pages(src, pages, int(page_size))
 
 
 def decode_codes(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -391,8 +628,8 @@ def decode_codes(codes: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"centroids have {hc} heads, codes {h}")
     idx = _unpack(codes, m, _nbits("centroids", ksub))  # [B, H, N, m]
     cent = centroids.float()
-    heads = torch.arange(h).view(1, h, 1, 1)
-    sub = torch.arange(m).view(1, 1, 1, m)
+    heads = torch.arange(h, device=codes.device).view(1, h, 1, 1)
+    sub = torch.arange(m, device=codes.device).view(1, 1, 1, m)
     return cent[heads, sub, idx].reshape(b, h, n, m * dsub)
 
 
@@ -487,7 +724,7 @@ def pq_token_scores(
     with :meth:`~ctxcore.ProductQuantizer.inner_products`, several times faster; ``fast=True``
     then uses the approximate 4-bit fast scan, fine for ranking).
     """
-    _check_device("pq_token_scores", q=q, k_codes=k_codes)
+    _require_cpu("pq_token_scores", q=q, k_codes=k_codes)
     _check_rank("q", q, 4, "[B, Hq, Tq, D]")
     _check_rank("k_codes", k_codes, 4, "[B, Hkv, N, ck]")
     if k_codes.dtype != torch.uint8:
@@ -497,7 +734,7 @@ def pq_token_scores(
         raise ConfigError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({hkv})")
     if isinstance(k_centroids, (list, tuple)):
         return _pq_scores_rust(q, k_codes, k_centroids, fast)
-    _check_device("pq_token_scores", k_centroids=k_centroids)
+    _require_cpu("pq_token_scores", k_centroids=k_centroids)
     _check_rank("k_centroids", k_centroids, 4, "[Hkv, m, ksub, D // m]")
     _nbits("k_centroids", k_centroids.shape[2])
     if k_centroids.shape[0] != hkv or k_centroids.shape[1] * k_centroids.shape[3] != q.shape[-1]:
@@ -587,7 +824,7 @@ def _store_q(q: torch.Tensor, hkv: int, d: int) -> tuple[torch.Tensor, bool]:
         )
     if q.shape[1] % hkv:
         raise ConfigError(f"query heads ({q.shape[1]}) must be a multiple of the store's KV heads ({hkv})")
-    _check_device("selective_attention", q=q)
+    _require_cpu("selective_attention", q=q)
     return q, squeeze
 
 

@@ -44,10 +44,11 @@ fn driver() -> Result<()> {
                 .iter()
                 .any(|n| unsafe { libloading::Library::new(n) }.is_ok());
             if !found {
-                return Err(format!(
-                    "no CUDA driver found (could not load any of {names:?}): install the NVIDIA \
+                return Err(
+                    "no CUDA driver found (libcuda.so.1 could not be loaded): install the NVIDIA \
                      driver, or keep the tensors on the CPU"
-                ));
+                        .to_string(),
+                );
             }
             catch_panic(|| result::init().map_err(|e| driver_error("cuInit", e)))
                 .map_err(|e| e.to_string())
@@ -78,6 +79,9 @@ unsafe impl Sync for Device {}
 /// The device with CUDA ordinal `ordinal` (as torch numbers them), loaded once per process.
 pub fn device(ordinal: i32) -> Result<Arc<Device>> {
     static DEVICES: OnceLock<Mutex<HashMap<i32, Arc<Device>>>> = OnceLock::new();
+    if ptx::PTX.is_empty() {
+        return Err(super::no_cuda());
+    }
     driver()?;
     let mut map = DEVICES
         .get_or_init(Default::default)
@@ -243,13 +247,24 @@ mod tests {
     fn embedded_ptx_has_every_planned_kernel() {
         let all: String = ptx_modules().iter().map(|(_, t)| *t).collect();
         for dt in ["f32", "f16", "bf16"] {
-            for k in ["pq_attn_split", "pq_attn_combine", "page_scores", "pq_encode"] {
-                assert!(all.contains(&format!(".entry {k}_{dt}(")), "{k}_{dt} missing");
+            for k in [
+                "pq_attn_split",
+                "pq_attn_combine",
+                "page_scores",
+                "pq_encode",
+            ] {
+                assert!(
+                    all.contains(&format!(".entry {k}_{dt}(")),
+                    "{k}_{dt} missing"
+                );
             }
         }
         assert!(all.contains(".entry page_gather("));
         for (stem, text) in ptx_modules() {
-            assert!(text.contains(".target sm_80"), "{stem}: PTX for compute_80 expected");
+            assert!(
+                text.contains(".target sm_80"),
+                "{stem}: PTX for compute_80 expected"
+            );
         }
     }
 

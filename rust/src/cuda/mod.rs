@@ -119,14 +119,22 @@ pub trait Launcher {
     fn launch(&self, l: &Launch) -> Result<()>;
 }
 
-/// Whether this build has the CUDA kernels (the `cuda` feature).
-pub const COMPILED: bool = cfg!(feature = "cuda");
+/// Whether this build has the CUDA kernels (the `cuda` feature, with PTX compiled by nvcc).
+pub fn compiled() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        !driver::ptx_modules().is_empty()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
 
-#[cfg(not(feature = "cuda"))]
-fn no_cuda() -> Error {
+pub(crate) fn no_cuda() -> Error {
     Error::Device(
-        "this build of ctxcore has no CUDA kernels (it was compiled without the `cuda` feature, \
-         e.g. where nvcc was not available): keep the tensors on the CPU, or reinstall ctxcore \
+        "this build of ctxcore has no CUDA kernels (it was compiled without the `cuda` feature or \
+         without nvcc): keep the tensors on the CPU, or reinstall ctxcore \
          from source with `pip install .` (the build fetches nvcc from PyPI)"
             .into(),
     )

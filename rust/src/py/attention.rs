@@ -197,3 +197,53 @@ pub fn page_scores<'py>(
         .py()?;
     Ok(a.into_pyarray(py))
 }
+
+/// PQ codes ``[B, H, N, code_bytes]`` uint8 of ``x [B, H, N, D]`` with per-head codebooks
+/// ``centroids [H, m, 16 or 256, D // m]`` (nearest centroid per subquantizer).
+#[pyfunction]
+pub fn pq_encode<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray4<'py, f32>,
+    centroids: PyReadonlyArray4<'py, f32>,
+) -> PyResult<Bound<'py, PyArray4<u8>>> {
+    let xs = x.shape().to_vec();
+    let cs = centroids.shape().to_vec();
+    let (b, h, n, d) = (xs[0], xs[1], xs[2], xs[3]);
+    let nbits = nbits_of("centroids", cs[2])?;
+    let m = cs[1];
+    if cs[0] != h || m == 0 || m * cs[3] != d {
+        return Err(Error::shape(
+            "centroids",
+            format!("[{h}, m, {}, {d} // m]", cs[2]),
+            format!("{cs:?}"),
+        ))
+        .py();
+    }
+    let (xv, cv) = (contiguous("x", &x)?, contiguous("centroids", &centroids)?);
+    let cb = (m * nbits as usize).div_ceil(8);
+    let per_head = cs[2] * d;
+    let codes = py
+        .detach(|| {
+            catch_panic(|| {
+                let mut codes = vec![0u8; b * h * n * cb];
+                for hh in 0..h {
+                    let pq = crate::ProductQuantizer::with_centroids(
+                        d,
+                        m,
+                        nbits,
+                        cv[hh * per_head..(hh + 1) * per_head].to_vec(),
+                    )?;
+                    for bb in 0..b {
+                        let r = (bb * h + hh) * n;
+                        pq.encode_into(&xv[r * d..(r + n) * d], &mut codes[r * cb..(r + n) * cb])?;
+                    }
+                }
+                Ok(codes)
+            })
+        })
+        .py()?;
+    let a = Array4::from_shape_vec((b, h, n, cb), codes)
+        .map_err(|e| Error::Internal(e.to_string()))
+        .py()?;
+    Ok(a.into_pyarray(py))
+}

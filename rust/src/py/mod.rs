@@ -5,6 +5,7 @@
 
 mod attention;
 mod chunk;
+mod cuda;
 pub(crate) mod error;
 mod pq;
 mod store;
@@ -42,6 +43,14 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::KVStore>()?;
     m.add_function(wrap_pyfunction!(attention::pq_attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention::page_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::pq_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_compiled, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_device_info, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_pq_attention_work_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_pq_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_page_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_page_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda::cuda_pq_encode, m)?)?;
     m.add("STORE_FORMAT_VERSION", crate::store::STORE_FORMAT_VERSION)?;
     m.add_function(wrap_pyfunction!(chunk::chunk_tokens, m)?)?;
     m.add_class::<chunk::TokenChunk>()?;

@@ -1,0 +1,181 @@
+//! Bindings of [`crate::cuda`]: launch the CUDA kernels on device addresses of torch tensors.
+//!
+//! `ctxcore.ops` validates the tensors, allocates outputs and workspace with torch on the
+//! tensors' device, and passes `data_ptr()`s and torch's current stream here. These functions
+//! plan the launches (Rust) and enqueue them; nothing is synchronized or copied to the host.
+//! Every one raises `DeviceError` when the build has no CUDA kernels or no driver is present.
+
+use pyo3::prelude::*;
+
+use super::error::IntoPy;
+use crate::cuda::{self, DType, PqAttnPtrs, PqAttnShape};
+use crate::error::{catch_panic, Error};
+
+fn dims<const N: usize>(what: &str, v: &[usize]) -> PyResult<[usize; N]> {
+    v.try_into()
+        .map_err(|_| Error::Internal(format!("{what}: expected {N} sizes, got {}", v.len())))
+        .py()
+}
+
+fn ptrs<const N: usize>(what: &str, v: &[u64]) -> PyResult<[u64; N]> {
+    v.try_into()
+        .map_err(|_| Error::Internal(format!("{what}: expected {N} pointers, got {}", v.len())))
+        .py()
+}
+
+fn attn_shape(d: &[usize], dtype: &str, scale: f32, causal: bool) -> PyResult<PqAttnShape> {
+    let [batch, hq, hkv, tq, hd, n, f, k_m, k_nbits, v_m, v_nbits] = dims("pq_attention", d)?;
+    Ok(PqAttnShape {
+        batch,
+        hq,
+        hkv,
+        tq,
+        d: hd,
+        n,
+        f,
+        k_m,
+        k_nbits: k_nbits as u32,
+        v_m,
+        v_nbits: v_nbits as u32,
+        dtype: DType::from_name(dtype).py()?,
+        scale,
+        causal,
+    })
+}
+
+/// Whether this build has the CUDA kernels.
+#[pyfunction]
+pub fn cuda_compiled() -> bool {
+    cuda::compiled()
+}
+
+/// `(name, (major, minor), sm_count, max_smem_per_block)` of CUDA device `ordinal`.
+#[pyfunction]
+pub fn cuda_device_info(py: Python<'_>, ordinal: i32) -> PyResult<(String, (i32, i32), u32, u32)> {
+    let (name, cc, lim) = py
+        .detach(|| catch_panic(|| cuda::device_info(ordinal)))
+        .py()?;
+    Ok((name, cc, lim.sm_count, lim.max_smem))
+}
+
+/// Workspace bytes `cuda_pq_attention` needs for these sizes on device `ordinal`.
+#[pyfunction]
+pub fn cuda_pq_attention_work_bytes(
+    ordinal: i32,
+    dims: Vec<usize>,
+    dtype: &str,
+    scale: f32,
+    causal: bool,
+) -> PyResult<usize> {
+    let s = attn_shape(&dims, dtype, scale, causal)?;
+    let lim = cuda::device_limits(ordinal).py()?;
+    Ok(cuda::plan_pq_attention(&s, &lim).py()?.work_bytes)
+}
+
+/// Enqueue `pq_attention` on `stream`. `dims`: (B, Hq, Hkv, Tq, D, N, F, k_m, k_nbits, v_m,
+/// v_nbits); `ptrs`: q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v,
+/// fp_range, out, lse; `work`: workspace of `cuda_pq_attention_work_bytes` bytes.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn cuda_pq_attention(
+    py: Python<'_>,
+    ordinal: i32,
+    stream: u64,
+    dims: Vec<usize>,
+    dtype: &str,
+    scale: f32,
+    causal: bool,
+    ptrs: Vec<u64>,
+    work: u64,
+) -> PyResult<()> {
+    let s = attn_shape(&dims, dtype, scale, causal)?;
+    let [q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, out, lse] =
+        self::ptrs("pq_attention", &ptrs)?;
+    let p = PqAttnPtrs {
+        q,
+        k_codes,
+        v_codes,
+        k_centroids,
+        v_centroids,
+        code_range,
+        fp_k,
+        fp_v,
+        fp_range,
+        out,
+        lse,
+    };
+    py.detach(|| {
+        catch_panic(|| {
+            let lim = cuda::device_limits(ordinal)?;
+            let plan = cuda::plan_pq_attention(&s, &lim)?;
+            cuda::run(ordinal, stream, &plan.launches(&p, work))
+        })
+    })
+    .py()
+}
+
+/// Enqueue Quest page scores. `dims`: (B, Hq, Hkv, Tq, P, D); `ptrs`: q, kmin, kmax, scores.
+#[pyfunction]
+pub fn cuda_page_scores(
+    py: Python<'_>,
+    ordinal: i32,
+    stream: u64,
+    dims: Vec<usize>,
+    dtype: &str,
+    ptrs: Vec<u64>,
+) -> PyResult<()> {
+    let [b, hq, hkv, tq, p, d] = self::dims("page_scores", &dims)?;
+    let dt = DType::from_name(dtype).py()?;
+    let ptrs = self::ptrs("page_scores", &ptrs)?;
+    py.detach(|| {
+        catch_panic(|| {
+            let l = cuda::page_scores_launch(b, hq, hkv, tq, p, d, dt, ptrs)?;
+            cuda::run(ordinal, stream, l.as_slice())
+        })
+    })
+    .py()
+}
+
+/// Enqueue a page gather. `dims`: (B, H, N, D, K, page_size, elem_bytes); `ptrs`: src, pages,
+/// out.
+#[pyfunction]
+pub fn cuda_page_gather(
+    py: Python<'_>,
+    ordinal: i32,
+    stream: u64,
+    dims: Vec<usize>,
+    ptrs: Vec<u64>,
+) -> PyResult<()> {
+    let [b, h, n, d, k, ps, eb] = self::dims("page_gather", &dims)?;
+    let ptrs = self::ptrs("page_gather", &ptrs)?;
+    py.detach(|| {
+        catch_panic(|| {
+            let l = cuda::page_gather_launch(b, h, n, d, k, ps, eb, ptrs)?;
+            cuda::run(ordinal, stream, l.as_slice())
+        })
+    })
+    .py()
+}
+
+/// Enqueue a PQ encode. `dims`: (B, H, N, D, m, nbits); `ptrs`: x, centroids, codes.
+#[pyfunction]
+pub fn cuda_pq_encode(
+    py: Python<'_>,
+    ordinal: i32,
+    stream: u64,
+    dims: Vec<usize>,
+    dtype: &str,
+    ptrs: Vec<u64>,
+) -> PyResult<()> {
+    let [b, h, n, d, m, nbits] = self::dims("pq_encode", &dims)?;
+    let dt = DType::from_name(dtype).py()?;
+    let ptrs = self::ptrs("pq_encode", &ptrs)?;
+    py.detach(|| {
+        catch_panic(|| {
+            let lim = cuda::device_limits(ordinal)?;
+            let l = cuda::pq_encode_launch(b, h, n, d, m, nbits as u32, dt, &lim, ptrs)?;
+            cuda::run(ordinal, stream, l.as_slice())
+        })
+    })
+    .py()
+}
