@@ -1,0 +1,273 @@
+"""CUDA ops: build and dispatch checks that run everywhere, and GPU tests (skipped cleanly where
+ctxcore's CUDA kernels cannot run) that check every kernel against the CPU reference kernels and
+against torch SDPA over dequantized K/V.
+
+The kernels' indexing, masking and split-K merging are also checked without a GPU, through a
+CPU emulation of the kernels, by the Rust tests (rust/src/cuda/emu.rs).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+
+from ctxcore import _ctxcore
+from ctxcore.exceptions import ConfigError, DeviceError, ShapeError
+
+torch = pytest.importorskip("torch")
+ops = pytest.importorskip("ctxcore.ops")
+F = torch.nn.functional
+
+GPU = ops.cuda_available()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no GPU that ctxcore's CUDA kernels can run on")
+OPS = ("pq_attention", "page_scores", "pq_encode", "gather_pages")
+
+
+# -- everywhere ------------------------------------------------------------------------------
+@pytest.mark.skipif(sys.platform != "linux", reason="the PyPI CUDA toolchain is Linux-only")
+def test_wheel_has_cuda_kernels():
+    # The wheel is built with nvcc 13.0 from PyPI (pyproject build requirements): a build that
+    # silently fell back to CPU-only would ship no GPU support.
+    assert _ctxcore.cuda_compiled()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ops_have_cuda_kernels(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ctxcore::{op}", "CUDA")
+
+
+@pytest.mark.skipif(GPU, reason="checks the no-GPU error")
+def test_without_a_gpu_device_calls_raise_device_error():
+    assert not ops.cuda_available()
+    with pytest.raises(DeviceError):
+        _ctxcore.cuda_device_info(0)
+    with pytest.raises(DeviceError):
+        _ctxcore.cuda_page_gather(0, 0, [1, 1, 1, 1, 1, 1, 2], [0, 0, 0])
+
+
+def test_mixed_devices_raise_device_error():
+    q = torch.randn(1, 2, 1, 8)
+    cent = torch.randn(2, 8, 16, 1)
+    codes = torch.zeros(1, 2, 3, 4, dtype=torch.uint8, device="meta")
+    with pytest.raises(DeviceError, match="different devices"):
+        ops.pq_attention(q, codes, codes, cent, cent)
+    with pytest.raises(DeviceError, match="different devices"):
+        ops.pq_encode(torch.randn(1, 2, 3, 8, device="meta"), cent)
+
+
+# -- new ops on the CPU (the reference for their CUDA kernels) --------------------------------
+def test_pq_encode_matches_product_quantizer_and_round_trips():
+    import ctxcore
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 200, 16, generator=g)
+    for m, nbits in ((8, 8), (16, 4), (4, 8)):
+        pqs = [ctxcore.ProductQuantizer(16, m, nbits) for _ in range(3)]
+        for h, pq in enumerate(pqs):
+            pq.train(x[:, h].reshape(-1, 16).numpy(), iters=5, seed=h)
+        cent = torch.stack([torch.from_numpy(pq.centroids) for pq in pqs])
+        codes = ops.pq_encode(x, cent)
+        assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 200, (m * nbits + 7) // 8)
+        for h, pq in enumerate(pqs):
+            for b in range(2):
+                want = pq.encode(x[b, h].numpy())
+                assert (codes[b, h].numpy() == want).all()
+        dec = ops.decode_codes(codes, cent)
+        assert dec.shape == x.shape
+        # Decoding the codes of decoded vectors gives them back (they are codewords).
+        assert torch.equal(ops.decode_codes(ops.pq_encode(dec, cent), cent), dec)
+
+
+def test_pq_encode_errors():
+    with pytest.raises(ShapeError):
+        ops.pq_encode(torch.randn(1, 2, 3, 16), torch.randn(2, 5, 16, 3))
+    with pytest.raises(ConfigError, match="16 .4-bit. or 256"):
+        ops.pq_encode(torch.randn(1, 2, 3, 16), torch.randn(2, 8, 32, 2))
+
+
+def test_gather_pages_cpu_semantics():
+    src = torch.arange(2 * 3 * 10 * 4, dtype=torch.float32).reshape(2, 3, 10, 4)
+    pages = torch.tensor([[[0, 2], [1, -1], [2, 0]]] * 2)  # page 2 of 4-token pages: tokens 8, 9
+    out = ops.gather_pages(src, pages, 4)
+    assert out.shape == (2, 3, 8, 4)
+    assert torch.equal(out[0, 0, :4], src[0, 0, 0:4])
+    assert torch.equal(out[0, 0, 4:6], src[0, 0, 8:10])
+    assert torch.equal(out[0, 0, 6:], torch.zeros(2, 4))  # past the end
+    assert torch.equal(out[1, 1, 4:], torch.zeros(4, 4))  # page -1
+    with pytest.raises(ConfigError):
+        ops.gather_pages(src, pages, 0)
+    with pytest.raises(ShapeError):
+        ops.gather_pages(src, pages[:, :2], 4)
+
+
+def test_opcheck_new_ops_cpu():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 5, 8, generator=g)
+    cent = torch.randn(2, 4, 256, 2, generator=g)
+    torch.library.opcheck(torch.ops.ctxcore.pq_encode.default, (x, cent))
+    pages = torch.tensor([[[1, 0], [0, -1]]])
+    torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (x, pages, 2))
+
+
+# -- GPU: every kernel against the CPU reference ---------------------------------------------
+def make(b, hq, hkv, tq, d, n, f, k_dsub, v_dsub, nbits, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ksub = 2**nbits
+    km, vm = d // k_dsub, d // v_dsub
+    return dict(
+        q=torch.randn(b, hq, tq, d, generator=g),
+        k_codes=torch.randint(0, 256, (b, hkv, n, (km * nbits + 7) // 8), dtype=torch.uint8, generator=g),
+        v_codes=torch.randint(0, 256, (b, hkv, n, (vm * nbits + 7) // 8), dtype=torch.uint8, generator=g),
+        k_centroids=torch.randn(hkv, km, ksub, k_dsub, generator=g),
+        v_centroids=torch.randn(hkv, vm, ksub, v_dsub, generator=g),
+        fp_k=torch.randn(b, hkv, f, d, generator=g),
+        fp_v=torch.randn(b, hkv, f, d, generator=g),
+    )
+
+
+def to(case, device, dtype=None):
+    out = {}
+    for k, v in case.items():
+        v = v.to(device)
+        if dtype is not None and k in ("q", "fp_k", "fp_v"):
+            v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def tolerance(dtype, d, nbits, dsub):
+    # float16 codebooks in shared memory when float32 ones do not fit (256 centroids x 128 dims).
+    half_books = nbits == 8 and d >= 128
+    if dtype == torch.float32:
+        return 3e-3 if half_books else 1e-4
+    return 1e-2 if dtype == torch.float16 else 4e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+@pytest.mark.parametrize("bits", [(4, 1), (8, 2)], ids=["4bit-codes", "8bit-codes"])
+@pytest.mark.parametrize("n", [1, 777, 70_000])
+def test_cuda_pq_attention_matches_cpu(dtype, d, group, bits, n):
+    nbits, dsub = bits
+    case = make(2, 2 * group, 2, 1, d, n, 20, dsub, dsub, nbits, seed=n)
+    cr = torch.tensor([[0, n], [n // 3, n]])
+    fr = torch.tensor([[0, 20], [4, 20]])
+    cpu = to(case, "cpu", dtype)
+    want, want_lse = ops.pq_attention(**cpu, code_range=cr, fp_range=fr)
+    got, lse = ops.pq_attention(**to(case, "cuda", dtype), code_range=cr, fp_range=fr)
+    assert got.device.type == "cuda" and got.dtype == dtype
+    tol = tolerance(dtype, d, nbits, dsub)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-3, atol=1e-3)
+
+
+@needs_gpu
+@pytest.mark.parametrize("tq,causal", [(1, True), (4, True), (4, False)])
+def test_cuda_pq_attention_matches_sdpa_over_dequantized(tq, causal):
+    case = make(1, 32, 8, tq, 128, 5000, 132, 2, 2, 8, seed=3)
+    dev = to(case, "cuda", torch.float16)
+    out, _ = ops.pq_attention(**dev, causal=causal)
+    k = torch.cat([ops.decode_codes(dev["k_codes"], dev["k_centroids"]).half(), dev["fp_k"]], dim=2)
+    v = torch.cat([ops.decode_codes(dev["v_codes"], dev["v_centroids"]).half(), dev["fp_v"]], dim=2)
+    mask = None
+    if causal:
+        n_all = k.shape[2]
+        pos = torch.arange(n_all, device="cuda")
+        mask = pos[None, :] <= (n_all - tq + torch.arange(tq, device="cuda"))[:, None]
+    ref = F.scaled_dot_product_attention(dev["q"], k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
+
+
+@needs_gpu
+def test_cuda_pq_attention_one_million_tokens():
+    # Llama-8B shape, 1M code tokens at 4 bits per element: against torch over the decoded K/V.
+    n, d = 1 << 20, 128
+    case = make(1, 32, 8, 1, d, n, 132, 2, 2, 8, seed=5)
+    dev = to(case, "cuda", torch.float16)
+    out, lse = ops.pq_attention(**dev)
+    kd = ops.decode_codes(dev["k_codes"], dev["k_centroids"]).half()
+    vd = ops.decode_codes(dev["v_codes"], dev["v_centroids"]).half()
+    k = torch.cat([kd, dev["fp_k"]], dim=2)
+    v = torch.cat([vd, dev["fp_v"]], dim=2)
+    ref = F.scaled_dot_product_attention(dev["q"], k, v, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(lse).all()
+
+
+@needs_gpu
+def test_cuda_pq_attention_edge_cases_and_streams():
+    # Empty history: zeros and lse = -inf, like the CPU.
+    case = make(1, 4, 2, 1, 64, 0, 0, 2, 2, 8)
+    out, lse = ops.pq_attention(**to(case, "cuda"))
+    assert torch.equal(out.cpu(), torch.zeros_like(out.cpu()))
+    assert torch.isneginf(lse).all()
+    # On a side stream, results are ordered on that stream.
+    case = make(1, 4, 2, 1, 64, 3000, 10, 2, 2, 8, seed=9)
+    want, _ = ops.pq_attention(**case)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got, _ = ops.pq_attention(**to(case, "cuda"))
+    s.synchronize()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    # Ranges checked on the host when given as CPU tensors.
+    with pytest.raises(ConfigError, match="outside"):
+        ops.pq_attention(**to(case, "cuda"), code_range=torch.tensor([[0, 3001]]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_page_scores_gather_encode_match_cpu(dtype):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 2, 64, generator=g).to(dtype)
+    a, b = torch.randn(2, 2, 300, 64, generator=g), torch.randn(2, 2, 300, 64, generator=g)
+    kmin, kmax = torch.minimum(a, b).to(dtype), torch.maximum(a, b).to(dtype)
+    want = ops.page_scores(q, kmin, kmax)
+    got = ops.page_scores(q.cuda(), kmin.cuda(), kmax.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+
+    src = torch.randn(2, 3, 1000, 128, generator=g).to(dtype)
+    pages = torch.randint(-1, 16, (2, 3, 5), generator=g)
+    assert torch.equal(ops.gather_pages(src.cuda(), pages.cuda(), 64).cpu(), ops.gather_pages(src, pages, 64))
+
+    x = torch.randn(2, 3, 333, 64, generator=g).to(dtype)
+    for m, ksub in ((32, 256), (64, 16)):
+        cent = torch.randn(3, m, ksub, 64 // m, generator=g)
+        want = ops.pq_encode(x.float(), cent)
+        got = ops.pq_encode(x.cuda(), cent.cuda()).cpu()
+        # Only exact distance ties may pick another centroid: compare decoded distances.
+        dw = (ops.decode_codes(want, cent) - x.float()).pow(2).sum(-1)
+        dg = (ops.decode_codes(got, cent) - x.float()).pow(2).sum(-1)
+        torch.testing.assert_close(dg, dw, rtol=1e-5, atol=1e-5)
+        assert (got == want).float().mean() > 0.999
+
+
+@needs_gpu
+def test_opcheck_cuda():
+    case = to(make(1, 4, 2, 2, 64, 300, 8, 2, 2, 8), "cuda", torch.float16)
+    cr = torch.tensor([[0, 300]], device="cuda")
+    fr = torch.tensor([[0, 8]], device="cuda")
+    args = (
+        case["q"],
+        case["k_codes"],
+        case["v_codes"],
+        case["k_centroids"],
+        case["v_centroids"],
+        cr,
+        case["fp_k"],
+        case["fp_v"],
+        fr,
+        1 / math.sqrt(64),
+        True,
+    )
+    torch.library.opcheck(torch.ops.ctxcore.pq_attention.default, args)
+    q = case["q"]
+    kmin = torch.randn(1, 2, 7, 64, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.ctxcore.page_scores.default, (q, kmin, kmin + 1))
+    cent = torch.randn(2, 32, 256, 2, device="cuda")
+    torch.library.opcheck(torch.ops.ctxcore.pq_encode.default, (case["fp_k"], cent))
+    pages = torch.tensor([[[0, 1], [-1, 0]]], device="cuda")
+    torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (case["fp_k"], pages, 4))
