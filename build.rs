@@ -1,9 +1,10 @@
 //! Compiles cuda/*.cu to PTX when the `cuda` feature is on, and embeds the PTX (OUT_DIR/ptx.rs).
 //!
 //! nvcc is looked up, in order: $CTXCORE_NVCC, $NVCC, $CUDA_HOME/bin/nvcc, the PyPI toolchain
-//! (`nvidia-cuda-nvcc`, `nvidia-nvvm`, ... 13.0.x: the `nvidia/cu13/bin/nvcc` of the Python
-//! that runs the build, e.g. pip's isolated build environment with pyproject.toml's build
-//! requirements, or of ./.cuda-toolchain where .ci/run installs it), then `nvcc` on PATH.
+//! (`nvidia-cuda-nvcc`, `nvidia-nvvm`, ... 13.0.x) in ./.cuda-toolchain (where .ci/run installs
+//! it) or as `nvidia/cu13/bin/nvcc` of the Python that runs the build (e.g. pip's isolated build
+//! environment with pyproject.toml's build requirements), then `nvcc` on PATH. Without nvcc the
+//! build is CPU-only (a warning), unless CTXCORE_REQUIRE_CUDA=1 makes that an error.
 //! The PTX targets compute capability 8.0 (`compute_80`), so the driver JIT-compiles it for
 //! Ampere, Ada and Hopper GPUs; nvcc 13.0 keeps it loadable by CUDA 13.0 drivers.
 
@@ -107,8 +108,11 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
     {
         return Some(p);
     }
-    // The PyPI toolchain: nvidia/cu13/bin/nvcc next to any `nvidia` package the build's Python
-    // sees, or in ./.cuda-toolchain.
+    // The PyPI toolchain: in ./.cuda-toolchain (where .ci/run installs it), or nvidia/cu13/bin/nvcc
+    // next to any `nvidia` package the build's Python sees.
+    if let Some(p) = executable(root.join(".cuda-toolchain/nvidia/cu13/bin/nvcc")) {
+        return Some(p);
+    }
     let mut pythons: Vec<String> = ["PYO3_PYTHON", "PYTHON_SYS_EXECUTABLE"]
         .iter()
         .filter_map(|v| env::var(v).ok())
@@ -129,9 +133,6 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
                 return Some(p);
             }
         }
-    }
-    if let Some(p) = executable(root.join(".cuda-toolchain/nvidia/cu13/bin/nvcc")) {
-        return Some(p);
     }
     let o = Command::new("nvcc").arg("--version").output().ok()?;
     o.status.success().then(|| PathBuf::from("nvcc"))

@@ -30,6 +30,8 @@ aligned with the query, as in retrieval heads).
 Writes JSON (default bench-results/bench_attention.json).
 
 Usage: python benches/bench_attention.py [--lengths 8K 32K 128K 1M] [--threads 2] [--repeat 7]
+       python benches/bench_attention.py --device cuda [--lengths 32K 128K 1M] [--batches 1 16]
+       (the GPU benchmark: benches/bench_attention_cuda.py)
 """
 
 from __future__ import annotations
@@ -238,8 +240,25 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="+", default=["8K", "32K", "128K"], help="context lengths, e.g. 8K 1M")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--out", default="bench-results/bench_attention.json")
+    ap.add_argument("--out", default=None, help="default: bench-results/bench_attention[_cuda].json")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16], help="batch sizes (--device cuda)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import bench_attention_cuda
+
+        lengths = args.lengths if args.lengths != ["8K", "32K", "128K"] else ["32K", "128K", "1M"]
+        bench_attention_cuda.main(
+            [parse_len(s) for s in lengths],
+            args.batches,
+            max(args.repeat, 20),
+            args.out or "bench-results/bench_attention_cuda.json",
+        )
+        return
+    args.out = args.out or "bench-results/bench_attention.json"
     torch.set_num_threads(args.threads)
     ctxcore.set_num_threads(args.threads)
     lengths = [parse_len(s) for s in args.lengths]
