@@ -9,7 +9,11 @@ CPU emulation of the kernels, by the Rust tests (rust/src/cuda/emu.rs).
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +113,74 @@ def test_opcheck_new_ops_cpu():
     torch.library.opcheck(torch.ops.ctxcore.pq_encode.default, (x, cent))
     pages = torch.tensor([[[1, 0], [0, -1]]])
     torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (x, pages, 2))
+
+
+# -- the CUDA path end to end on the CPU, through the emulation of the kernels ---------------
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The ops' CUDA implementations (Python glue + Rust launch planning + kernels) running on
+    CPU tensors through the CPU emulation of the kernels (CTXCORE_CUDA_EMULATOR)."""
+    src = Path(__file__).resolve().parents[1] / "cuda" / "emu" / "emu.cpp"
+    cxx = os.environ.get("CXX", "g++")
+    if not src.exists() or shutil.which(cxx) is None:
+        pytest.fail(f"the emulation needs {src} and a C++20 compiler ({cxx})")
+    lib = tmp_path_factory.mktemp("emu") / "libctxemu.so"
+    flags = ["-std=c++20", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-pthread"]
+    subprocess.run([cxx, *flags, str(src), "-o", str(lib)], check=True)
+    old = os.environ.get("CTXCORE_CUDA_EMULATOR")
+    os.environ["CTXCORE_CUDA_EMULATOR"] = str(lib)
+    saved = ops._stream, ops._ordinal
+    ops._stream, ops._ordinal = (lambda dev: 0), (lambda dev: 0)
+    yield
+    ops._stream, ops._ordinal = saved
+    if old is None:
+        del os.environ["CTXCORE_CUDA_EMULATOR"]
+    else:
+        os.environ["CTXCORE_CUDA_EMULATOR"] = old
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,tq,d,n,f,dsub,nbits,dtype",
+    [
+        (2, 8, 2, 1, 64, 600, 20, 2, 8, torch.float32),
+        (1, 9, 3, 3, 64, 300, 12, 1, 4, torch.float16),
+        (2, 4, 4, 1, 128, 200, 5, 2, 8, torch.bfloat16),
+        (1, 4, 2, 1, 32, 0, 0, 2, 8, torch.float32),
+    ],
+)
+def test_emulated_cuda_pq_attention_matches_cpu(emulated, b, hq, hkv, tq, d, n, f, dsub, nbits, dtype):
+    case = to(make(b, hq, hkv, tq, d, n, f, dsub, dsub, nbits, seed=n + d), "cpu", dtype)
+    cr = torch.tensor([[0, n]] * b)
+    fr = torch.tensor([[0, f]] * b)
+    if b > 1:
+        cr[1, 0], fr[1, 0] = n // 4, min(2, f)
+    scale = 1 / math.sqrt(d)
+    args = [case[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    args = [*args, cr, case["fp_k"], case["fp_v"], fr, scale, True]
+    want, want_lse = torch.ops.ctxcore.pq_attention(*args)
+    got, lse = ops._pq_attention_cuda(*args)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = tolerance(dtype, d, nbits, dsub)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="outside"):
+        ops._pq_attention_cuda(*args[:5], torch.tensor([[0, n + 1]] * b), *args[6:])
+
+
+def test_emulated_cuda_page_scores_gather_encode_match_cpu(emulated):
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 6, 2, 64, generator=g).half()
+    a, c = torch.randn(1, 3, 20, 64, generator=g), torch.randn(1, 3, 20, 64, generator=g)
+    kmin, kmax = torch.minimum(a, c), torch.maximum(a, c)  # float32 bounds, half q: converted
+    want = ops.page_scores(q, kmin.half(), kmax.half())
+    torch.testing.assert_close(ops._page_scores_cuda(q, kmin, kmax), want, rtol=1e-4, atol=1e-4)
+    src = torch.randn(2, 3, 100, 24, generator=g).bfloat16()
+    pages = torch.tensor([[[0, 6, -1], [1, 2, 3], [6, 5, 4]]] * 2)
+    assert torch.equal(ops._gather_pages_cuda(src, pages, 16), ops.gather_pages(src, pages, 16))
+    x = torch.randn(2, 3, 70, 64, generator=g)
+    for m, ksub in ((32, 256), (64, 16)):
+        cent = torch.randn(3, m, ksub, 64 // m, generator=g)
+        assert torch.equal(ops._pq_encode_cuda(x, cent), ops.pq_encode(x, cent))
 
 
 # -- GPU: every kernel against the CPU reference ---------------------------------------------

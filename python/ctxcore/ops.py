@@ -407,8 +407,9 @@ def _cuda_range(what: str, r: torch.Tensor, cap: int, dev: torch.device) -> torc
     return r.to(device=dev, dtype=torch.int64).contiguous()
 
 
-@_pq_attention_op.register_kernel("cuda")
-def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal):
+def _pq_attention_cuda(
+    q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal
+):
     dev = _check_device(
         "pq_attention",
         q=q,
@@ -448,8 +449,7 @@ def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_
     return out, lse
 
 
-@_page_scores_op.register_kernel("cuda")
-def _(q, kmin, kmax):
+def _page_scores_cuda(q, kmin, kmax):
     dev = _check_device("page_scores", q=q, kmin=kmin, kmax=kmax)
     _check_page_scores(q, kmin, kmax)
     b, hq, tq, d = q.shape
@@ -461,8 +461,7 @@ def _(q, kmin, kmax):
     return scores
 
 
-@_pq_encode_op.register_kernel("cuda")
-def _(x, centroids):
+def _pq_encode_cuda(x, centroids):
     dev = _check_device("pq_encode", x=x, centroids=centroids)
     cb = _check_pq_encode(x, centroids)
     b, h, n, d = x.shape
@@ -475,8 +474,7 @@ def _(x, centroids):
     return codes
 
 
-@_gather_pages_op.register_kernel("cuda")
-def _(src, pages, page_size):
+def _gather_pages_cuda(src, pages, page_size):
     dev = _check_device("gather_pages", src=src, pages=pages)
     _check_gather(src, pages, page_size)
     b, h, n, d = src.shape
@@ -488,6 +486,14 @@ def _(src, pages, page_size):
         _ordinal(dev), _stream(dev), dims, [sc.data_ptr(), pc.data_ptr(), out.data_ptr()]
     )
     return out
+
+
+# The CUDA kernels of the ops. They are plain functions of the tensors' device; the tests also
+# run them on CPU tensors through the CPU emulation of the kernels (CTXCORE_CUDA_EMULATOR).
+_pq_attention_op.register_kernel("cuda")(_pq_attention_cuda)
+_page_scores_op.register_kernel("cuda")(_page_scores_cuda)
+_pq_encode_op.register_kernel("cuda")(_pq_encode_cuda)
+_gather_pages_op.register_kernel("cuda")(_gather_pages_cuda)
 
 
 # -- conveniences ---------------------------------------------------------------------------

@@ -6,29 +6,23 @@
 //! The emulation library is compiled with the system C++ compiler (`CXX`, default `g++`,
 //! C++20) once per test run.
 
-use std::ffi::{c_char, c_int, c_uint, c_void, CString};
+use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use half::{bf16, f16};
 
+use super::emulator::{self, Emulator};
 use super::*;
 use crate::attention::{page_scores, pq_attention, PqAttention};
 use crate::rng::SplitMix64 as Rng;
 use crate::ProductQuantizer;
 
-type LaunchFn = unsafe extern "C" fn(
-    *const c_char,
-    *const c_uint,
-    *const c_uint,
-    c_uint,
-    *const c_void,
-) -> c_int;
 type SizesFn = unsafe extern "C" fn(*mut usize);
 type SmemFn = unsafe extern "C" fn(*const PqAttnParams) -> c_int;
 
 struct Emu {
-    launch: LaunchFn,
+    lib: Emulator,
     sizes: SizesFn,
     attn_smem: SmemFn,
 }
@@ -38,47 +32,21 @@ fn emu() -> &'static Emu {
     EMU.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let lib = std::env::temp_dir().join(format!("ctxcore-emu-{}.so", std::process::id()));
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-        let out = std::process::Command::new(&cxx)
-            .args([
-                "-std=c++20",
-                "-O2",
-                "-ffp-contract=off",
-                "-shared",
-                "-fPIC",
-                "-pthread",
-            ])
-            .arg(root.join("cuda/emu/emu.cpp"))
-            .arg("-o")
-            .arg(&lib)
-            .output()
-            .unwrap_or_else(|e| panic!("running {cxx} for the CUDA emulation: {e}"));
-        assert!(
-            out.status.success(),
-            "compiling cuda/emu/emu.cpp failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let path = CString::new(lib.to_str().unwrap()).unwrap();
-        // SAFETY: loading a library we just built; the symbols have the declared signatures
-        // (cuda/emu/emu.cpp, cuda/pq_attention.cu).
+        emulator::build(&root, &lib).unwrap();
+        let e = Emulator::open(&lib).unwrap();
+        let _ = std::fs::remove_file(&lib);
+        // SAFETY: the symbols have the declared signatures (cuda/emu/emu.cpp,
+        // cuda/pq_attention.cu).
         unsafe {
-            let h = libc::dlopen(path.as_ptr(), libc::RTLD_NOW);
-            assert!(!h.is_null(), "dlopen of the CUDA emulation failed");
-            let sym = |name: &str| {
-                let c = CString::new(name).unwrap();
-                let s = libc::dlsym(h, c.as_ptr());
-                assert!(!s.is_null(), "{name} missing from the emulation library");
-                s
-            };
-            let e = Emu {
-                launch: std::mem::transmute::<*mut c_void, LaunchFn>(sym("ctx_emu_launch")),
-                sizes: std::mem::transmute::<*mut c_void, SizesFn>(sym("ctx_params_sizes")),
-                attn_smem: std::mem::transmute::<*mut c_void, SmemFn>(sym(
-                    "ctx_pq_attn_smem_bytes",
-                )),
-            };
-            let _ = std::fs::remove_file(&lib);
-            e
+            Emu {
+                lib: e,
+                sizes: std::mem::transmute::<*mut c_void, SizesFn>(
+                    e.symbol("ctx_params_sizes").unwrap(),
+                ),
+                attn_smem: std::mem::transmute::<*mut c_void, SmemFn>(
+                    e.symbol("ctx_pq_attn_smem_bytes").unwrap(),
+                ),
+            }
         }
     })
 }
@@ -88,22 +56,7 @@ struct EmuLauncher;
 
 impl Launcher for EmuLauncher {
     fn launch(&self, l: &Launch) -> Result<()> {
-        let name = CString::new(l.kernel.as_str()).unwrap();
-        // SAFETY: the launch's parameter block holds addresses of live host buffers sized for
-        // the launch (the tests below keep them alive across the call).
-        let rc = unsafe {
-            (emu().launch)(
-                name.as_ptr(),
-                l.grid.as_ptr(),
-                l.block.as_ptr(),
-                l.smem,
-                l.params.as_ptr().cast(),
-            )
-        };
-        if rc != 0 {
-            return Err(Error::Internal(format!("unknown kernel {}", l.kernel)));
-        }
-        Ok(())
+        emu().lib.launch(l)
     }
 }
 

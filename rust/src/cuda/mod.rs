@@ -19,6 +19,8 @@ pub mod params;
 #[cfg(feature = "cuda")]
 pub mod driver;
 
+pub mod emulator;
+
 #[cfg(test)]
 mod emu;
 
@@ -140,8 +142,12 @@ pub(crate) fn no_cuda() -> Error {
     )
 }
 
-/// Launch-planning limits of CUDA device `ordinal` (loads the driver and kernels once).
+/// Launch-planning limits of CUDA device `ordinal` (loads the driver and kernels once). Under
+/// the CPU emulation ([`emulator::ENV`]): an H100's.
 pub fn device_limits(ordinal: i32) -> Result<DeviceLimits> {
+    if emulator::Emulator::from_env()?.is_some() {
+        return Ok(DeviceLimits::H100);
+    }
     #[cfg(feature = "cuda")]
     {
         Ok(driver::device(ordinal)?.limits)
@@ -167,8 +173,12 @@ pub fn device_info(ordinal: i32) -> Result<(String, (i32, i32), DeviceLimits)> {
     }
 }
 
-/// Enqueue `launches` in order on `stream` of CUDA device `ordinal`.
+/// Enqueue `launches` in order on `stream` of CUDA device `ordinal` (or run them through the
+/// CPU emulation when [`emulator::ENV`] names it: tests only).
 pub fn run(ordinal: i32, stream: u64, launches: &[Launch]) -> Result<()> {
+    if let Some(e) = emulator::Emulator::from_env()? {
+        return launches.iter().try_for_each(|l| e.launch(l));
+    }
     #[cfg(feature = "cuda")]
     {
         if launches.is_empty() {
