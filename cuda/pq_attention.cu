@@ -97,12 +97,41 @@ __device__ inline void stage_centroids(const float* __restrict__ g, C* s, int co
     for (int i = threadIdx.x; i < count; i += kThreads) s[i] = from_f32<C>(g[i]);
 }
 
+static_assert(kAttnRows == 8, "rows_fma / rows_accumulate read 8 rows as two float4");
+
+// s[r] += q[r] * c for the 8 rows (q: 8 consecutive floats, 16-byte aligned).
+__device__ __forceinline__ void rows_fma(float* s, const float* q, float c) {
+    const float4 a = reinterpret_cast<const float4*>(q)[0];
+    const float4 b = reinterpret_cast<const float4*>(q)[1];
+    s[0] = fmaf(a.x, c, s[0]);
+    s[1] = fmaf(a.y, c, s[1]);
+    s[2] = fmaf(a.z, c, s[2]);
+    s[3] = fmaf(a.w, c, s[3]);
+    s[4] = fmaf(b.x, c, s[4]);
+    s[5] = fmaf(b.y, c, s[5]);
+    s[6] = fmaf(b.z, c, s[6]);
+    s[7] = fmaf(b.w, c, s[7]);
+}
+
+// acc[r] += p[r] * v and lsum[r] += p[r] for the 8 rows.
+__device__ __forceinline__ void rows_accumulate(float* acc, float* lsum, const float* p, float v) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    const float w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+        acc[r] = fmaf(w[r], v, acc[r]);
+        lsum[r] += w[r];
+    }
+}
+
 template <typename T, typename C>
 __device__ void attn_split(const PqAttnParams& p) {
     CTX_DYN_SMEM(smem);
     const AttnSmem L = attn_smem(p);
-    float* q_s = reinterpret_cast<float*>(smem + L.q_off);      // [kAttnRows][D]
-    float* p_s = reinterpret_cast<float*>(smem + L.p_off);      // [kAttnRows][kThreads]
+    // Row-minor layouts: the kAttnRows values a thread needs at once are two float4 loads.
+    float* q_s = reinterpret_cast<float*>(smem + L.q_off);      // [D][kAttnRows]
+    float* p_s = reinterpret_cast<float*>(smem + L.p_off);      // [kThreads][kAttnRows]
     float* wmax_s = reinterpret_cast<float*>(smem + L.wmax_off);  // [kWarps][kAttnRows]
     float* red_s = reinterpret_cast<float*>(smem + L.red_off);  // [tg][kAttnRows][D + 1]
 
@@ -134,7 +163,7 @@ __device__ void attn_split(const PqAttnParams& p) {
     // Query rows, pre-scaled.
     const T* q = static_cast<const T*>(p.q);
     for (int i = tid; i < kAttnRows * D; i += kThreads) {
-        const int r = i / D, d = i - r * D;
+        const int d = i / kAttnRows, r = i - d * kAttnRows;
         float v = 0.f;
         if (r < nrows) {
             const int row = r0 + r;
@@ -189,19 +218,14 @@ __device__ void attn_split(const PqAttnParams& p) {
                 const uint8_t* row = kcode_s + tid * L.kstride;
                 for (int j = 0; j < p.k_m; ++j) {
                     const C* c = kcent_s + (j * kksub + pq_code(row, j, p.k_nbits)) * kdsub;
-                    const float* qj = q_s + j * kdsub;
-                    for (int e = 0; e < kdsub; ++e) {
-                        const float ce = to_f32(c[e]);
-#pragma unroll
-                        for (int r = 0; r < kAttnRows; ++r) s[r] = fmaf(qj[r * D + e], ce, s[r]);
-                    }
+                    const float* qj = q_s + j * kdsub * kAttnRows;
+                    for (int e = 0; e < kdsub; ++e) rows_fma(s, qj + e * kAttnRows, to_f32(c[e]));
                 }
             } else {
                 const T* krow = fk + (kv_base * p.f + t0 + tid) * D;
                 for (int d = 0; d < D; ++d) {
                     const float kd = to_f32(krow[d]);
-#pragma unroll
-                    for (int r = 0; r < kAttnRows; ++r) s[r] = fmaf(q_s[r * D + d], kd, s[r]);
+                    rows_fma(s, q_s + d * kAttnRows, kd);
                 }
             }
         }
@@ -230,7 +254,7 @@ __device__ void attn_split(const PqAttnParams& p) {
             for (int w = 0; w < kWarps; ++w) tmax = fmaxf(tmax, wmax_s[w * kAttnRows + r]);
             const float m_new = fmaxf(m_run[r], tmax);
             alpha[r] = m_run[r] == -INFINITY ? 0.f : __expf(m_run[r] - m_new);
-            p_s[r * kThreads + tid] = s[r] == -INFINITY ? 0.f : __expf(s[r] - m_new);
+            p_s[tid * kAttnRows + r] = s[r] == -INFINITY ? 0.f : __expf(s[r] - m_new);
             m_run[r] = m_new;
         }
         __syncthreads();
@@ -246,22 +270,12 @@ __device__ void attn_split(const PqAttnParams& p) {
                 const C* cj = vcent_s + j * vksub * vdsub + e;
                 for (int tt = my_g; tt < cnt; tt += tg) {
                     const float v = to_f32(cj[pq_code(vcode_s + tt * L.vstride, j, p.v_nbits) * vdsub]);
-#pragma unroll
-                    for (int r = 0; r < kAttnRows; ++r) {
-                        const float pr = p_s[r * kThreads + tt];
-                        acc[r] = fmaf(pr, v, acc[r]);
-                        lsum[r] += pr;
-                    }
+                    rows_accumulate(acc, lsum, p_s + tt * kAttnRows, v);
                 }
             } else {
                 for (int tt = my_g; tt < cnt; tt += tg) {
                     const float v = to_f32(fv[(kv_base * p.f + t0 + tt) * D + my_d]);
-#pragma unroll
-                    for (int r = 0; r < kAttnRows; ++r) {
-                        const float pr = p_s[r * kThreads + tt];
-                        acc[r] = fmaf(pr, v, acc[r]);
-                        lsum[r] += pr;
-                    }
+                    rows_accumulate(acc, lsum, p_s + tt * kAttnRows, v);
                 }
             }
         }

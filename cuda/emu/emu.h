@@ -28,8 +28,11 @@
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
 };
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 
