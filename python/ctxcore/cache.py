@@ -666,8 +666,9 @@ class CompressedCache(Cache):
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.device.type != "cpu":
             raise DeviceError(
-                f"CompressedCache holds its pages on the CPU and this build has no CUDA kernels; got "
-                f"K/V on {k.device}. Run the model on the CPU."
+                f"CompressedCache keeps its pages in host memory and attends on the CPU; got K/V on "
+                f"{k.device}, and a model on a GPU is not supported by the cache yet. Run the model on "
+                "the CPU (ctxcore.ops has CUDA kernels for device tensors)."
             )
         if k.dim() != 4 or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim or v.shape != k.shape:
             raise ShapeError(
