@@ -106,6 +106,34 @@ def test_gather_pages_cpu_semantics():
         ops.gather_pages(src, pages[:, :2], 4)
 
 
+@pytest.mark.parametrize("tq", [1, 3])
+def test_quest_attention_full_budget_is_exact_and_selects_the_relevant_page(tq):
+    g = torch.Generator().manual_seed(tq)
+    b, hq, hkv, n, d, f = 2, 6, 3, 16 * 10 + 5, 32, 7
+    q = torch.randn(b, hq, tq, d, generator=g)
+    k, v = torch.randn(b, hkv, n, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    fk, fv = torch.randn(b, hkv, f, d, generator=g), torch.randn(b, hkv, f, d, generator=g)
+    out, lse = ops.quest_attention(q, k, v, 1.0, page_size=16, fp_k=fk, fp_v=fv)
+    kk, vv = torch.cat([k, fk], 2), torch.cat([v, fv], 2)
+    pos = torch.arange(n + f)
+    mask = pos[None, :] <= (n + f - tq + torch.arange(tq))[:, None]
+    ref = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # A page whose keys align with the queries: one selected page (+ the partial tail and the
+    # fp part) carries almost all of the softmax mass.
+    u = torch.randn(d, generator=g)
+    u /= u.norm()
+    q = q + 4 * u
+    k2 = k.clone()
+    k2[:, :, 48:64] += 12 * u
+    kk2 = torch.cat([k2, fk], 2)
+    exact = F.scaled_dot_product_attention(q, kk2, vv, attn_mask=mask, enable_gqa=True)
+    one, _ = ops.quest_attention(q, k2, v, 16, page_size=16, fp_k=fk, fp_v=fv)
+    assert float((one - exact).norm() / exact.norm()) < 0.05
+    none, _ = ops.quest_attention(q, k2, v, 0, page_size=16, fp_k=fk, fp_v=fv)
+    assert float((none - exact).norm() / exact.norm()) > 0.5
+
+
 def test_opcheck_new_ops_cpu():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 2, 5, 8, generator=g)
@@ -315,6 +343,19 @@ def test_cuda_page_scores_gather_encode_match_cpu(dtype):
         dg = (ops.decode_codes(got, cent) - x.float()).pow(2).sum(-1)
         torch.testing.assert_close(dg, dw, rtol=1e-5, atol=1e-5)
         assert (got == want).float().mean() > 0.999
+
+
+@needs_gpu
+def test_cuda_quest_attention_matches_cpu():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 32, 1, 128, generator=g)
+    k, v = torch.randn(2, 8, 4100, 128, generator=g), torch.randn(2, 8, 4100, 128, generator=g)
+    fk, fv = torch.randn(2, 8, 132, 128, generator=g), torch.randn(2, 8, 132, 128, generator=g)
+    for budget in (0.1, 1.0):
+        want, _ = ops.quest_attention(q.half(), k.half(), v.half(), budget, fp_k=fk.half(), fp_v=fv.half())
+        dev = [t.half().cuda() for t in (q, k, v, fk, fv)]
+        got, _ = ops.quest_attention(*dev[:3], budget, fp_k=dev[3], fp_v=dev[4])
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-2, atol=1e-2)
 
 
 @needs_gpu

@@ -89,10 +89,12 @@ __all__ = [
     "decode_codes",
     "dense_attention_from_store",
     "gather_pages",
+    "page_bounds",
     "page_scores",
     "pq_attention",
     "pq_encode",
     "pq_token_scores",
+    "quest_attention",
     "select_pages",
     "select_tokens_pq",
     "selective_attention",
@@ -690,6 +692,76 @@ def select_pages(q: torch.Tensor, abstracts: Any, budget: int | float) -> torch.
     k = _budget(budget, p, "select_pages")
     scores = page_scores(q, kmin, kmax)
     return _topk_sorted(scores, k)
+
+
+def page_bounds(k: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-page key bounds ``(kmin, kmax)`` ``[B, Hkv, N // page_size, D]`` of the full pages of
+    ``k [B, Hkv, N, D]`` (compute them once as pages fill, not per step)."""
+    _check_rank("k", k, 4, "[B, Hkv, N, D]")
+    b, h, n, d = k.shape
+    p = n // page_size
+    pages = k[:, :, : p * page_size].reshape(b, h, p, page_size, d)
+    return pages.amin(dim=3), pages.amax(dim=3)
+
+
+def quest_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    budget: int | float,
+    *,
+    page_size: int = 64,
+    fp_k: torch.Tensor | None = None,
+    fp_v: torch.Tensor | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quest selective attention over full-precision K/V tensors, on the CPU or a GPU.
+
+    Per (sequence, KV head), the full pages of the history ``k, v [B, Hkv, N, D]`` are ranked by
+    their Quest bound (:func:`page_scores` over ``bounds``, default :func:`page_bounds`); the
+    top ``ceil(budget / page_size)`` pages are gathered (:func:`gather_pages`) and attended
+    exactly together with the history's last partial page and the full-precision part
+    ``fp_k, fp_v [B, Hkv, F, D]`` (sinks + recent window; with ``causal``, its last ``Tq``
+    tokens are the queries' own positions). Every op runs on the tensors' device: on a GPU,
+    ctxcore's CUDA kernels with ``torch.topk`` between them; nothing goes through the host.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, N, D]`` in q's dtype family.
+        budget: history tokens to attend (int), or a fraction of the full pages (float in
+            (0, 1]); a budget covering every page gives exact attention.
+        bounds: precomputed :func:`page_bounds` ``(kmin, kmax)`` (recommended: they change only
+            when a page fills).
+
+    Returns:
+        ``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``.
+    """
+    _check_rank("k", k, 4, "[B, Hkv, N, D]")
+    if v.shape != k.shape:
+        raise ShapeError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if page_size < 1:
+        raise ConfigError(f"page_size must be >= 1, got {page_size}")
+    b, hkv, n, d = k.shape
+    full = n // page_size
+    if isinstance(budget, float):
+        pages = _budget(budget, full, "quest_attention")
+    else:
+        pages = min(full, math.ceil(_budget(budget, n, "quest_attention") / page_size))
+    kmin, kmax = bounds if bounds is not None else page_bounds(k, page_size)
+    parts_k, parts_v = [], []
+    if pages > 0:
+        sel = page_scores(q, kmin, kmax).topk(pages, dim=-1, sorted=False).indices
+        parts_k.append(gather_pages(k, sel, page_size))
+        parts_v.append(gather_pages(v, sel, page_size))
+    parts_k.append(k[:, :, full * page_size :])
+    parts_v.append(v[:, :, full * page_size :])
+    if fp_k is not None:
+        parts_k.append(fp_k.to(k.dtype))
+        parts_v.append(fp_v.to(v.dtype))
+    return pq_attention(
+        q, fp_k=torch.cat(parts_k, dim=2), fp_v=torch.cat(parts_v, dim=2), scale=scale, causal=causal
+    )
 
 
 def _topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
