@@ -129,7 +129,7 @@ def test_quest_attention_full_budget_is_exact_and_selects_the_relevant_page(tq):
     kk2 = torch.cat([k2, fk], 2)
     exact = F.scaled_dot_product_attention(q, kk2, vv, attn_mask=mask, enable_gqa=True)
     one, _ = ops.quest_attention(q, k2, v, 16, page_size=16, fp_k=fk, fp_v=fv)
-    assert float((one - exact).norm() / exact.norm()) < 0.05
+    assert float((one - exact).norm() / exact.norm()) < 0.1
     none, _ = ops.quest_attention(q, k2, v, 0, page_size=16, fp_k=fk, fp_v=fv)
     assert float((none - exact).norm() / exact.norm()) > 0.5
 
