@@ -428,3 +428,26 @@ def test_split_mask_shapes():
 def test_public_names():
     assert ctxcore.CompressedCache is CompressedCache
     assert ctxcore.enable is enable
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("enabled", [False, True], ids=["sdpa-over-dequantized", "ctxcore-attention"])
+def test_model_on_gpu_gives_the_cpu_results(enabled):
+    """The pages stay on the host; a model on a GPU gets the same logits as on the CPU (padded
+    batch, prefill blocks, decode steps, beam reorder)."""
+    ids = _ids(150, b=2)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    outs = []
+    for dev in ("cpu", "cuda"):
+        model = _model().to(dev)
+        if enabled:
+            enable(model)
+        cache = _calibrated(model, ids)
+        try:
+            got = _teacher_forced(model, cache, ids.to(dev), 90, mask=mask.to(dev))
+            cache.reorder_cache(torch.tensor([1, 0], device=dev))
+        finally:
+            disable(model)
+        outs.append(got.float().cpu())
+    torch.testing.assert_close(outs[1], outs[0], rtol=2e-3, atol=2e-3)

@@ -176,7 +176,7 @@ def _split_mask(
         return [0] * b, None, True
     if mask.dim() != 4 or mask.shape[-2] != tq or mask.shape[-1] < past + tq:
         return None, None, False
-    valid = _valid(mask[:, 0, :, mask.shape[-1] - past - tq :]).expand(b, tq, past + tq)
+    valid = _valid(mask[:, 0, :, mask.shape[-1] - past - tq :].cpu()).expand(b, tq, past + tq)
     hist, new = valid[..., :past], valid[..., past:]
     causal = torch.ones(tq, tq, dtype=torch.bool).tril_()
     plain = bool((new == causal).all())
@@ -189,6 +189,18 @@ def _split_mask(
     if not bool((row == expect).all()) or not bool((hist == row[:, None]).all()):
         return None, new, plain
     return [int(s) for s in starts], new, plain
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``x`` (host-side history) on ``ref``'s device in ``ref``'s dtype."""
+    return x.to(device=ref.device, dtype=ref.dtype, non_blocking=False)
 
 
 def _exact_with_lse(
@@ -289,13 +301,13 @@ class CompressedLayer(CacheLayerMixin):
             self._hold(key_states, value_states)
             kw, vw = self._warm  # type: ignore[misc]
             self._maybe_settle(key_states.shape[2])
-            return kw.to(key_states.dtype), vw.to(value_states.dtype)  # exact
+            return _like(kw, key_states), _like(vw, value_states)  # exact
         past = self._committed
         self.commit(key_states, value_states, self._starts or [0] * key_states.shape[0])
         if past == 0:
             return key_states, value_states  # exact prefill
         k, v = self.dequantized()
-        return k.to(key_states.dtype), v.to(value_states.dtype)
+        return _like(k, key_states), _like(v, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -447,7 +459,7 @@ class CompressedLayer(CacheLayerMixin):
                 k, v = k_new, v_new
             else:
                 kw, vw = self._warm  # type: ignore[misc]
-                k, v = torch.cat([kw.to(k_new.dtype), k_new], 2), torch.cat([vw.to(v_new.dtype), v_new], 2)
+                k, v = torch.cat([_like(kw, k_new), k_new], 2), torch.cat([_like(vw, v_new), v_new], 2)
             out = _sdpa(module, q, k, v, mask, scale, **kwargs)
             self._hold(k_new, v_new)
             self._maybe_settle(tq)
@@ -463,8 +475,8 @@ class CompressedLayer(CacheLayerMixin):
         if starts is None:
             # A mask the paged kernels cannot express (holes in the history): dense fallback.
             kh, vh = self.dequantized()
-            k = torch.cat([kh.to(k_new.dtype), k_new], dim=2)
-            v = torch.cat([vh.to(v_new.dtype), v_new], dim=2)
+            k = torch.cat([_like(kh, k_new), k_new], dim=2)
+            v = torch.cat([_like(vh, v_new), v_new], dim=2)
             out = _sdpa(module, q, k, v, mask, scale, **kwargs)
             self.commit(k_new, v_new, [0] * b)
             return out
@@ -492,11 +504,11 @@ class CompressedLayer(CacheLayerMixin):
             # Prefill-sized chunk: decoding the history once and one SDPA is faster than
             # scoring codes per query; same result (the codes' values), chunk itself exact.
             kh, vh = self.dequantized()
-            k = torch.cat([kh.to(k_new.dtype), k_new], dim=2)
-            v = torch.cat([vh.to(v_new.dtype), v_new], dim=2)
+            k = torch.cat([_like(kh, k_new), k_new], dim=2)
+            v = torch.cat([_like(vh, v_new), v_new], dim=2)
             hist = torch.arange(past)[None, None, :] >= torch.tensor(starts)[:, None, None]
             nv = new_valid if new_valid is not None else torch.ones(tq, tq, dtype=torch.bool).tril_()[None]
-            full = torch.cat([hist.expand(b, tq, past), nv.expand(b, tq, tq)], dim=2)[:, None]
+            full = torch.cat([hist.expand(b, tq, past), nv.expand(b, tq, tq)], dim=2)[:, None].to(q.device)
             out = _sdpa(module, q, k, v, full, scale, **kwargs)
             self.commit(k_new, v_new, starts)
             return out
@@ -520,7 +532,7 @@ class CompressedLayer(CacheLayerMixin):
             on, ln = _exact_with_lse(qc, k_new.cpu(), v_new.cpu(), new_valid, scale)
             out = _merge(oh, lh, on, ln)
             self.commit(k_new, v_new, starts)
-        return out.to(q.dtype).transpose(1, 2).contiguous()
+        return out.to(q.device, q.dtype).transpose(1, 2).contiguous()
 
 
 def _first_valid(valid: torch.Tensor | None, b: int) -> int:
@@ -568,6 +580,11 @@ class CompressedCache(Cache):
         model_id: identity saved with the context and checked on load (default: a fingerprint
             of the config's shape, see :func:`model_fingerprint`).
         max_disk_bytes: cap on the offload directory's size.
+
+    The pages, window and codebooks live in host memory (and on disk), whatever the model's
+    device: with a model on a GPU, new K/V are copied to the host, decode attention runs on the
+    CPU over the compressed pages (one small copy of the queries and outputs per layer and
+    step), and prefill attention and returned K/V stay on the model's device.
 
     Example (a random tiny Llama; real use: ``ctxcore.load_default_model()``):
 
@@ -664,12 +681,8 @@ class CompressedCache(Cache):
         return ("dense", None) if self.select is None else ("quest", self.select)
 
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.device.type != "cpu":
-            raise DeviceError(
-                f"CompressedCache keeps its pages in host memory and attends on the CPU; got K/V on "
-                f"{k.device}, and a model on a GPU is not supported by the cache yet. Run the model on "
-                "the CPU (ctxcore.ops has CUDA kernels for device tensors)."
-            )
+        if k.device.type == "meta":
+            raise DeviceError("CompressedCache: K/V on the meta device hold no values to compress")
         if k.dim() != 4 or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim or v.shape != k.shape:
             raise ShapeError(
                 f"K/V: expected [batch, kv_heads={self.kv_heads}, tokens, head_dim={self.head_dim}], got "
@@ -791,7 +804,7 @@ class CompressedCache(Cache):
             raise ConfigError("calibrate before caching any tokens (or after reset())")
         from transformers import DynamicCache
 
-        ids = torch.as_tensor(input_ids).reshape(1, -1)
+        ids = torch.as_tensor(input_ids).reshape(1, -1).to(_model_device(model))
         dyn = DynamicCache(config=model.config)
         impl = getattr(model.config, "_attn_implementation", None)
         try:
@@ -802,8 +815,8 @@ class CompressedCache(Cache):
             if impl == "ctxcore":
                 model.set_attn_implementation("ctxcore")
         for i, lay in enumerate(dyn.layers[: self.num_layers]):
-            k = lay.keys[0].float().numpy()
-            v = lay.values[0].float().numpy()
+            k = lay.keys[0].float().cpu().numpy()
+            v = lay.values[0].float().cpu().numpy()
             self._fixed_books[i] = self._train_layer(i, (k, v), iters)
 
     @torch.no_grad()
@@ -817,15 +830,16 @@ class CompressedCache(Cache):
         """Run ``model`` over ``input_ids`` ``[B, T]`` into this cache in blocks of
         ``prefill_block`` tokens (all at once if None); returns the last position's logits
         ``[B, vocab]``. ``progress(done, total)`` is called after each block."""
-        ids = torch.as_tensor(input_ids)
+        dev = _model_device(model)
+        ids = torch.as_tensor(input_ids).to(dev)
         if ids.dim() == 1:
             ids = ids[None]
         past = self.get_seq_length()
         t = ids.shape[1]
         block = self.prefill_block or t
-        mask = attention_mask
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask).to(dev)
         if mask is not None and mask.shape[1] == t:
-            mask = torch.cat([torch.ones(ids.shape[0], past, dtype=mask.dtype), mask], dim=1)
+            mask = torch.cat([torch.ones(ids.shape[0], past, dtype=mask.dtype, device=dev), mask], dim=1)
         logits = None
         for s in range(0, t, block):
             e = min(t, s + block)
