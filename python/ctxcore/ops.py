@@ -52,9 +52,10 @@ without a driver or on a GPU older than compute capability 8.0 raises
 inconsistent head counts or codebooks :class:`~ctxcore.exceptions.ConfigError`.
 
 Plain-Python conveniences: :func:`pq_attention` (keyword arguments and defaults),
-:func:`page_scores`, :func:`select_pages` (Quest), :func:`select_tokens_pq` (PQCache),
-:func:`selective_attention` and :func:`dense_attention_from_store` (over a
-:class:`ctxcore.KVStore`).
+:func:`page_scores`, :func:`pq_encode`, :func:`gather_pages`, :func:`quest_attention` and
+:func:`page_bounds` (Quest over K/V tensors on any device), :func:`select_pages` (Quest),
+:func:`select_tokens_pq` (PQCache), :func:`selective_attention` and
+:func:`dense_attention_from_store` (over a :class:`ctxcore.KVStore`), :func:`cuda_available`.
 
 Example (random codes are valid codes; the result equals softmax attention over the decoded
 keys and values):
