@@ -384,3 +384,14 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.ctxcore.pq_encode.default, (case["fp_k"], cent))
     pages = torch.tensor([[[0, 1], [-1, 0]]], device="cuda")
     torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (case["fp_k"], pages, 4))
+
+
+def test_cli_info_reports_cuda_status(capsys):
+    from ctxcore.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ctxcore ") and "CPU kernels:" in out
+    assert "CUDA: kernels built" in out if _ctxcore.cuda_compiled() else "no CUDA kernels" in out
+    if GPU:
+        assert "kernels run here" in out

@@ -62,6 +62,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctxcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_qa_parsers(sub)
+    sub.add_parser(
+        "info",
+        help="versions, CPU kernels and whether the CUDA kernels can run here",
+        description="Print ctxcore's version, the CPU kernels in use, and the CUDA status: "
+        "whether this build has the kernels and, per visible GPU, whether they can run on it.",
+    )
     demo = sub.add_parser(
         "kv-report",
         help="compress the real KV cache of SmolLM2-135M and report quality, size and speed",
@@ -396,6 +402,32 @@ def _store_section(ctxcore: Any, keys, values, queries, layers, bits, n_tok, pro
         )
 
 
+def _run_info() -> int:
+    from . import __version__, _ctxcore, cpu_has_avx2, get_num_threads
+    from .exceptions import DeviceError
+
+    print(f"ctxcore {__version__}")
+    print(f"CPU kernels: {'AVX2+FMA' if cpu_has_avx2() else 'portable'}, {get_num_threads()} threads")
+    if not _ctxcore.cuda_compiled():
+        print("CUDA: this build has no CUDA kernels (built without nvcc)")
+        return 0
+    try:
+        import torch
+    except ImportError:
+        print("CUDA: kernels built (PTX for compute capability 8.0+); torch is not installed")
+        return 0
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"CUDA: kernels built (PTX for compute capability 8.0+); torch {torch.__version__} sees {n} GPU(s)")
+    for i in range(n):
+        try:
+            name, cc, sms, smem = _ctxcore.cuda_device_info(i)
+            print(f"  cuda:{i} {name}: compute capability {cc[0]}.{cc[1]}, {sms} SMs, {smem // 1024} KiB "
+                  "shared memory per block: ctxcore's CUDA kernels run here")  # fmt: skip
+        except DeviceError as exc:
+            print(f"  cuda:{i}: {exc}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ctxcore`` console script; returns the exit code.
 
@@ -413,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "kv-report":
             return _run_demo(args)
+        if args.command == "info":
+            return _run_info()
         if args.command == "demo":
             from ._cli_qa import run_demo
 
