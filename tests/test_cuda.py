@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ctxcore import _ctxcore
 from ctxcore.exceptions import ConfigError, DeviceError, ShapeError
@@ -193,6 +195,50 @@ def test_emulated_cuda_pq_attention_matches_cpu(emulated, b, hq, hkv, tq, d, n, 
     torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-3)
     with pytest.raises(ConfigError, match="outside"):
         ops._pq_attention_cuda(*args[:5], torch.tensor([[0, n + 1]] * b), *args[6:])
+
+
+@st.composite
+def attention_cases(draw):
+    hkv = draw(st.sampled_from([1, 2, 3]))
+    group = draw(st.sampled_from([1, 2, 3, 8]))
+    d = draw(st.sampled_from([8, 16, 24, 64]))
+    nbits = draw(st.sampled_from([4, 8]))
+    dsub = draw(st.sampled_from([s for s in (1, 2, 4, 8) if d % s == 0]))
+    b = draw(st.integers(1, 3))
+    tq = draw(st.integers(1, 4))
+    n = draw(st.integers(0, 700))
+    f = draw(st.integers(0, 40))
+    ranges = []
+    for _ in range(b):
+        cs = draw(st.integers(0, n))
+        ce = draw(st.integers(cs, n))
+        fs = draw(st.integers(0, f))
+        fe = draw(st.integers(fs, f))
+        ranges.append((cs, ce, fs, fe))
+    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    causal = draw(st.booleans())
+    seed = draw(st.integers(0, 2**16))
+    return b, group * hkv, hkv, tq, d, n, f, dsub, nbits, dtype, causal, ranges, seed
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=attention_cases())
+def test_emulated_cuda_pq_attention_property(emulated, case):
+    """Random shapes, code widths, dtypes, ranges (left padding, empty parts) and masks: the CUDA
+    path (through the emulation) equals the CPU kernels."""
+    b, hq, hkv, tq, d, n, f, dsub, nbits, dtype, causal, ranges, seed = case
+    c = to(make(b, hq, hkv, tq, d, n, f, dsub, dsub, nbits, seed=seed), "cpu", dtype)
+    cr = torch.tensor([[r[0], r[1]] for r in ranges])
+    fr = torch.tensor([[r[2], r[3]] for r in ranges])
+    args = [c[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    args = [*args, cr, c["fp_k"], c["fp_v"], fr, 1 / math.sqrt(d), causal]
+    want, want_lse = torch.ops.ctxcore.pq_attention(*args)
+    got, lse = ops._pq_attention_cuda(*args)
+    tol = tolerance(dtype, d, nbits, dsub)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-3, atol=1e-3)
 
 
 def test_emulated_cuda_page_scores_gather_encode_match_cpu(emulated):
