@@ -3,7 +3,7 @@ ctxcore's CUDA kernels cannot run) that check every kernel against the CPU refer
 against torch SDPA over dequantized K/V.
 
 The kernels' indexing, masking and split-K merging are also checked without a GPU, through a
-CPU emulation of the kernels, by the Rust tests (rust/src/cuda/emu.rs).
+CPU emulation of the kernels, by the Rust tests (rust/src/cuda/emulated_tests.rs).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // The kernels of cuda/*.cu compiled for the host with the CPU emulation of emu.h, behind a
-// cuLaunchKernel-like entry point that the Rust tests load with dlopen (rust/src/cuda/emu.rs).
+// cuLaunchKernel-like entry point that the Rust tests load with dlopen (rust/src/cuda/emulated_tests.rs).
 #define CTX_EMU 1
 #include "emu.h"
 

@@ -22,7 +22,7 @@ pub mod driver;
 pub mod emulator;
 
 #[cfg(test)]
-mod emu;
+mod emulated_tests;
 
 use crate::error::{Error, Result};
 use params::{bytes_of, PageGatherParams, PageScoresParams, PqAttnParams, PqEncodeParams};
