@@ -516,12 +516,19 @@ fn build_tables(
 
 /// Error on the first NaN/Inf in `x` (Layout `(n, dim)`), naming its row and column.
 pub fn check_finite(what: &str, x: &[f32], dim: usize) -> Result<()> {
-    let bad = crate::parallel::install(|| {
-        Ok(x.par_chunks(1 << 16)
-            .position_first(|c| c.iter().any(|v| !v.is_finite())))
-    })?;
+    const CHUNK: usize = 1 << 16;
+    // One chunk (a decode step's few tokens) is checked on the calling thread: handing it to the
+    // pool costs tens of microseconds, far more than the scan.
+    let bad = if x.len() <= CHUNK {
+        x.iter().any(|v| !v.is_finite()).then_some(0)
+    } else {
+        crate::parallel::install(|| {
+            Ok(x.par_chunks(CHUNK)
+                .position_first(|c| c.iter().any(|v| !v.is_finite())))
+        })?
+    };
     if let Some(chunk) = bad {
-        let base = chunk << 16;
+        let base = chunk * CHUNK;
         let off = x[base..].iter().position(|v| !v.is_finite()).unwrap_or(0);
         let i = base + off;
         return Err(Error::NonFinite {
