@@ -12,9 +12,9 @@ tokens (rows that do not fit in GPU memory are reported as skipped):
            plus a float16 part of 4 sinks + 128 recent tokens.
   pq4n     4 bits per element as 4-bit codes over 1 dim (16 centroids).
   pq2      2 bits per element: 8-bit codes over 4 dims.
-  quest5   selective attention, 5% of the pages (64 tokens): ``page_scores`` on per-page key
-           bounds, ``torch.topk``, ``gather_pages`` of the selected float16 K/V, exact attention
-           over them + sinks + window (``pq_attention`` with no codes).
+  quest5   ``ctxcore.ops.quest_attention``, 5% of the pages (64 tokens): ``page_scores`` on
+           per-page key bounds, ``torch.topk``, ``gather_pages`` of the selected float16 K/V,
+           exact attention over them + sinks + window (``pq_attention`` with no codes).
 
 Codes are random bytes (every byte is a valid code; the cost does not depend on the values).
 Timing: CUDA events around each call on torch's current stream, median of ``--repeat`` runs
@@ -100,22 +100,17 @@ def bench(batch: int, n: int, repeat: int) -> list[dict]:
             t = cuda_time(lambda: F.scaled_dot_product_attention(qg, k, v), repeat)
         row("sdpa", t, 2 * k.numel() * 2, backend="flash")
 
-        pages = n // PAGE
-        k4 = k[:, :, : pages * PAGE].view(batch, HKV, pages, PAGE, D)
-        kmin, kmax = k4.amin(dim=3), k4.amax(dim=3)
-        top = max(1, math.ceil(QUEST_FRACTION * pages))
+        bounds = ops.page_bounds(k, PAGE)  # kept up to date as pages fill, not per step
+        top = max(1, math.ceil(QUEST_FRACTION * (n // PAGE)))
 
         def quest():
-            sel = ops.page_scores(q, kmin, kmax).topk(top, dim=-1, sorted=False).indices
-            ks = ops.gather_pages(k, sel, PAGE)
-            vs = ops.gather_pages(v, sel, PAGE)
-            return ops.pq_attention(
-                q, fp_k=torch.cat([ks, fp_k], dim=2), fp_v=torch.cat([vs, fp_v], dim=2), causal=True
+            return ops.quest_attention(
+                q, k, v, QUEST_FRACTION, page_size=PAGE, fp_k=fp_k, fp_v=fp_v, bounds=bounds
             )
 
-        nbytes = 2 * kmin.numel() * 2 + 2 * top * PAGE * batch * HKV * D * 2 + 2 * fp_k.numel() * 2
+        nbytes = 2 * bounds[0].numel() * 2 + 2 * top * PAGE * batch * HKV * D * 2 + 2 * fp_k.numel() * 2
         row("quest5", cuda_time(quest, repeat), nbytes, pages_selected=top)
-        k = v = k4 = kmin = kmax = None  # free before the codes
+        k = v = bounds = None  # free before the codes
 
     for method, dsub, ksub in (("pq4", 2, 256), ("pq4n", 1, 16), ("pq2", 4, 256)):
         m = D // dsub

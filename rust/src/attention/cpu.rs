@@ -63,19 +63,23 @@ pub struct PqAttention<'a> {
     pub causal: bool,
 }
 
-fn code_bytes(m: usize, nbits: u32) -> usize {
-    (m * nbits as usize).div_ceil(8)
+use crate::pq::code_bytes;
+
+/// GQA head counts: `hq` query heads share `hkv` KV heads in equal groups.
+pub fn check_heads(hq: usize, hkv: usize) -> Result<()> {
+    if hkv == 0 || hq % hkv != 0 {
+        return Err(Error::config(format!(
+            "query heads ({hq}) must be a multiple of KV heads ({hkv})"
+        )));
+    }
+    Ok(())
 }
 
 impl PqAttention<'_> {
     fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::config(msg));
         let (b, hq, hkv, tq, d) = (self.batch, self.hq, self.hkv, self.tq, self.d);
-        if hkv == 0 || hq % hkv != 0 {
-            return bad(format!(
-                "query heads ({hq}) must be a multiple of KV heads ({hkv})"
-            ));
-        }
+        check_heads(hq, hkv)?;
         if d == 0 {
             return bad("head_dim must be positive".into());
         }
@@ -702,11 +706,7 @@ pub fn page_scores(
     pages: usize,
     d: usize,
 ) -> Result<Vec<f32>> {
-    if hkv == 0 || hq % hkv != 0 {
-        return Err(Error::config(format!(
-            "query heads ({hq}) must be a multiple of KV heads ({hkv})"
-        )));
-    }
+    check_heads(hq, hkv)?;
     if q.len() != batch * hq * tq * d {
         return Err(Error::shape(
             "q",

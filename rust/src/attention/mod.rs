@@ -18,4 +18,4 @@
 
 mod cpu;
 
-pub use cpu::{exp_neg, page_scores, pq_attention, PqAttention};
+pub use cpu::{check_heads, exp_neg, page_scores, pq_attention, PqAttention};

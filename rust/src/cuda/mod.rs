@@ -24,7 +24,9 @@ pub mod emulator;
 #[cfg(test)]
 mod emulated_tests;
 
+use crate::attention::check_heads;
 use crate::error::{Error, Result};
+use crate::pq::code_bytes;
 use params::{bytes_of, PageGatherParams, PageScoresParams, PqAttnParams, PqEncodeParams};
 
 /// Threads per block of the attention pass 1 (`kThreads` in `cuda/pq_attention.cu`).
@@ -211,12 +213,17 @@ fn grid_dim(what: &str, v: usize, max: usize) -> Result<u32> {
     Ok(v as u32)
 }
 
-fn align16(x: usize) -> usize {
-    (x + 15) & !15
+/// The grid `(items, heads, batch)` the page and encode kernels use, within CUDA's limits.
+fn item_head_batch_grid(what: &str, items: usize, heads: usize, batch: usize) -> Result<[u32; 3]> {
+    Ok([
+        grid_dim(what, items, i32::MAX as usize)?,
+        grid_dim("heads", heads, 65_535)?,
+        grid_dim("batch", batch, 65_535)?,
+    ])
 }
 
-fn code_bytes(m: usize, nbits: u32) -> usize {
-    (m * nbits as usize).div_ceil(8)
+fn align16(x: usize) -> usize {
+    (x + 15) & !15
 }
 
 fn row_stride(bytes: usize) -> usize {
@@ -326,12 +333,7 @@ fn split(len: usize, want: usize) -> (usize, usize) {
 /// history so that the grid fills the GPU about twice, and sizes shared memory (codebooks
 /// staged as float32 when they fit, else float16).
 pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPlan> {
-    if s.hkv == 0 || s.hq % s.hkv != 0 {
-        return Err(Error::config(format!(
-            "query heads ({}) must be a multiple of KV heads ({}) for GQA",
-            s.hq, s.hkv
-        )));
-    }
+    check_heads(s.hq, s.hkv)?;
     if s.d == 0 || s.d > MAX_HEAD_DIM {
         return Err(Error::config(format!(
             "head_dim {} is not supported by the CUDA attention kernel (1 to {MAX_HEAD_DIM})",
@@ -487,11 +489,7 @@ pub fn page_scores_launch(
     dtype: DType,
     ptrs: [u64; 4],
 ) -> Result<Option<Launch>> {
-    if hkv == 0 || hq % hkv != 0 {
-        return Err(Error::config(format!(
-            "query heads ({hq}) must be a multiple of KV heads ({hkv})"
-        )));
-    }
+    check_heads(hq, hkv)?;
     if batch * hkv * pages == 0 {
         return Ok(None);
     }
@@ -509,15 +507,7 @@ pub fn page_scores_launch(
     };
     Ok(Some(Launch {
         kernel: format!("page_scores_{}", dtype.suffix()),
-        grid: [
-            grid_dim(
-                "page blocks",
-                pages.div_ceil(PAGES_PER_BLOCK),
-                i32::MAX as usize,
-            )?,
-            grid_dim("KV heads", hkv, 65_535)?,
-            grid_dim("batch", batch, 65_535)?,
-        ],
+        grid: item_head_batch_grid("page blocks", pages.div_ceil(PAGES_PER_BLOCK), hkv, batch)?,
         block: [(PAGES_PER_BLOCK * 32) as u32, 1, 1],
         smem: 0,
         params: bytes_of(&p),
@@ -560,11 +550,7 @@ pub fn page_gather_launch(
     };
     Ok(Some(Launch {
         kernel: "page_gather".into(),
-        grid: [
-            grid_dim("gathered tokens", k * page_size, i32::MAX as usize)?,
-            grid_dim("heads", heads, 65_535)?,
-            grid_dim("batch", batch, 65_535)?,
-        ],
+        grid: item_head_batch_grid("gathered tokens", k * page_size, heads, batch)?,
         block: [128, 1, 1],
         smem: 0,
         params: bytes_of(&p),
@@ -626,11 +612,7 @@ pub fn pq_encode_launch(
     };
     Ok(Some(Launch {
         kernel: format!("pq_encode_{}", dtype.suffix()),
-        grid: [
-            grid_dim("token blocks", n.div_ceil(ENCODE_TOKENS), i32::MAX as usize)?,
-            grid_dim("heads", heads, 65_535)?,
-            grid_dim("batch", batch, 65_535)?,
-        ],
+        grid: item_head_batch_grid("token blocks", n.div_ceil(ENCODE_TOKENS), heads, batch)?,
         block: [256, 1, 1],
         smem: smem as u32,
         params: bytes_of(&p),

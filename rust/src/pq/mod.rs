@@ -139,7 +139,7 @@ impl ProductQuantizer {
     }
     /// Bytes per encoded vector (`ceil(m * nbits / 8)`).
     pub fn code_bytes(&self) -> usize {
-        (self.m * self.nbits as usize).div_ceil(8)
+        code_bytes(self.m, self.nbits)
     }
     /// Whether codebooks are trained.
     pub fn is_trained(&self) -> bool {
@@ -512,6 +512,11 @@ fn build_tables(
             Metric::L2 => l2_table(qs, ct, &books.norms[j * ksub..(j + 1) * ksub], ksub, o),
         }
     }
+}
+
+/// Bytes of one vector's codes: `m` codes of `nbits` bits, packed (4-bit: two per byte).
+pub fn code_bytes(m: usize, nbits: u32) -> usize {
+    (m * nbits as usize).div_ceil(8)
 }
 
 /// Error on the first NaN/Inf in `x` (Layout `(n, dim)`), naming its row and column.

@@ -43,6 +43,18 @@ fn attn_shape(d: &[usize], dtype: &str, scale: f32, causal: bool) -> PyResult<Pq
     })
 }
 
+/// Plan a single-kernel op with `plan` (None: nothing to do) and enqueue it on `stream`, GIL
+/// released, panics caught.
+fn enqueue(
+    py: Python<'_>,
+    ordinal: i32,
+    stream: u64,
+    plan: impl FnOnce() -> crate::Result<Option<cuda::Launch>> + Send,
+) -> PyResult<()> {
+    py.detach(|| catch_panic(|| cuda::run(ordinal, stream, plan()?.as_slice())))
+        .py()
+}
+
 /// Whether this build has the CUDA kernels.
 #[pyfunction]
 pub fn cuda_compiled() -> bool {
@@ -127,13 +139,9 @@ pub fn cuda_page_scores(
     let [b, hq, hkv, tq, p, d] = self::dims("page_scores", &dims)?;
     let dt = DType::from_name(dtype).py()?;
     let ptrs = self::ptrs("page_scores", &ptrs)?;
-    py.detach(|| {
-        catch_panic(|| {
-            let l = cuda::page_scores_launch(b, hq, hkv, tq, p, d, dt, ptrs)?;
-            cuda::run(ordinal, stream, l.as_slice())
-        })
+    enqueue(py, ordinal, stream, || {
+        cuda::page_scores_launch(b, hq, hkv, tq, p, d, dt, ptrs)
     })
-    .py()
 }
 
 /// Enqueue a page gather. `dims`: (B, H, N, D, K, page_size, elem_bytes); `ptrs`: src, pages,
@@ -148,13 +156,9 @@ pub fn cuda_page_gather(
 ) -> PyResult<()> {
     let [b, h, n, d, k, ps, eb] = self::dims("page_gather", &dims)?;
     let ptrs = self::ptrs("page_gather", &ptrs)?;
-    py.detach(|| {
-        catch_panic(|| {
-            let l = cuda::page_gather_launch(b, h, n, d, k, ps, eb, ptrs)?;
-            cuda::run(ordinal, stream, l.as_slice())
-        })
+    enqueue(py, ordinal, stream, || {
+        cuda::page_gather_launch(b, h, n, d, k, ps, eb, ptrs)
     })
-    .py()
 }
 
 /// Enqueue a PQ encode. `dims`: (B, H, N, D, m, nbits); `ptrs`: x, centroids, codes.
@@ -170,12 +174,8 @@ pub fn cuda_pq_encode(
     let [b, h, n, d, m, nbits] = self::dims("pq_encode", &dims)?;
     let dt = DType::from_name(dtype).py()?;
     let ptrs = self::ptrs("pq_encode", &ptrs)?;
-    py.detach(|| {
-        catch_panic(|| {
-            let lim = cuda::device_limits(ordinal)?;
-            let l = cuda::pq_encode_launch(b, h, n, d, m, nbits as u32, dt, &lim, ptrs)?;
-            cuda::run(ordinal, stream, l.as_slice())
-        })
+    enqueue(py, ordinal, stream, || {
+        let lim = cuda::device_limits(ordinal)?;
+        cuda::pq_encode_launch(b, h, n, d, m, nbits as u32, dt, &lim, ptrs)
     })
-    .py()
 }
