@@ -326,6 +326,70 @@ fn tables_for(a: &PqAttention, kt: &[f32], bh: usize) -> GroupTables {
     build_tables(a, kt, b, bh % a.hkv)
 }
 
+/// Softmax weights of queries `q0..q0 + cnt` (`cnt <= W`; rows of `s`, Layout `(nq, len)`)
+/// summed per value codeword: `w` Layout `(cnt, vm, 2^nbits)`.
+///
+/// Weights are transposed to `(len, W)` and histogrammed per code byte value, Layout
+/// `(cv, 256, W)`: one W-wide vector add per code byte covers every query (1.9x faster than one
+/// scalar add per code byte and query at GQA 4; one add per byte was measured 2.7x faster than
+/// one per 4-bit subquantizer). 4-bit byte histograms are then folded into their two nibbles.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn value_weights<const W: usize>(
+    s: &[f32],
+    len: usize,
+    q0: usize,
+    cnt: usize,
+    vc: &[u8],
+    cv: usize,
+    nbits: u32,
+    vm: usize,
+    w: &mut [f32],
+) {
+    let mut pt = vec![[0f32; W]; len];
+    for k in 0..cnt {
+        for (dst, &x) in pt.iter_mut().zip(&s[(q0 + k) * len..(q0 + k + 1) * len]) {
+            dst[k] = x;
+        }
+    }
+    let mut hist = vec![[[0f32; W]; 256]; cv];
+    for (&p, code) in pt.iter().zip(vc.chunks_exact(cv)) {
+        for (cells, &c) in hist.iter_mut().zip(code) {
+            let cell = &mut cells[c as usize];
+            // Written as a whole-array update so it compiles to one vector add.
+            *cell = std::array::from_fn(|k| cell[k] + p[k]);
+        }
+    }
+    let vsub = 1usize << nbits;
+    let mut acc = vec![[0f32; W]; vm * vsub];
+    if nbits == 8 {
+        for (dst, cells) in acc.chunks_exact_mut(256).zip(&hist) {
+            dst.copy_from_slice(cells);
+        }
+    } else {
+        for (bi, cells) in hist.iter().enumerate() {
+            for hi4 in 0..16 {
+                let mut row = [0f32; W];
+                for lo4 in 0..16 {
+                    let x = cells[hi4 * 16 + lo4];
+                    let lo = &mut acc[2 * bi * 16 + lo4];
+                    *lo = std::array::from_fn(|k| lo[k] + x[k]);
+                    row = std::array::from_fn(|k| row[k] + x[k]);
+                }
+                if 2 * bi + 1 < vm {
+                    let hi = &mut acc[(2 * bi + 1) * 16 + hi4];
+                    *hi = std::array::from_fn(|k| hi[k] + row[k]);
+                }
+            }
+        }
+    }
+    for k in 0..cnt {
+        for (dst, x) in w[k * vm * vsub..(k + 1) * vm * vsub].iter_mut().zip(&acc) {
+            *dst = x[k];
+        }
+    }
+}
+
 /// Attention of the group's queries over code tokens `[lo, hi)` of `(b, h)` (at most [`CHUNK`]).
 ///
 /// Three passes keep every table in L1 and avoid rescaling: key scores of the whole chunk (one
@@ -383,45 +447,29 @@ fn codes_chunk(
         m[qi] = mx;
         l[qi] = sum;
     }
-    // Pass 3: softmax weights summed per value code byte value, Layout (nq, cv, 256): one add
-    // per code byte (measured 2.7x faster than one add per 4-bit subquantizer into smaller tables).
+    // Pass 3: softmax weights summed per value codeword for up to 8 queries at once, multiplied
+    // with the value codebook once.
     let vsub = 1usize << a.v_nbits;
     let vm = a.v_m;
-    let mut hist = vec![0f32; nq * cv * 256];
-    for qi in 0..nq {
-        let p = &s[qi * len..(qi + 1) * len];
-        let hq = &mut hist[qi * cv * 256..(qi + 1) * cv * 256];
-        for (pn, code) in p.iter().zip(vc.chunks_exact(cv)) {
-            for (cell, &c) in hq.chunks_exact_mut(256).zip(code) {
-                cell[c as usize] += pn;
-            }
-        }
-    }
-    // Fold byte histograms into per-codeword weights and multiply with the value codebook
-    // (transposed, Layout (m, dsub, ksub): one contiguous dot product per output dimension).
     let dsub = d / vm;
     let ct = &vt[h * vm * dsub * vsub..(h + 1) * vm * dsub * vsub];
-    let mut out = Vec::with_capacity(nq);
-    let mut w = vec![0f32; vm * vsub];
-    for qi in 0..nq {
-        let hq = &hist[qi * cv * 256..(qi + 1) * cv * 256];
-        let w: &[f32] = if a.v_nbits == 8 {
-            &hq[..vm * 256]
+    let mut w = vec![0f32; nq * vm * vsub];
+    let mut q0 = 0;
+    while q0 < nq {
+        let cnt = (nq - q0).min(8);
+        let dst = &mut w[q0 * vm * vsub..(q0 + cnt) * vm * vsub];
+        if cnt <= 4 {
+            value_weights::<4>(&s, len, q0, cnt, vc, cv, a.v_nbits, vm, dst);
         } else {
-            w.fill(0.0);
-            for (bi, cell) in hq.chunks_exact(256).enumerate() {
-                for hi4 in 0..16 {
-                    for lo4 in 0..16 {
-                        let x = cell[hi4 * 16 + lo4];
-                        w[2 * bi * 16 + lo4] += x;
-                        if 2 * bi + 1 < vm {
-                            w[(2 * bi + 1) * 16 + hi4] += x;
-                        }
-                    }
-                }
-            }
-            &w
-        };
+            value_weights::<8>(&s, len, q0, cnt, vc, cv, a.v_nbits, vm, dst);
+        }
+        q0 += cnt;
+    }
+    // Value codebook transposed, Layout (m, dsub, ksub): one contiguous dot product per output
+    // dimension.
+    let mut out = Vec::with_capacity(nq);
+    for qi in 0..nq {
+        let w = &w[qi * vm * vsub..(qi + 1) * vm * vsub];
         let mut acc = vec![0f32; d];
         for j in 0..vm {
             let wj = &w[j * vsub..(j + 1) * vsub];
