@@ -453,6 +453,22 @@ fn codes_chunk(
     let vm = a.v_m;
     let dsub = d / vm;
     let ct = &vt[h * vm * dsub * vsub..(h + 1) * vm * dsub * vsub];
+    #[cfg(target_arch = "x86_64")]
+    if a.v_nbits == 4 && crate::simd::has_avx2_fma() {
+        let mut acc = vec![0f32; nq * d];
+        let cent = &a.v_cent[h * vm * 16 * dsub..(h + 1) * vm * 16 * dsub];
+        // SAFETY: AVX2 and FMA are available (checked just above).
+        unsafe {
+            super::values::avx2::weighted_values(&s, nq, len, vc, cv, vm, dsub, cent, &mut acc)
+        };
+        return (0..nq)
+            .map(|qi| Partial {
+                m: m[qi],
+                l: l[qi],
+                acc: acc[qi * d..(qi + 1) * d].to_vec(),
+            })
+            .collect();
+    }
     let mut w = vec![0f32; nq * vm * vsub];
     let mut q0 = 0;
     while q0 < nq {
@@ -878,6 +894,12 @@ mod tests {
             (2, 2, 8, 8, 4, 2, 8, 0, 7, 3),
             (8, 1, 16, 16, 4, 16, 4, 9000, 3, 1),
             (2, 1, 16, 16, 4, 16, 4, 10, 9000, 2),
+            // 4-bit values on AVX2 (exact table lookups): odd m and dsub > 1, 5 queries (a group
+            // of 4 and one of 1), code widths that are and are not multiples of 16 bytes, and
+            // lengths that are not multiples of 8, 32 or the 256-token block.
+            (5, 1, 12, 12, 4, 3, 4, 37, 2, 1),
+            (6, 3, 14, 7, 4, 7, 4, 290, 1, 1),
+            (4, 1, 32, 32, 4, 32, 4, 1000, 3, 1),
             // 8-bit keys and values (the CompressedCache default), GQA 3, 4 and 6 queries.
             (3, 1, 16, 8, 8, 8, 8, 700, 5, 1),
             (8, 2, 16, 8, 8, 4, 8, 4100, 3, 1),

@@ -6,8 +6,10 @@
 //!
 //! * key scores come from per-query lookup tables (`q . c` for every centroid, scaled), summed
 //!   over the code bytes of each token (4-bit tables folded pairwise into 256-entry byte tables);
-//! * values are accumulated per codeword: a softmax weight is added to a histogram cell per code
-//!   byte, and the histogram is multiplied with the value codebook once at the end (MILLION);
+//! * values: with 4-bit codes on AVX2, each output dimension is `sum_i p_i * T[code_i]` over a
+//!   16-entry float table, eight tokens per two `vpermps` (module `values`); otherwise the softmax
+//!   weights are summed per codeword in a histogram (one vector add per code byte for up to 8
+//!   queries) multiplied with the value codebook once at the end (MILLION);
 //! * the history is split into chunks processed in parallel, each with its own running max and
 //!   sum (online softmax), and chunks plus the full-precision part are merged by log-sum-exp
 //!   (flash-decoding's split-K).
@@ -17,5 +19,6 @@
 //! `[decode(codes); fp]` up to float rounding.
 
 mod cpu;
+mod values;
 
 pub use cpu::{check_heads, exp_neg, page_scores, pq_attention, PqAttention};

@@ -115,7 +115,7 @@ pub fn scan(qs: &[QuantLut], codes: &[u8], cb: usize, rows: &mut [&mut [f32]]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use super::QuantLut;
     use std::arch::x86_64::*;
 
@@ -126,7 +126,7 @@ mod avx2 {
     /// `src + (i + 16) * stride` (16 readable bytes each). Returns `out[p]` = byte column `p`:
     /// byte `t` of the register is row `t`.
     #[target_feature(enable = "avx2")]
-    unsafe fn transpose_32x16(src: *const u8, stride: usize) -> [__m256i; 16] {
+    pub(crate) unsafe fn transpose_32x16(src: *const u8, stride: usize) -> [__m256i; 16] {
         let mut x = [_mm256_setzero_si256(); 16];
         for (i, xi) in x.iter_mut().enumerate() {
             let r = BITREV4[i];
