@@ -10,13 +10,12 @@ context length (default 8K, 32K, 128K tokens), on the same thread count for both
              for keys and values, plus a float32 part of 4 sinks + 128 recent tokens.
   pq2        the same at 2 bits/element (m=head_dim/2, 4-bit codes).
   quest5     selective attention, Quest-style, 5% of the history: ``ctxcore.ops.page_scores``
-             over per-page min/max keys (64-token pages), top-k pages per KV head, gather of
-             those pages' float32 K/V, exact attention (``pq_attention`` with no codes) over
-             sinks + window + selected pages. This times the kernel path with K/V already in RAM
-             tensors (no ``KVStore`` page reads, no Python store gather).
-  quest5+sdpa  the same selection and gather, with torch SDPA for the attention over the
-             gathered K/V instead of ctxcore's kernel (shows the cost of that kernel's
-             full-precision path).
+             over per-page min/max keys (64-token pages), top-k pages per KV head, exact
+             attention over the selected pages where they lie plus sinks + window
+             (``ctxcore.ops.paged_attention``: no gather copy). This times the kernel path with
+             K/V already in RAM tensors (no ``KVStore`` page reads).
+  quest5+sdpa  the same selection, the pages gathered into a preallocated buffer
+             (``index_select``) and torch SDPA over it: the peer a user would build with torch.
 
 Codes and codebooks are random (any byte is a valid code): the cost of attention over codes does
 not depend on their values. Columns: median time of several runs, speedup vs sdpa (> 1 means
@@ -87,18 +86,23 @@ def memory_bandwidth(threads: int) -> dict:
 
 
 class Quest:
-    """Quest selection over in-RAM float32 K/V ``[1, Hkv, N, D]`` (page bounds precomputed)."""
+    """Quest selection over in-RAM float32 K/V ``[1, Hkv, N, D]`` (page bounds precomputed).
+
+    ctxcore attends the selected pages where they are (``ops.paged_attention``); the SDPA peer
+    needs them gathered into a contiguous buffer first (``index_select`` into a preallocated
+    buffer, the cheapest gather torch offers)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, fp_k: torch.Tensor, fp_v: torch.Tensor, frac: float):
         _, hkv, n, d = k.shape
+        self.k, self.v, self.fp_k, self.fp_v = k.contiguous(), v.contiguous(), fp_k, fp_v
         self.pages = n // PAGE
-        self.k4 = k[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
-        self.v4 = v[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
-        self.kmin, self.kmax = self.k4.amin(dim=2)[None], self.k4.amax(dim=2)[None]
+        self.kmin, self.kmax = ops.page_bounds(self.k, PAGE)
         self.top = max(1, math.ceil(frac * self.pages))
+        self.k4 = self.k[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
+        self.v4 = self.v[0, :, : self.pages * PAGE].view(hkv, self.pages, PAGE, d)
         sel = self.top * PAGE
-        # selected pages first, then sinks + window (order does not matter without a causal mask
-        # inside the history; the queries' own positions stay last)
+        # SDPA peer: selected pages first, then sinks + window (order does not matter without a
+        # causal mask inside the history; the queries' own positions stay last)
         self.buf_k = torch.empty(1, hkv, sel + fp_k.shape[2], d)
         self.buf_v = torch.empty_like(self.buf_k)
         self.buf_k[:, :, sel:] = fp_k
@@ -106,23 +110,22 @@ class Quest:
         self.hkv, self.d = hkv, d
 
     def select(self, q: torch.Tensor) -> torch.Tensor:
-        scores = ops.page_scores(q, self.kmin, self.kmax)
-        return scores[0].topk(self.top, dim=-1, sorted=False).indices
+        """Top pages per KV head, ``[1, Hkv, top]``."""
+        return ops.page_scores(q, self.kmin, self.kmax).topk(self.top, dim=-1, sorted=False).indices
+
+    def attend(self, q: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        return ops.paged_attention(q, self.k, self.v, sel, PAGE, self.fp_k, self.fp_v)[0]
 
     def gather(self, sel: torch.Tensor) -> None:
         n = self.top * PAGE
         for h in range(self.hkv):
             out_k = self.buf_k[0, h, :n].view(self.top, PAGE, self.d)
             out_v = self.buf_v[0, h, :n].view(self.top, PAGE, self.d)
-            torch.index_select(self.k4[h], 0, sel[h], out=out_k)
-            torch.index_select(self.v4[h], 0, sel[h], out=out_v)
-
-    def attend(self, q: torch.Tensor) -> torch.Tensor:
-        return ops.pq_attention(q, fp_k=self.buf_k, fp_v=self.buf_v)[0]
+            torch.index_select(self.k4[h], 0, sel[0, h], out=out_k)
+            torch.index_select(self.v4[h], 0, sel[0, h], out=out_v)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:
-        self.gather(self.select(q))
-        return self.attend(q)
+        return self.attend(q, self.select(q))
 
     def bytes(self) -> int:
         return (2 * self.kmin.numel() + 2 * self.buf_k.numel()) * 4
@@ -180,11 +183,12 @@ def bench_shape(name: str, shape: tuple[int, int, int], n: int, repeat: int, see
     t = median_time(lambda: quest(q), repeat)
     sel = quest.select(q)
     qb = q.view(1, hkv, hq // hkv, d)
+    quest.gather(sel)
     parts = {
         "select_ms": median_time(lambda: quest.select(q), repeat) * 1e3,
+        "attend_ms": median_time(lambda: quest.attend(q, sel), repeat) * 1e3,
+        # the SDPA peer's pieces: gather into a buffer, SDPA over it
         "gather_ms": median_time(lambda: quest.gather(sel), repeat) * 1e3,
-        "attend_ms": median_time(lambda: quest.attend(q), repeat) * 1e3,
-        # for comparison: torch SDPA over the same gathered buffer
         "attend_sdpa_ms": median_time(
             lambda: F.scaled_dot_product_attention(qb, quest.buf_k, quest.buf_v), repeat
         )
@@ -229,7 +233,7 @@ def quest_error(n: int, structured: bool, seed: int) -> dict:
     mask = torch.zeros(hkv, n, dtype=torch.bool)
     mask[:, n - fp :] = True
     for h in range(hkv):
-        for p in sel[h].tolist():
+        for p in sel[0, h].tolist():
             mask[h, p * PAGE : (p + 1) * PAGE] = True
     recall = float((probs * mask[:, None]).sum(-1).mean())
     return {"rel_l2_error": float((out - exact).norm() / exact.norm()), "mass_recall": recall}

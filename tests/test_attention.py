@@ -407,6 +407,104 @@ def test_select_pages_takes_top_scores():
     assert torch.equal(ops.select_pages(q[:1], abstracts, 5), sel[:1])
 
 
+# -- paged attention (selected pages attended in place) --------------------------------------
+def _paged_reference(q, k, v, pages, page_size, fp_k, fp_v, causal):
+    """SDPA over the selected pages' rows gathered in order, then the fp part, per KV head."""
+    b, hq, tq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    out = torch.empty(b, hq, tq, d)
+    for bi in range(b):
+        for h in range(hkv):
+            ids = [p for p in pages[bi, h].tolist() if p >= 0]
+            rows = [torch.arange(p * page_size, min((p + 1) * page_size, n)) for p in ids]
+            idx = torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+            kk = torch.cat((k[bi, h, idx], fp_k[bi, h])).float()
+            vv = torch.cat((v[bi, h, idx], fp_v[bi, h])).float()
+            m = kk.shape[0]
+            mask = torch.ones(tq, m, dtype=torch.bool)
+            if causal:
+                for t in range(tq):
+                    mask[t, m - (tq - 1 - t) :] = False
+            qq = q[bi, h * g : (h + 1) * g].float()
+            out[bi, h * g : (h + 1) * g] = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tq,group,d", [(1, 3, 64), (3, 4, 128), (2, 1, 24)])
+def test_paged_attention_equals_sdpa_over_gathered_pages(dtype, tq, group, d):
+    g = torch.Generator().manual_seed(tq * 100 + d)
+    b, hkv, n, ps = 2, 2, 300, 64  # 5 pages, the last one partial
+    q = torch.randn(b, hkv * group, tq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, n, d, generator=g).to(dtype)
+    fk = torch.randn(b, hkv, 6, d, generator=g).to(dtype)
+    fv = torch.randn(b, hkv, 6, d, generator=g).to(dtype)
+    pages = torch.tensor([[[4, 0, -1], [2, 3, 1]], [[1, -1, -1], [4, 2, 0]]])
+    out, lse = ops.paged_attention(q, k, v, pages, ps, fk, fv)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (b, hkv * group, tq)
+    want = _paged_reference(q, k, v, pages, ps, fk, fv, causal=True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), want, atol=tol, rtol=tol)
+    # The device-generic composition (the CUDA implementation) agrees on CPU tensors.
+    fr = torch.tensor([[0, 6]] * b)
+    got, got_lse = ops._paged_attention_composed(q, k, v, pages, ps, fk, fv, fr, 1 / math.sqrt(d), True)
+    torch.testing.assert_close(got.float(), out.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(got_lse, lse, atol=1e-4, rtol=1e-4)
+
+
+def test_paged_attention_all_pages_is_exact_and_quest_uses_it():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 6, 1, 32, generator=g)
+    k = torch.randn(1, 2, 200, 32, generator=g)
+    v = torch.randn(1, 2, 200, 32, generator=g)
+    full = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    every = torch.arange(4).expand(1, 2, 4).contiguous()
+    out, _ = ops.paged_attention(q, k, v, every, 64)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    # Nothing selected and no fp part: zero output, lse -inf.
+    none, lse = ops.paged_attention(q, k, v, torch.full((1, 2, 2), -1), 64)
+    assert torch.equal(none, torch.zeros_like(none)) and torch.isinf(lse).all()
+    quest, _ = ops.quest_attention(q, k, v, 1.0, page_size=64)
+    torch.testing.assert_close(quest, full, atol=1e-5, rtol=1e-5)
+
+
+def test_opcheck_paged_attention():
+    g = torch.Generator().manual_seed(4)
+    args = (
+        torch.randn(1, 4, 2, 16, generator=g),
+        torch.randn(1, 2, 70, 16, generator=g),
+        torch.randn(1, 2, 70, 16, generator=g),
+        torch.tensor([[[1, 0], [-1, 1]]]),
+        32,
+        torch.randn(1, 2, 3, 16, generator=g),
+        torch.randn(1, 2, 3, 16, generator=g),
+        torch.tensor([[0, 3]]),
+        0.25,
+        True,
+    )
+    torch.library.opcheck(torch.ops.ctxcore.paged_attention.default, args)
+
+
+def test_paged_attention_errors():
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 70, 16)
+    ok = torch.tensor([[[0, 1], [2, -1]]])
+    with pytest.raises(ConfigError, match="out of range"):
+        ops.paged_attention(q, k, k, torch.tensor([[[0, 3], [0, 1]]]), 32)
+    with pytest.raises(DTypeError):
+        ops.paged_attention(q, k, k, ok.float(), 32)
+    with pytest.raises(ShapeError):
+        ops.paged_attention(q, k, k[:, :, :69], ok, 32)
+    with pytest.raises(ShapeError):
+        ops.paged_attention(q, k, k, ok[:, :1], 32)
+    with pytest.raises(ConfigError):
+        ops.paged_attention(q, k, k, ok, 0)
+    with pytest.raises(ConfigError):
+        ops.paged_attention(torch.randn(1, 3, 1, 16), k, k, ok, 32)
+
+
 @pytest.mark.parametrize("k_nbits,k_m", [(4, 16), (4, 15), (8, 8)])
 def test_pq_token_scores_and_selection(k_nbits, k_m):
     d = 30 if k_m == 15 else 16

@@ -135,6 +135,18 @@ def pq_attention(
     scale: float,
     causal: bool,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def paged_attention(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    pages: npt.NDArray[np.int64],
+    page_size: int,
+    fp_k: npt.NDArray[np.float32],
+    fp_v: npt.NDArray[np.float32],
+    fp_range: npt.NDArray[np.int64],
+    scale: float,
+    causal: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 def page_scores(
     q: npt.NDArray[np.float32], kmin: npt.NDArray[np.float32], kmax: npt.NDArray[np.float32]
 ) -> npt.NDArray[np.float32]: ...

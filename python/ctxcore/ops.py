@@ -92,6 +92,7 @@ __all__ = [
     "gather_pages",
     "page_bounds",
     "page_scores",
+    "paged_attention",
     "pq_attention",
     "pq_encode",
     "pq_token_scores",
@@ -401,6 +402,68 @@ def _(src, pages, page_size):
     return src.new_empty((b, h, pages.shape[2] * page_size, d))
 
 
+def _check_paged(q, k, v, pages, page_size, fp_k, fp_v, fp_range):
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_float("q", q)
+    b, hq, _, d = q.shape
+    for what, t in (("k", k), ("v", v), ("fp_k", fp_k), ("fp_v", fp_v)):
+        _check_rank(what, t, 4, "[B, Hkv, N, D]")
+        _check_float(what, t)
+    hkv = k.shape[1]
+    if tuple(k.shape[:2]) != (b, hkv) or k.shape[3] != d:
+        raise ShapeError(f"k: expected [B={b}, Hkv, N, D={d}], got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ShapeError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ConfigError(f"query heads ({hq}) must be a multiple of KV heads ({hkv}, from k.shape[1])")
+    _check_gather(k, pages, page_size)
+    f = fp_k.shape[2]
+    for what, t in (("fp_k", fp_k), ("fp_v", fp_v)):
+        if tuple(t.shape) != (b, hkv, f, d):
+            raise ShapeError(f"{what}: expected shape [B={b}, Hkv={hkv}, F={f}, D={d}], got {tuple(t.shape)}")
+    if fp_range.dtype not in (torch.int64, torch.int32):
+        raise DTypeError(f"fp_range: expected int64 (or int32) [B, 2] bounds, got {fp_range.dtype}")
+    if fp_range.dim() != 2 or tuple(fp_range.shape) != (b, 2):
+        raise ShapeError(f"fp_range: expected shape [B={b}, 2], got {tuple(fp_range.shape)}")
+
+
+@torch.library.custom_op(
+    "ctxcore::paged_attention",
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor pages, int page_size, Tensor fp_k, Tensor fp_v, "
+        "Tensor fp_range, float scale, bool causal) -> (Tensor out, Tensor lse)"
+    ),
+)
+def _paged_attention_op(q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, causal):
+    _require_cpu("paged_attention", q=q, k=k, v=v, pages=pages, fp_k=fp_k, fp_v=fp_v, fp_range=fp_range)
+    _check_paged(q, k, v, pages, page_size, fp_k, fp_v, fp_range)
+    f32 = torch.float32
+    out, lse = _ctxcore.paged_attention(
+        _np(q, f32),
+        _np(k, f32),
+        _np(v, f32),
+        _np(pages, torch.int64),
+        int(page_size),
+        _np(fp_k, f32),
+        _np(fp_v, f32),
+        _np(fp_range, torch.int64),
+        float(scale),
+        bool(causal),
+    )
+    out_t = torch.from_numpy(out)
+    if q.dtype != f32:
+        out_t = out_t.to(q.dtype)
+    return out_t, torch.from_numpy(lse)
+
+
+@_paged_attention_op.register_fake
+def _(q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, causal):
+    _check_paged(q, k, v, pages, page_size, fp_k, fp_v, fp_range)
+    b, hq, tq, d = q.shape
+    return q.new_empty((b, hq, tq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
+
+
 # -- CUDA implementations -------------------------------------------------------------------
 def _cuda_range(what: str, r: torch.Tensor, cap: int, dev: torch.device) -> torch.Tensor:
     if r.device.type == "cpu":
@@ -493,7 +556,58 @@ def _gather_pages_cuda(src, pages, page_size):
 
 # The CUDA kernels of the ops. They are plain functions of the tensors' device; the tests also
 # run them on CPU tensors through the CPU emulation of the kernels (CTXCORE_CUDA_EMULATOR).
+def _paged_attention_composed(q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, causal):
+    """paged_attention from device-generic pieces (the CUDA implementation): the selected pages
+    are gathered (ctxcore's gather kernel) and attended with torch matmuls under a validity mask,
+    the full-precision part with ``pq_attention``; the two are merged by log-sum-exp."""
+    _check_device("paged_attention", q=q, k=k, v=v, pages=pages, fp_k=fp_k, fp_v=fp_v)
+    _check_paged(q, k, v, pages, page_size, fp_k, fp_v, fp_range)
+    if not math.isfinite(scale):
+        raise ConfigError(f"scale must be finite, got {scale}")
+    b, hq, tq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    pages = pages.long()
+    count = (n + page_size - 1) // page_size
+    if bool((pages >= count).any()):
+        raise ConfigError(f"page id out of range: {n} tokens in pages of {page_size} make {count} pages")
+    f32 = torch.float32
+    rows_k = torch.ops.ctxcore.gather_pages(k, pages, page_size).to(f32)
+    rows_v = torch.ops.ctxcore.gather_pages(v, pages, page_size).to(f32)
+    tok = pages.unsqueeze(-1) * page_size + torch.arange(page_size, device=pages.device)
+    valid = ((pages.unsqueeze(-1) >= 0) & (tok < n)).reshape(b, hkv, 1, -1)
+    qf = q.to(f32).reshape(b, hkv, g * tq, d)
+    sc = (qf @ rows_k.transpose(-1, -2)) * scale
+    sc = sc.masked_fill(~valid, float("-inf"))
+    lse1 = torch.logsumexp(sc, dim=-1)
+    p = torch.exp(sc - torch.where(torch.isfinite(lse1), lse1, 0.0).unsqueeze(-1))
+    o1 = p @ rows_v
+    empty_books = q.new_zeros((hkv, d, 16, 1), dtype=f32)
+    no_codes = _empty_codes(b, hkv, empty_books, q.device)
+    o2, lse2 = torch.ops.ctxcore.pq_attention(
+        q,
+        no_codes,
+        no_codes,
+        empty_books,
+        empty_books,
+        torch.zeros((b, 2), dtype=torch.int64, device=fp_range.device),
+        fp_k,
+        fp_v,
+        fp_range,
+        scale,
+        causal,
+    )
+    lse2 = lse2.reshape(b, hkv, g * tq)
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    w1 = torch.where(torch.isfinite(lse1), torch.exp(lse1 - safe), 0.0).unsqueeze(-1)
+    w2 = torch.where(torch.isfinite(lse2), torch.exp(lse2 - safe), 0.0).unsqueeze(-1)
+    out = w1 * o1 + w2 * o2.to(f32).reshape(b, hkv, g * tq, d)
+    return out.reshape(b, hq, tq, d).to(q.dtype), lse.reshape(b, hq, tq)
+
+
 _pq_attention_op.register_kernel("cuda")(_pq_attention_cuda)
+_paged_attention_op.register_kernel("cuda")(_paged_attention_composed)
 _page_scores_op.register_kernel("cuda")(_page_scores_cuda)
 _pq_encode_op.register_kernel("cuda")(_pq_encode_cuda)
 _gather_pages_op.register_kernel("cuda")(_gather_pages_cuda)
@@ -722,8 +836,9 @@ def quest_attention(
 
     Per (sequence, KV head), the full pages of the history ``k, v [B, Hkv, N, D]`` are ranked by
     their Quest bound (:func:`page_scores` over ``bounds``, default :func:`page_bounds`); the
-    top ``ceil(budget / page_size)`` pages are gathered (:func:`gather_pages`) and attended
-    exactly together with the history's last partial page and the full-precision part
+    top ``ceil(budget / page_size)`` pages are attended exactly where they are
+    (:func:`paged_attention`, no gather copy on the CPU) together with the history's last
+    partial page and the full-precision part
     ``fp_k, fp_v [B, Hkv, F, D]`` (sinks + recent window; with ``causal``, its last ``Tq``
     tokens are the queries' own positions). Every op runs on the tensors' device: on a GPU,
     ctxcore's CUDA kernels with ``torch.topk`` between them; nothing goes through the host.
@@ -750,19 +865,57 @@ def quest_attention(
     else:
         pages = min(full, math.ceil(_budget(budget, n, "quest_attention") / page_size))
     kmin, kmax = bounds if bounds is not None else page_bounds(k, page_size)
-    parts_k, parts_v = [], []
+    ids = []
     if pages > 0:
-        sel = page_scores(q, kmin, kmax).topk(pages, dim=-1, sorted=False).indices
-        parts_k.append(gather_pages(k, sel, page_size))
-        parts_v.append(gather_pages(v, sel, page_size))
-    parts_k.append(k[:, :, full * page_size :])
-    parts_v.append(v[:, :, full * page_size :])
-    if fp_k is not None:
-        parts_k.append(fp_k.to(k.dtype))
-        parts_v.append(fp_v.to(v.dtype))
-    return pq_attention(
-        q, fp_k=torch.cat(parts_k, dim=2), fp_v=torch.cat(parts_v, dim=2), scale=scale, causal=causal
-    )
+        ids.append(page_scores(q, kmin, kmax).topk(pages, dim=-1, sorted=False).indices)
+    if n % page_size:
+        # The history's last, partial page is always attended.
+        ids.append(torch.full((b, hkv, 1), full, dtype=torch.int64, device=k.device))
+    sel = torch.cat(ids, dim=-1) if ids else torch.empty((b, hkv, 0), dtype=torch.int64, device=k.device)
+    return paged_attention(q, k, v, sel, page_size, fp_k, fp_v, scale=scale, causal=causal)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int = 64,
+    fp_k: torch.Tensor | None = None,
+    fp_v: torch.Tensor | None = None,
+    *,
+    fp_range: Any = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over selected pages of ``k, v`` plus a full-precision part, without
+    gathering the pages first; see ``torch.ops.ctxcore.paged_attention``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: history ``[B, Hkv, N, D]`` (float32/bfloat16/float16).
+        pages: int64 ``[B, Hkv, S]`` distinct page ids per (sequence, KV head); page ``p`` is
+            tokens ``[p * page_size, min((p + 1) * page_size, N))``; negative ids are skipped.
+        fp_k, fp_v: ``[B, Hkv, F, D]`` after the history (sinks + recent window); None for none.
+        fp_range: ``[B, 2]`` valid ``[start, end)`` of the fp part per sequence (default: all).
+        scale: default ``1 / sqrt(D)``.
+        causal: the last ``Tq`` valid fp tokens are the queries' own positions.
+
+    Returns:
+        ``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``.
+    """
+    for what, t in (("q", q), ("k", k), ("v", v), ("pages", pages)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_rank("k", k, 4, "[B, Hkv, N, D]")
+    b, _, _, d = q.shape
+    if (fp_k is None) != (fp_v is None):
+        raise ConfigError("give both fp_k and fp_v (or neither)")
+    if fp_k is None:
+        fp_k = fp_v = k.new_zeros((b, k.shape[1], 0, d))
+    fr = _as_range(fp_range, b, fp_k.shape[2], "fp_range")
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return torch.ops.ctxcore.paged_attention(q, k, v, pages, int(page_size), fp_k, fp_v, fr, s, bool(causal))
 
 
 def _topk_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -65,6 +65,58 @@ pub struct PqAttention<'a> {
 
 use crate::pq::code_bytes;
 
+/// Selected pages of a full-precision history, attended in place (no gather copy): the
+/// input of [`paged_attention`].
+#[derive(Clone, Copy, Debug)]
+pub struct Pages<'a> {
+    /// Keys, Layout `(batch, hkv, n, d)`.
+    pub k: &'a [f32],
+    /// Values, Layout `(batch, hkv, n, d)`.
+    pub v: &'a [f32],
+    /// Tokens per (sequence, KV head).
+    pub n: usize,
+    /// Page ids per (sequence, KV head), Layout `(batch, hkv, s)`: page `p` is tokens
+    /// `[p * size, min((p + 1) * size, n))`; negative ids are skipped. Ids must be distinct.
+    pub ids: &'a [i64],
+    /// Page ids per (sequence, KV head).
+    pub s: usize,
+    /// Tokens per page.
+    pub size: usize,
+}
+
+impl Pages<'_> {
+    fn validate(&self, batch: usize, hkv: usize, d: usize) -> Result<()> {
+        let n = self.n;
+        for (what, got) in [("k", self.k.len()), ("v", self.v.len())] {
+            if got != batch * hkv * n * d {
+                return Err(Error::shape(
+                    what,
+                    format!("[{batch}, {hkv}, {n}, {d}]"),
+                    format!("{got} values"),
+                ));
+            }
+        }
+        if self.ids.len() != batch * hkv * self.s {
+            return Err(Error::shape(
+                "pages",
+                format!("[{batch}, {hkv}, {}]", self.s),
+                format!("{} values", self.ids.len()),
+            ));
+        }
+        if self.size == 0 {
+            return Err(Error::config("page_size must be positive"));
+        }
+        let count = n.div_ceil(self.size) as i64;
+        if let Some(&bad) = self.ids.iter().find(|&&id| id >= count) {
+            return Err(Error::config(format!(
+                "page id {bad} out of range: {n} tokens in pages of {} make {count} pages",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// GQA head counts: `hq` query heads share `hkv` KV heads in equal groups.
 pub fn check_heads(hq: usize, hkv: usize) -> Result<()> {
     if hkv == 0 || hq % hkv != 0 {
@@ -153,7 +205,9 @@ impl PqAttention<'_> {
             ),
         ];
         for (what, got, want, shape) in checks {
-            if got != want {
+            // Without code tokens the codebooks are never read: empty ones are fine.
+            let unused_books = self.n == 0 && got == 0 && what.ends_with("centroids");
+            if got != want && !unused_books {
                 return Err(Error::shape(what, shape, format!("{got} values")));
             }
         }
@@ -208,6 +262,8 @@ pub fn exp_neg(x: f32) -> f32 {
 enum Part {
     Codes(usize, usize),
     Fp(usize, usize),
+    /// Page ids `[lo, hi)` of the (sequence, KV head)'s list in [`Pages`].
+    Pages(usize, usize),
 }
 
 /// `(sequence, KV head, part)`.
@@ -504,17 +560,13 @@ fn codes_chunk(
 }
 
 /// Exact attention of the group's queries over fp tokens `[lo, hi)` of `(b, h)`.
-///
-/// Every key and value row is loaded once for all queries of the group (GQA): scores of all
-/// queries, one max and `exp` per query, then each value row is added to every query's output.
 #[inline(always)]
 fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Partial> {
-    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
-    let nq = g * tq;
+    let (tq, d) = (a.tq, a.d);
+    let nq = a.hq / a.hkv * tq;
     let (fs, fe) = a.fp_range[b];
     let base = (b * a.hkv + h) * a.f * d;
-    let len = hi - lo;
-    // Visible end (exclusive, clipped to the chunk) of each query.
+    // Visible tokens of each query, counted from `lo`.
     let ends: Vec<usize> = (0..nq)
         .map(|qi| {
             let t = qi % tq;
@@ -523,85 +575,111 @@ fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Pa
             } else {
                 fe
             };
-            visible.clamp(lo, hi)
+            visible.clamp(lo, hi) - lo
         })
         .collect();
-    let qrow = |qi: usize| {
-        let (gi, t) = (qi / tq, qi % tq);
-        let r = (b * a.hq + h * g + gi) * tq + t;
-        &a.q[r * d..(r + 1) * d]
-    };
-    // Scores, Layout (nq, len); masked entries stay -inf. Keys are transposed in blocks of
-    // KT tokens (Layout (d, KT), 16 KB at d = 64) so each query's scores vectorize over tokens
-    // with no horizontal sums; the transposed block is shared by the group's queries.
-    const KT: usize = 64;
-    let mut s = vec![f32::NEG_INFINITY; nq * len];
-    let keys = &a.fp_k[base + lo * d..base + hi * d];
-    let mut kt = vec![0f32; d * KT];
-    let mut start = 0;
-    while start < len {
-        let bl = (len - start).min(KT);
-        for (i, k) in keys[start * d..(start + bl) * d]
-            .chunks_exact(d)
-            .enumerate()
-        {
-            for (dd, &x) in k.iter().enumerate() {
-                kt[dd * KT + i] = x;
+    let seg = (
+        &a.fp_k[base + lo * d..base + hi * d],
+        &a.fp_v[base + lo * d..base + hi * d],
+    );
+    exact_part(a, b, h, &[seg], &ends)
+}
+
+/// Exact attention of the group's queries over the selected pages `ids[lo..hi]` of `(b, h)`.
+#[inline(always)]
+fn pages_chunk(
+    a: &PqAttention,
+    p: &Pages,
+    b: usize,
+    h: usize,
+    lo: usize,
+    hi: usize,
+) -> Vec<Partial> {
+    let d = a.d;
+    let base = (b * a.hkv + h) * p.n * d;
+    let ids = &p.ids[(b * a.hkv + h) * p.s + lo..(b * a.hkv + h) * p.s + hi];
+    let segs: Vec<(&[f32], &[f32])> = ids
+        .iter()
+        .filter(|&&id| id >= 0)
+        .map(|&id| {
+            let r0 = id as usize * p.size;
+            let r1 = (r0 + p.size).min(p.n);
+            (
+                &p.k[base + r0 * d..base + r1 * d],
+                &p.v[base + r0 * d..base + r1 * d],
+            )
+        })
+        .collect();
+    let len = segs.iter().map(|(k, _)| k.len() / d).sum();
+    exact_part(a, b, h, &segs, &vec![len; a.hq / a.hkv * a.tq])
+}
+
+/// Exact attention of the group's queries of `(b, h)` over the key/value rows of `segs` (in
+/// order); query `qi` sees the first `ends[qi]` of those tokens.
+///
+/// Scores: two keys against up to four queries per pass (eight independent FMA chains, every
+/// key and query row loaded once per pass). Values: the group's outputs are accumulated in
+/// 16-wide slices held in registers over all tokens, so each value row is loaded once per slice
+/// for every query of the group.
+#[inline(always)]
+fn exact_part(
+    a: &PqAttention,
+    b: usize,
+    h: usize,
+    segs: &[(&[f32], &[f32])],
+    ends: &[usize],
+) -> Vec<Partial> {
+    let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
+    let nq = g * tq;
+    // The group's query rows are contiguous: Layout (nq, d).
+    let q = &a.q[(b * a.hq + h * g) * tq * d..(b * a.hq + (h + 1) * g) * tq * d];
+    let len: usize = segs.iter().map(|(k, _)| k.len() / d).sum();
+    let mut s = vec![0f32; nq * len];
+    let mut off = 0;
+    for (keys, _) in segs {
+        for q0 in (0..nq).step_by(4) {
+            let n = (nq - q0).min(4);
+            match n {
+                1 => score_rows::<1>(q, keys, d, a.scale, &mut s, len, q0, off),
+                2 => score_rows::<2>(q, keys, d, a.scale, &mut s, len, q0, off),
+                3 => score_rows::<3>(q, keys, d, a.scale, &mut s, len, q0, off),
+                _ => score_rows::<4>(q, keys, d, a.scale, &mut s, len, q0, off),
             }
         }
-        for (qi, &e) in ends.iter().enumerate() {
-            let visible = e.saturating_sub(lo + start).min(bl);
-            if visible == 0 {
-                continue;
-            }
-            let mut acc = [0f32; KT];
-            for (dd, &qd) in qrow(qi).iter().enumerate() {
-                let col = &kt[dd * KT..(dd + 1) * KT];
-                for (x, &kv) in acc.iter_mut().zip(col) {
-                    *x = qd.mul_add(kv, *x);
-                }
-            }
-            for (dst, &x) in s[qi * len + start..qi * len + start + visible]
-                .iter_mut()
-                .zip(&acc)
-            {
-                *dst = x * a.scale;
-            }
-        }
-        start += bl;
+        off += keys.len() / d;
     }
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
     for qi in 0..nq {
         let row = &mut s[qi * len..(qi + 1) * len];
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let (seen, hidden) = row.split_at_mut(ends[qi].min(len));
+        hidden.fill(0.0);
+        let mx = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         m[qi] = mx;
         if mx == f32::NEG_INFINITY {
-            row.fill(0.0);
+            seen.fill(0.0);
             continue;
         }
         let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = if *x == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp_neg(*x - mx)
-            };
+        for x in seen.iter_mut() {
+            *x = exp_neg(*x - mx);
             sum += *x;
         }
         l[qi] = sum;
     }
     let mut acc = vec![0f32; nq * d];
-    let vals = &a.fp_v[base + lo * d..base + hi * d];
-    for (i, v) in vals.chunks_exact(d).enumerate() {
-        for (qi, o) in acc.chunks_exact_mut(d).enumerate() {
-            let p = s[qi * len + i];
-            if p != 0.0 {
-                for (x, y) in o.iter_mut().zip(v) {
-                    *x = p.mul_add(*y, *x);
-                }
+    let mut off = 0;
+    for (_, vals) in segs {
+        for q0 in (0..nq).step_by(4) {
+            let n = (nq - q0).min(4);
+            match n {
+                1 => accumulate_rows::<1>(&s, len, q0, off, vals, d, &mut acc),
+                2 => accumulate_rows::<2>(&s, len, q0, off, vals, d, &mut acc),
+                3 => accumulate_rows::<3>(&s, len, q0, off, vals, d, &mut acc),
+                _ => accumulate_rows::<4>(&s, len, q0, off, vals, d, &mut acc),
             }
         }
+        off += vals.len() / d;
     }
     (0..nq)
         .map(|qi| Partial {
@@ -612,11 +690,132 @@ fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Pa
         .collect()
 }
 
+/// `s[(q0 + k) * len + off + i] = scale * q[q0 + k] . keys[i]` for `k < Q` and every key row.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn score_rows<const Q: usize>(
+    q: &[f32],
+    keys: &[f32],
+    d: usize,
+    scale: f32,
+    s: &mut [f32],
+    len: usize,
+    q0: usize,
+    off: usize,
+) {
+    let n = keys.len() / d;
+    let d8 = d / 8 * 8;
+    let qr: [&[f32]; Q] = std::array::from_fn(|k| &q[(q0 + k) * d..(q0 + k + 1) * d]);
+    let mut i = 0;
+    while i < n {
+        let two = i + 1 < n;
+        let k0 = &keys[i * d..(i + 1) * d];
+        let k1 = if two {
+            &keys[(i + 1) * d..(i + 2) * d]
+        } else {
+            k0
+        };
+        let mut acc = [[[0f32; 8]; 2]; Q];
+        for c in (0..d8).step_by(8) {
+            let a0: [f32; 8] = k0[c..c + 8].try_into().unwrap();
+            let a1: [f32; 8] = k1[c..c + 8].try_into().unwrap();
+            for k in 0..Q {
+                let qv: [f32; 8] = qr[k][c..c + 8].try_into().unwrap();
+                for l in 0..8 {
+                    acc[k][0][l] = qv[l].mul_add(a0[l], acc[k][0][l]);
+                    acc[k][1][l] = qv[l].mul_add(a1[l], acc[k][1][l]);
+                }
+            }
+        }
+        for k in 0..Q {
+            let (mut t0, mut t1) = (hsum8(acc[k][0]), hsum8(acc[k][1]));
+            for c in d8..d {
+                t0 = qr[k][c].mul_add(k0[c], t0);
+                t1 = qr[k][c].mul_add(k1[c], t1);
+            }
+            let row = (q0 + k) * len + off + i;
+            s[row] = t0 * scale;
+            if two {
+                s[row + 1] = t1 * scale;
+            }
+        }
+        i += 2;
+    }
+}
+
+/// Sum of eight lanes as a tree (independent adds; a left-to-right sum is a chain of seven).
+#[inline(always)]
+fn hsum8(a: [f32; 8]) -> f32 {
+    let b = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// `acc[q0 + k] += sum_i s[(q0 + k) * len + off + i] * vals[i]` for `k < Q`.
+#[inline(always)]
+fn accumulate_rows<const Q: usize>(
+    s: &[f32],
+    len: usize,
+    q0: usize,
+    off: usize,
+    vals: &[f32],
+    d: usize,
+    acc: &mut [f32],
+) {
+    const W: usize = 16;
+    let n = vals.len() / d;
+    let p: [&[f32]; Q] =
+        std::array::from_fn(|k| &s[(q0 + k) * len + off..(q0 + k) * len + off + n]);
+    let dw = d / W * W;
+    for c in (0..dw).step_by(W) {
+        let mut o: [[f32; W]; Q] = std::array::from_fn(|k| {
+            acc[(q0 + k) * d + c..(q0 + k) * d + c + W]
+                .try_into()
+                .unwrap()
+        });
+        for (i, v) in vals.chunks_exact(d).enumerate() {
+            let v: [f32; W] = v[c..c + W].try_into().unwrap();
+            for k in 0..Q {
+                let pk = p[k][i];
+                for l in 0..W {
+                    o[k][l] = pk.mul_add(v[l], o[k][l]);
+                }
+            }
+        }
+        for k in 0..Q {
+            acc[(q0 + k) * d + c..(q0 + k) * d + c + W].copy_from_slice(&o[k]);
+        }
+    }
+    if dw < d {
+        for (i, v) in vals.chunks_exact(d).enumerate() {
+            for k in 0..Q {
+                let pk = p[k][i];
+                for (x, &y) in acc[(q0 + k) * d + dw..(q0 + k + 1) * d]
+                    .iter_mut()
+                    .zip(&v[dw..])
+                {
+                    *x = pk.mul_add(y, *x);
+                }
+            }
+        }
+    }
+}
+
 /// Softmax attention over `[decode(codes); fp]` for every query, without decoding.
 ///
 /// Returns `(out, lse)`: Layout `(batch, hq, tq, d)` and `(batch, hq, tq)` (natural-log
 /// log-sum-exp of the scaled scores; `-inf` and a zero output for a query that sees nothing).
 pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
+    attend(a, None)
+}
+
+/// [`pq_attention`] over `[decode(codes); selected pages; fp]`: the pages are attended where they
+/// are (Quest-style selection without a gather copy). Returns `(out, lse)` as [`pq_attention`].
+pub fn paged_attention(a: &PqAttention, pages: &Pages) -> Result<(Vec<f32>, Vec<f32>)> {
+    pages.validate(a.batch, a.hkv, a.d)?;
+    attend(a, Some(pages))
+}
+
+fn attend(a: &PqAttention, pages: Option<&Pages>) -> Result<(Vec<f32>, Vec<f32>)> {
     a.validate()?;
     crate::pq::check_finite("q", a.q, a.d)?;
     let (g, tq, d) = (a.hq / a.hkv, a.tq, a.d);
@@ -641,6 +840,19 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
                         },
                     ));
                     lo = hi;
+                }
+            }
+        }
+    }
+    if let Some(p) = pages {
+        // Pages per item: about CHUNK tokens.
+        let per = (CHUNK / p.size).max(1);
+        for b in 0..a.batch {
+            for h in 0..a.hkv {
+                let ids = &p.ids[(b * a.hkv + h) * p.s..(b * a.hkv + h + 1) * p.s];
+                work += ids.iter().filter(|&&id| id >= 0).count() * p.size * nq;
+                for lo in (0..p.s).step_by(per) {
+                    items.push((b, h, Part::Pages(lo, (lo + per).min(p.s))));
                 }
             }
         }
@@ -672,6 +884,10 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
     let run = |&(b, h, part): &WorkItem| {
         let p = match part {
             Part::Fp(lo, hi) => crate::dispatch!(fp_chunk(a, b, h, lo, hi)),
+            Part::Pages(lo, hi) => match pages {
+                Some(p) => crate::dispatch!(pages_chunk(a, p, b, h, lo, hi)),
+                None => unreachable!("page items exist only with pages"),
+            },
             Part::Codes(lo, hi) => {
                 crate::dispatch!(codes_chunk(a, &tables[b * a.hkv + h], &vt, b, h, lo, hi))
             }
@@ -989,6 +1205,147 @@ mod tests {
             }
             assert!(lse.iter().all(|x| x.is_finite() == (n + f > 0)));
         }
+    }
+
+    /// Attention over pages in place equals attention over the same pages gathered into the
+    /// full-precision part (skipped ids, a partial last page, GQA 3, causal Tq = 2, batch 2).
+    #[test]
+    fn paged_equals_gathered() {
+        let (batch, hq, hkv, tq, d, n, size, f) = (
+            2usize, 6usize, 2usize, 2usize, 24usize, 300usize, 64usize, 5usize,
+        );
+        let k = rand(batch * hkv * n * d, 11);
+        let v = rand(batch * hkv * n * d, 12);
+        let fk = rand(batch * hkv * f * d, 13);
+        let fv = rand(batch * hkv * f * d, 14);
+        let q: Vec<f32> = rand(batch * hq * tq * d, 15)
+            .iter()
+            .map(|x| x * 2.0)
+            .collect();
+        let s = 3;
+        let ids: Vec<i64> = vec![4, 0, -1, 2, 3, 1, 1, -1, -1, 4, 2, 0];
+        // Gathered: selected rows first, then the fp part, per (b, h).
+        let mut gk = Vec::new();
+        let mut gv = Vec::new();
+        let mut gf = 0;
+        let mut lens = Vec::new();
+        for bh in 0..batch * hkv {
+            let mut rows_k = Vec::new();
+            let mut rows_v = Vec::new();
+            for &id in &ids[bh * s..(bh + 1) * s] {
+                if id < 0 {
+                    continue;
+                }
+                let (r0, r1) = (id as usize * size, ((id as usize + 1) * size).min(n));
+                rows_k.extend_from_slice(&k[(bh * n + r0) * d..(bh * n + r1) * d]);
+                rows_v.extend_from_slice(&v[(bh * n + r0) * d..(bh * n + r1) * d]);
+            }
+            rows_k.extend_from_slice(&fk[bh * f * d..(bh + 1) * f * d]);
+            rows_v.extend_from_slice(&fv[bh * f * d..(bh + 1) * f * d]);
+            gf = gf.max(rows_k.len() / d);
+            lens.push(rows_k.len() / d);
+            gk.push(rows_k);
+            gv.push(rows_v);
+        }
+        // Each (b, h) right-aligned in a common capacity (left padding).
+        let mut fk_all = vec![0f32; batch * hkv * gf * d];
+        let mut fv_all = vec![0f32; batch * hkv * gf * d];
+        for bh in 0..batch * hkv {
+            let pad = gf - lens[bh];
+            fk_all[(bh * gf + pad) * d..(bh + 1) * gf * d].copy_from_slice(&gk[bh]);
+            fv_all[(bh * gf + pad) * d..(bh + 1) * gf * d].copy_from_slice(&gv[bh]);
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn fp_only<'a>(
+            q: &'a [f32],
+            (batch, hq, hkv, tq, d): (usize, usize, usize, usize, usize),
+            fk: &'a [f32],
+            fv: &'a [f32],
+            f: usize,
+            fp_range: &'a [(usize, usize)],
+            code_range: &'a [(usize, usize)],
+        ) -> PqAttention<'a> {
+            PqAttention {
+                batch,
+                hq,
+                hkv,
+                tq,
+                d,
+                q,
+                n: 0,
+                k_codes: &[],
+                v_codes: &[],
+                k_cent: &[],
+                k_m: 1,
+                k_nbits: 4,
+                v_cent: &[],
+                v_m: 1,
+                v_nbits: 4,
+                code_range,
+                f,
+                fp_k: fk,
+                fp_v: fv,
+                fp_range,
+                scale: 0.3,
+                causal: true,
+            }
+        }
+        let dims = (batch, hq, hkv, tq, d);
+        let ranges = [(0, f); 2];
+        let empty = [(0, 0); 2];
+        let all = fp_only(&q, dims, &fk, &fv, f, &ranges, &empty);
+        let pages = Pages {
+            k: &k,
+            v: &v,
+            n,
+            ids: &ids,
+            s,
+            size,
+        };
+        let (out, lse) = paged_attention(&all, &pages).unwrap();
+        let g = hq / hkv;
+        for bh in 0..batch * hkv {
+            // Reference per (sequence, KV head): the gathered rows, left-padded to gf.
+            let (b, h) = (bh / hkv, bh % hkv);
+            let pad = [(gf - lens[bh], gf)];
+            let qh = &q[(b * hq + h * g) * tq * d..(b * hq + (h + 1) * g) * tq * d];
+            let one = fp_only(
+                qh,
+                (1, g, 1, tq, d),
+                &fk_all[bh * gf * d..(bh + 1) * gf * d],
+                &fv_all[bh * gf * d..(bh + 1) * gf * d],
+                gf,
+                &pad,
+                &empty[..1],
+            );
+            let (want, want_lse) = pq_attention(&one).unwrap();
+            let got = &out[(b * hq + h * g) * tq * d..(b * hq + (h + 1) * g) * tq * d];
+            for (x, y) in got.iter().zip(&want) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "bh={bh}: {x} vs {y}"
+                );
+            }
+            let got_lse = &lse[(b * hq + h * g) * tq..(b * hq + (h + 1) * g) * tq];
+            for (x, y) in got_lse.iter().zip(&want_lse) {
+                assert!(
+                    (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                    "bh={bh} lse: {x} vs {y}"
+                );
+            }
+        }
+        // Out-of-range ids and mismatched shapes are errors, not panics.
+        let bad: Vec<i64> = vec![5; batch * hkv * s];
+        let e = paged_attention(&all, &Pages { ids: &bad, ..pages });
+        assert!(e.unwrap_err().to_string().contains("out of range"));
+        let e = paged_attention(
+            &all,
+            &Pages {
+                k: &k[1..],
+                ..pages
+            },
+        );
+        assert!(e.is_err());
     }
 }
 

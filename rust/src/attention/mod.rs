@@ -21,4 +21,6 @@
 mod cpu;
 mod values;
 
-pub use cpu::{check_heads, exp_neg, page_scores, pq_attention, PqAttention};
+pub use cpu::{
+    check_heads, exp_neg, page_scores, paged_attention, pq_attention, Pages, PqAttention,
+};

@@ -1,17 +1,20 @@
-//! Bindings of [`crate::attention`]: `_ctxcore.pq_attention` and `_ctxcore.page_scores`.
+//! Bindings of [`crate::attention`]: `_ctxcore.pq_attention`, `_ctxcore.paged_attention` and
+//! `_ctxcore.page_scores`.
 //!
 //! Arrays arrive C-contiguous in float32 / uint8 / int64 (the torch custom ops in
 //! `ctxcore.ops` convert dtypes and check devices first).
 
 use numpy::ndarray::{Array3, Array4};
 use numpy::{
-    IntoPyArray, PyArray3, PyArray4, PyReadonlyArray2, PyReadonlyArray4, PyUntypedArrayMethods,
+    IntoPyArray, PyArray3, PyArray4, PyReadonlyArray2, PyReadonlyArray3, PyReadonlyArray4,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 
 use super::error::IntoPy;
 use crate::attention::{
-    page_scores as core_page_scores, pq_attention as core_pq_attention, PqAttention,
+    page_scores as core_page_scores, paged_attention as core_paged_attention,
+    pq_attention as core_pq_attention, Pages, PqAttention,
 };
 use crate::error::{catch_panic, Error};
 
@@ -153,6 +156,104 @@ pub fn pq_attention<'py>(
     };
     let (out, lse) = py
         .detach(|| catch_panic(|| core_pq_attention(&args)))
+        .py()?;
+    let out = Array4::from_shape_vec((batch, hq, tq, d), out)
+        .map_err(|e| Error::Internal(e.to_string()))
+        .py()?;
+    let lse = Array3::from_shape_vec((batch, hq, tq), lse)
+        .map_err(|e| Error::Internal(e.to_string()))
+        .py()?;
+    Ok((out.into_pyarray(py), lse.into_pyarray(py)))
+}
+
+/// Exact attention over selected pages of `k, v [B, Hkv, N, D]` (ids `pages [B, Hkv, S]`,
+/// negative ids skipped) plus a full-precision part, without gathering the pages. See
+/// `ctxcore.ops.paged_attention`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, causal))]
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray4<'py, f32>,
+    k: PyReadonlyArray4<'py, f32>,
+    v: PyReadonlyArray4<'py, f32>,
+    pages: PyReadonlyArray3<'py, i64>,
+    page_size: usize,
+    fp_k: PyReadonlyArray4<'py, f32>,
+    fp_v: PyReadonlyArray4<'py, f32>,
+    fp_range: PyReadonlyArray2<'py, i64>,
+    scale: f32,
+    causal: bool,
+) -> PyResult<OutLse<'py>> {
+    let qs = q.shape().to_vec();
+    let (batch, hq, tq, d) = (qs[0], qs[1], qs[2], qs[3]);
+    let ks = k.shape().to_vec();
+    let (hkv, n) = (ks[1], ks[2]);
+    let f = fp_k.shape()[2];
+    for (what, shape, want) in [
+        ("k", ks.as_slice(), [batch, hkv, n, d]),
+        ("v", v.shape(), [batch, hkv, n, d]),
+        ("fp_k", fp_k.shape(), [batch, hkv, f, d]),
+        ("fp_v", fp_v.shape(), [batch, hkv, f, d]),
+    ] {
+        if shape != want {
+            return Err(Error::shape(
+                what,
+                format!("{want:?}"),
+                format!("{shape:?}"),
+            ))
+            .py();
+        }
+    }
+    let ps = pages.shape().to_vec();
+    if ps[..2] != [batch, hkv] {
+        return Err(Error::shape(
+            "pages",
+            format!("[{batch}, {hkv}, S]"),
+            format!("{ps:?}"),
+        ))
+        .py();
+    }
+    let ids = pages
+        .as_slice()
+        .map_err(|_| Error::shape("pages", "a C-contiguous array", "a non-contiguous view"))
+        .py()?;
+    let fr = ranges("fp_range", &fp_range, batch)?;
+    let no_codes = vec![(0usize, 0usize); batch];
+    let args = PqAttention {
+        batch,
+        hq,
+        hkv,
+        tq,
+        d,
+        q: contiguous("q", &q)?,
+        n: 0,
+        k_codes: &[],
+        v_codes: &[],
+        k_cent: &[],
+        k_m: 1,
+        k_nbits: 4,
+        v_cent: &[],
+        v_m: 1,
+        v_nbits: 4,
+        code_range: &no_codes,
+        f,
+        fp_k: contiguous("fp_k", &fp_k)?,
+        fp_v: contiguous("fp_v", &fp_v)?,
+        fp_range: &fr,
+        scale,
+        causal,
+    };
+    let pages = Pages {
+        k: contiguous("k", &k)?,
+        v: contiguous("v", &v)?,
+        n,
+        ids,
+        s: ps[2],
+        size: page_size,
+    };
+    let (out, lse) = py
+        .detach(|| catch_panic(|| core_paged_attention(&args, &pages)))
         .py()?;
     let out = Array4::from_shape_vec((batch, hq, tq, d), out)
         .map_err(|e| Error::Internal(e.to_string()))
