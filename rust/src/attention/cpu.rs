@@ -242,7 +242,7 @@ impl PqAttention<'_> {
 pub fn exp_neg(x: f32) -> f32 {
     let x = x.max(-87.0);
     // exp(x) = 2^k * exp(r), k = round(x / ln2), |r| <= ln2 / 2.
-    let k = (x * std::f32::consts::LOG2_E).round();
+    let k = (x * std::f32::consts::LOG2_E).round_ties_even();
     let r = k.mul_add(-0.693_145_75, x);
     let r = k.mul_add(-1.428_606_8e-6, r);
     // Degree-6 Taylor/minimax polynomial for exp(r) on [-ln2/2, ln2/2].
@@ -255,6 +255,24 @@ pub fn exp_neg(x: f32) -> f32 {
     p = p.mul_add(r, 1.0);
     let bits = ((k as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
+}
+
+/// Largest element (`-inf` for none) with eight independent lanes (vectorizes; a left-to-right
+/// fold is one dependent chain).
+#[inline(always)]
+fn max_of(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let c = x.chunks_exact(8);
+    let rest = c.remainder();
+    for v in c {
+        for l in 0..8 {
+            m[l] = m[l].max(v[l]);
+        }
+    }
+    rest.iter()
+        .chain(&m)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// What a parallel task attends to: a chunk `[lo, hi)` of the codes or of the fp tokens.
@@ -494,7 +512,7 @@ fn codes_chunk(
     let mut l = vec![0f32; nq];
     for qi in 0..nq {
         let row = &mut s[qi * len..(qi + 1) * len];
-        let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mx = max_of(row);
         let mut sum = 0f32;
         for x in row.iter_mut() {
             *x = exp_neg(*x - mx);
@@ -654,7 +672,7 @@ fn exact_part(
         let row = &mut s[qi * len..(qi + 1) * len];
         let (seen, hidden) = row.split_at_mut(ends[qi].min(len));
         hidden.fill(0.0);
-        let mx = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mx = max_of(seen);
         m[qi] = mx;
         if mx == f32::NEG_INFINITY {
             seen.fill(0.0);
@@ -1516,6 +1534,121 @@ mod ab {
             "pair tables: {:.1} ns/code, nibbles: {:.1} ns/code",
             ta / 20.0 / n as f64 * 1e9,
             tb / 20.0 / n as f64 * 1e9
+        );
+    }
+
+    /// Where one 4096-token chunk of codes_chunk goes (Llama-8B shape: 4 queries, d 128, 4-bit
+    /// keys and values at m = 128), one thread: key scan, softmax, values. Run with
+    /// `--ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn ab_chunk_parts() {
+        let (m, n, nq, d) = (128usize, 4096usize, 4usize, 128usize);
+        let cb = m / 2;
+        let mut r = SplitMix64::new(3, 0);
+        let kc: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
+        let vc: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
+        let cent: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32 - 0.5).collect();
+        let luts: Vec<QuantLut> = (0..nq)
+            .map(|_| {
+                let lut: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32).collect();
+                fastscan::quantize_exact(&lut, m)
+            })
+            .collect();
+        let mut s = vec![0f32; nq * n];
+        let mut out = vec![0f32; nq * d];
+        let (mut t_scan, mut t_exp, mut t_val) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            {
+                let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
+                fastscan::scan(&luts, &kc, cb, &mut rows);
+            }
+            t_scan = t_scan.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            #[inline(always)]
+            fn softmax_rows(s: &mut [f32], n: usize) {
+                for row in s.chunks_exact_mut(n) {
+                    let mx = max_of(row);
+                    for x in row.iter_mut() {
+                        *x = exp_neg(*x - mx);
+                    }
+                }
+            }
+            crate::dispatch!(softmax_rows(&mut s, n));
+            t_exp = t_exp.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::has_avx2_fma() {
+                // SAFETY: AVX2 and FMA checked just above.
+                unsafe {
+                    super::super::values::avx2::weighted_values(
+                        &s, nq, n, &vc, cb, m, 1, &cent, &mut out,
+                    )
+                };
+            }
+            t_val = t_val.min(t.elapsed().as_secs_f64());
+        }
+        let ns = |t: f64| t / n as f64 * 1e9;
+        println!(
+            "per token (4 queries): scan {:.1} ns, softmax {:.1} ns, values {:.1} ns",
+            ns(t_scan),
+            ns(t_exp),
+            ns(t_val)
+        );
+    }
+
+    /// codes_chunk-like work over 64 chunks of fresh (uncached) codes vs one cached chunk, one
+    /// thread: how much the DRAM stream adds. Run with `--ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn ab_chunk_cold() {
+        let (m, n, nq, d, chunks) = (128usize, 4096usize, 4usize, 128usize, 64usize);
+        let cb = m / 2;
+        let mut r = SplitMix64::new(3, 0);
+        let kc: Vec<u8> = (0..chunks * n * cb).map(|_| r.next_u64() as u8).collect();
+        let vc: Vec<u8> = (0..chunks * n * cb).map(|_| r.next_u64() as u8).collect();
+        let cent: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32 - 0.5).collect();
+        let luts: Vec<QuantLut> = (0..nq)
+            .map(|_| {
+                let lut: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32 * 0.1).collect();
+                fastscan::quantize_exact(&lut, m)
+            })
+            .collect();
+        let mut s = vec![0f32; nq * n];
+        let mut out = vec![0f32; nq * d];
+        let mut run = |c: usize| {
+            let k = &kc[c * n * cb..(c + 1) * n * cb];
+            let v = &vc[c * n * cb..(c + 1) * n * cb];
+            let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
+            fastscan::scan(&luts, k, cb, &mut rows);
+            for x in s.iter_mut() {
+                *x = (*x - 30.0).min(0.0).exp();
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the ab tests run on AVX2 machines (checked by dispatch users).
+            unsafe {
+                super::super::values::avx2::weighted_values(&s, nq, n, v, cb, m, 1, &cent, &mut out)
+            };
+        };
+        let (mut hot, mut cold) = (f64::MAX, f64::MAX);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..chunks {
+                run(0);
+            }
+            hot = hot.min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for c in 0..chunks {
+                run(c);
+            }
+            cold = cold.min(t.elapsed().as_secs_f64());
+        }
+        let ns = |t: f64| t / (chunks * n) as f64 * 1e9;
+        println!(
+            "per token-head: cached {:.1} ns, streamed {:.1} ns",
+            ns(hot),
+            ns(cold)
         );
     }
 }

@@ -61,6 +61,12 @@ pub(super) mod avx2 {
         let mut t0 = 0;
         while t0 < len {
             let rows = (len - t0).min(TB);
+            // Prefetch the next block's codes while this one is computed.
+            let next = ((t0 + rows) * cv..((t0 + rows + TB).min(len)) * cv).step_by(64);
+            for off in next {
+                // SAFETY: off < len * cv = vc.len(); prefetch has no architectural effect.
+                _mm_prefetch::<_MM_HINT_T0>(vc.as_ptr().add(off) as *const i8);
+            }
             // Rows padded to a multiple of 8 with weight 0 (and code 0).
             let rp = rows.div_ceil(8) * 8;
             transpose(

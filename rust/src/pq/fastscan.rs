@@ -190,6 +190,13 @@ pub(crate) mod avx2 {
         let mut start = 0;
         while start < n {
             let rows = (n - start).min(32);
+            // Prefetch the group 8 groups ahead (the DRAM stream otherwise adds ~25% per token).
+            let ahead = (start + 8 * 32).min(n);
+            let end = (ahead + 32).min(n);
+            for off in (ahead * cb..end * cb).step_by(64) {
+                // SAFETY: off < n * cb = codes.len(); prefetch has no architectural effect.
+                _mm_prefetch::<_MM_HINT_T0>(codes.as_ptr().add(off) as *const i8);
+            }
             let (src, stride) = if rows == 32 && cb % 16 == 0 {
                 (codes.as_ptr().add(start * cb), cb)
             } else {
