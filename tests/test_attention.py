@@ -493,6 +493,11 @@ def test_paged_attention_errors():
     ok = torch.tensor([[[0, 1], [2, -1]]])
     with pytest.raises(ConfigError, match="out of range"):
         ops.paged_attention(q, k, k, torch.tensor([[[0, 3], [0, 1]]]), 32)
+    with pytest.raises(ConfigError, match="appears twice"):
+        ops.paged_attention(q, k, k, torch.tensor([[[0, 1], [2, 2]]]), 32)
+    fr = torch.tensor([[0, 0]])
+    with pytest.raises(ConfigError, match="appears twice"):
+        ops._paged_attention_composed(q, k, k, torch.tensor([[[0, 1], [2, 2]]]), 32, k[:, :, :0], k[:, :, :0], fr, 1.0, True)
     with pytest.raises(DTypeError):
         ops.paged_attention(q, k, k, ok.float(), 32)
     with pytest.raises(ShapeError):

@@ -113,6 +113,20 @@ impl Pages<'_> {
                 self.size
             )));
         }
+        // A repeated id would count its tokens twice: a silent wrong answer.
+        for (i, list) in self.ids.chunks(self.s.max(1)).enumerate() {
+            let mut seen: Vec<i64> = list.iter().copied().filter(|&id| id >= 0).collect();
+            seen.sort_unstable();
+            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+                return Err(Error::config(format!(
+                    "page id {} appears twice for (sequence {}, KV head {}); ids must be distinct \
+                     (use -1 for no page)",
+                    w[0],
+                    i / hkv,
+                    i % hkv
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -1356,6 +1370,15 @@ mod tests {
         let bad: Vec<i64> = vec![5; batch * hkv * s];
         let e = paged_attention(&all, &Pages { ids: &bad, ..pages });
         assert!(e.unwrap_err().to_string().contains("out of range"));
+        let twice: Vec<i64> = vec![1, -1, 1, 0, 1, 2, 0, 1, 2, 0, 1, 2];
+        let e = paged_attention(
+            &all,
+            &Pages {
+                ids: &twice,
+                ..pages
+            },
+        );
+        assert!(e.unwrap_err().to_string().contains("appears twice"));
         let e = paged_attention(
             &all,
             &Pages {
