@@ -495,9 +495,9 @@ def test_paged_attention_errors():
         ops.paged_attention(q, k, k, torch.tensor([[[0, 3], [0, 1]]]), 32)
     with pytest.raises(ConfigError, match="appears twice"):
         ops.paged_attention(q, k, k, torch.tensor([[[0, 1], [2, 2]]]), 32)
-    fr = torch.tensor([[0, 0]])
+    twice, none, fr = torch.tensor([[[0, 1], [2, 2]]]), k[:, :, :0], torch.tensor([[0, 0]])
     with pytest.raises(ConfigError, match="appears twice"):
-        ops._paged_attention_composed(q, k, k, torch.tensor([[[0, 1], [2, 2]]]), 32, k[:, :, :0], k[:, :, :0], fr, 1.0, True)
+        ops._paged_attention_composed(q, k, k, twice, 32, none, none, fr, 1.0, True)
     with pytest.raises(DTypeError):
         ops.paged_attention(q, k, k, ok.float(), 32)
     with pytest.raises(ShapeError):

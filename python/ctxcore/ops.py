@@ -573,7 +573,7 @@ def _paged_attention_composed(q, k, v, pages, page_size, fp_k, fp_v, fp_range, s
         raise ConfigError(f"page id out of range: {n} tokens in pages of {page_size} make {count} pages")
     srt = pages.sort(dim=-1).values
     if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
-        raise ConfigError("a page id appears twice for one (sequence, KV head); ids must be distinct (-1: none)")
+        raise ConfigError("a page id appears twice for one (sequence, KV head); ids must be distinct")
     f32 = torch.float32
     rows_k = torch.ops.ctxcore.gather_pages(k, pages, page_size).to(f32)
     rows_v = torch.ops.ctxcore.gather_pages(v, pages, page_size).to(f32)
