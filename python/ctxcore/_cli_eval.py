@@ -32,7 +32,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--model", metavar="GGUF_OR_DIR", default=None, help="default: the embedded SmolLM2")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     p.add_argument("--lengths", default=None, help="comma-separated prefix lengths in tokens")
-    p.add_argument("--score-tokens", type=int, default=None, help="tokens scored per perplexity window")
+    p.add_argument(
+        "--score-tokens",
+        type=int,
+        default=None,
+        help="tokens scored per perplexity window (default 512; 32 with --quick)",
+    )
     p.add_argument("--windows", type=int, default=None, help="perplexity windows per length")
     p.add_argument(
         "--isolate",
@@ -132,7 +137,7 @@ def _sink_window(ev: Any, model: Any, ctx_bytes: int, length: int) -> int:
 
 
 def _ppl(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
-    n_score = args.score_tokens or (32 if args.quick else 256)
+    n_score = args.score_tokens or (32 if args.quick else 512)
     windows = args.windows or (1 if args.quick else 2)
     lengths = lengths or ([512] if args.quick else [1024, 2048, 4096, 7168])
     rows = []
