@@ -252,6 +252,16 @@ def _np(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
     return t.detach().to(dtype).contiguous().numpy()
 
 
+def _out_lse(q: torch.Tensor, out: np.ndarray, lse: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CPU kernel's float32 ``(out, lse)`` as tensors, ``out`` in q's dtype."""
+    return torch.from_numpy(out).to(q.dtype), torch.from_numpy(lse)
+
+
+def _empty_out_lse(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-kernel outputs of the attention ops: ``out`` like q, ``lse`` float32 ``[B, Hq, Tq]``."""
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 # -- ops ------------------------------------------------------------------------------------
 @torch.library.custom_op(
     "ctxcore::pq_attention",
@@ -292,17 +302,13 @@ def _pq_attention_op(
         float(scale),
         bool(causal),
     )
-    out_t = torch.from_numpy(out)
-    if q.dtype != f32:
-        out_t = out_t.to(q.dtype)
-    return out_t, torch.from_numpy(lse)
+    return _out_lse(q, out, lse)
 
 
 @_pq_attention_op.register_fake
 def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, scale, causal):
     _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range)
-    b, hq, tq, d = q.shape
-    return q.new_empty((b, hq, tq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
+    return _empty_out_lse(q)
 
 
 def _check_page_scores(q, kmin, kmax):
@@ -451,17 +457,13 @@ def _paged_attention_op(q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, 
         float(scale),
         bool(causal),
     )
-    out_t = torch.from_numpy(out)
-    if q.dtype != f32:
-        out_t = out_t.to(q.dtype)
-    return out_t, torch.from_numpy(lse)
+    return _out_lse(q, out, lse)
 
 
 @_paged_attention_op.register_fake
 def _(q, k, v, pages, page_size, fp_k, fp_v, fp_range, scale, causal):
     _check_paged(q, k, v, pages, page_size, fp_k, fp_v, fp_range)
-    b, hq, tq, d = q.shape
-    return q.new_empty((b, hq, tq, d)), q.new_empty((b, hq, tq), dtype=torch.float32)
+    return _empty_out_lse(q)
 
 
 # -- CUDA implementations -------------------------------------------------------------------

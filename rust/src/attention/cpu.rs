@@ -141,7 +141,42 @@ pub fn check_heads(hq: usize, hkv: usize) -> Result<()> {
     Ok(())
 }
 
-impl PqAttention<'_> {
+impl<'a> PqAttention<'a> {
+    /// Attention over a full-precision part only (no code tokens, no codebooks), scale
+    /// `1 / sqrt(d)`, causal. `code_range`: `[(0, 0)]` per sequence.
+    pub fn fp_only(
+        (batch, hq, hkv, tq, d): (usize, usize, usize, usize, usize),
+        q: &'a [f32],
+        (f, fp_k, fp_v): (usize, &'a [f32], &'a [f32]),
+        fp_range: &'a [(usize, usize)],
+        code_range: &'a [(usize, usize)],
+    ) -> Self {
+        PqAttention {
+            batch,
+            hq,
+            hkv,
+            tq,
+            d,
+            q,
+            n: 0,
+            k_codes: &[],
+            v_codes: &[],
+            k_cent: &[],
+            k_m: 1,
+            k_nbits: 4,
+            v_cent: &[],
+            v_m: 1,
+            v_nbits: 4,
+            code_range,
+            f,
+            fp_k,
+            fp_v,
+            fp_range,
+            scale: 1.0 / (d as f32).sqrt(),
+            causal: true,
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::config(msg));
         let (b, hq, hkv, tq, d) = (self.batch, self.hq, self.hkv, self.tq, self.d);
@@ -1287,10 +1322,10 @@ mod tests {
             fk_all[(bh * gf + pad) * d..(bh + 1) * gf * d].copy_from_slice(&gk[bh]);
             fv_all[(bh * gf + pad) * d..(bh + 1) * gf * d].copy_from_slice(&gv[bh]);
         }
-        #[allow(clippy::too_many_arguments)]
+        /// [`PqAttention::fp_only`] at scale 0.3 (not the default 1/sqrt(d)) for both sides.
         fn fp_only<'a>(
             q: &'a [f32],
-            (batch, hq, hkv, tq, d): (usize, usize, usize, usize, usize),
+            dims: (usize, usize, usize, usize, usize),
             fk: &'a [f32],
             fv: &'a [f32],
             f: usize,
@@ -1298,28 +1333,8 @@ mod tests {
             code_range: &'a [(usize, usize)],
         ) -> PqAttention<'a> {
             PqAttention {
-                batch,
-                hq,
-                hkv,
-                tq,
-                d,
-                q,
-                n: 0,
-                k_codes: &[],
-                v_codes: &[],
-                k_cent: &[],
-                k_m: 1,
-                k_nbits: 4,
-                v_cent: &[],
-                v_m: 1,
-                v_nbits: 4,
-                code_range,
-                f,
-                fp_k: fk,
-                fp_v: fv,
-                fp_range,
                 scale: 0.3,
-                causal: true,
+                ..PqAttention::fp_only(dims, q, (f, fk, fv), fp_range, code_range)
             }
         }
         let dims = (batch, hq, hkv, tq, d);

@@ -66,8 +66,39 @@ fn nbits_of(what: &str, ksub: usize) -> PyResult<u32> {
     }
 }
 
+/// `ShapeError` for the first `(what, shape, want)` whose shape is not the wanted one.
+fn check_shapes(checks: &[(&str, &[usize], [usize; 4])]) -> PyResult<()> {
+    for (what, shape, want) in checks {
+        if *shape != want.as_slice() {
+            return Err(Error::shape(
+                *what,
+                format!("{want:?}"),
+                format!("{shape:?}"),
+            ))
+            .py();
+        }
+    }
+    Ok(())
+}
+
 /// Attention output `[B, Hq, Tq, D]` and log-sum-exp `[B, Hq, Tq]`.
 type OutLse<'py> = (Bound<'py, PyArray4<f32>>, Bound<'py, PyArray3<f32>>);
+
+/// The kernels' flat `(out, lse)` as numpy arrays.
+fn out_lse<'py>(
+    py: Python<'py>,
+    (batch, hq, tq, d): (usize, usize, usize, usize),
+    out: Vec<f32>,
+    lse: Vec<f32>,
+) -> PyResult<OutLse<'py>> {
+    let out = Array4::from_shape_vec((batch, hq, tq, d), out)
+        .map_err(|e| Error::Internal(e.to_string()))
+        .py()?;
+    let lse = Array3::from_shape_vec((batch, hq, tq), lse)
+        .map_err(|e| Error::Internal(e.to_string()))
+        .py()?;
+    Ok((out.into_pyarray(py), lse.into_pyarray(py)))
+}
 
 /// Attention over PQ codes plus a full-precision part. See `ctxcore.ops.pq_attention`.
 #[pyfunction]
@@ -95,7 +126,7 @@ pub fn pq_attention<'py>(
     let k_nbits = nbits_of("k_centroids", kcent_s[2])?;
     let v_nbits = nbits_of("v_centroids", vcent_s[2])?;
     let f = fp_k.shape()[2];
-    for (what, shape, want) in [
+    check_shapes(&[
         (
             "k_codes",
             kcs.as_slice(),
@@ -118,16 +149,7 @@ pub fn pq_attention<'py>(
         ),
         ("fp_k", fp_k.shape(), [batch, hkv, f, d]),
         ("fp_v", fp_v.shape(), [batch, hkv, f, d]),
-    ] {
-        if shape != want {
-            return Err(Error::shape(
-                what,
-                format!("{want:?}"),
-                format!("{shape:?}"),
-            ))
-            .py();
-        }
-    }
+    ])?;
     let cr = ranges("code_range", &code_range, batch)?;
     let fr = ranges("fp_range", &fp_range, batch)?;
     let args = PqAttention {
@@ -157,13 +179,7 @@ pub fn pq_attention<'py>(
     let (out, lse) = py
         .detach(|| catch_panic(|| core_pq_attention(&args)))
         .py()?;
-    let out = Array4::from_shape_vec((batch, hq, tq, d), out)
-        .map_err(|e| Error::Internal(e.to_string()))
-        .py()?;
-    let lse = Array3::from_shape_vec((batch, hq, tq), lse)
-        .map_err(|e| Error::Internal(e.to_string()))
-        .py()?;
-    Ok((out.into_pyarray(py), lse.into_pyarray(py)))
+    out_lse(py, (batch, hq, tq, d), out, lse)
 }
 
 /// Exact attention over selected pages of `k, v [B, Hkv, N, D]` (ids `pages [B, Hkv, S]`,
@@ -190,21 +206,12 @@ pub fn paged_attention<'py>(
     let ks = k.shape().to_vec();
     let (hkv, n) = (ks[1], ks[2]);
     let f = fp_k.shape()[2];
-    for (what, shape, want) in [
+    check_shapes(&[
         ("k", ks.as_slice(), [batch, hkv, n, d]),
         ("v", v.shape(), [batch, hkv, n, d]),
         ("fp_k", fp_k.shape(), [batch, hkv, f, d]),
         ("fp_v", fp_v.shape(), [batch, hkv, f, d]),
-    ] {
-        if shape != want {
-            return Err(Error::shape(
-                what,
-                format!("{want:?}"),
-                format!("{shape:?}"),
-            ))
-            .py();
-        }
-    }
+    ])?;
     let ps = pages.shape().to_vec();
     if ps[..2] != [batch, hkv] {
         return Err(Error::shape(
@@ -221,28 +228,15 @@ pub fn paged_attention<'py>(
     let fr = ranges("fp_range", &fp_range, batch)?;
     let no_codes = vec![(0usize, 0usize); batch];
     let args = PqAttention {
-        batch,
-        hq,
-        hkv,
-        tq,
-        d,
-        q: contiguous("q", &q)?,
-        n: 0,
-        k_codes: &[],
-        v_codes: &[],
-        k_cent: &[],
-        k_m: 1,
-        k_nbits: 4,
-        v_cent: &[],
-        v_m: 1,
-        v_nbits: 4,
-        code_range: &no_codes,
-        f,
-        fp_k: contiguous("fp_k", &fp_k)?,
-        fp_v: contiguous("fp_v", &fp_v)?,
-        fp_range: &fr,
         scale,
         causal,
+        ..PqAttention::fp_only(
+            (batch, hq, hkv, tq, d),
+            contiguous("q", &q)?,
+            (f, contiguous("fp_k", &fp_k)?, contiguous("fp_v", &fp_v)?),
+            &fr,
+            &no_codes,
+        )
     };
     let pages = Pages {
         k: contiguous("k", &k)?,
@@ -255,13 +249,7 @@ pub fn paged_attention<'py>(
     let (out, lse) = py
         .detach(|| catch_panic(|| core_paged_attention(&args, &pages)))
         .py()?;
-    let out = Array4::from_shape_vec((batch, hq, tq, d), out)
-        .map_err(|e| Error::Internal(e.to_string()))
-        .py()?;
-    let lse = Array3::from_shape_vec((batch, hq, tq), lse)
-        .map_err(|e| Error::Internal(e.to_string()))
-        .py()?;
-    Ok((out.into_pyarray(py), lse.into_pyarray(py)))
+    out_lse(py, (batch, hq, tq, d), out, lse)
 }
 
 /// Quest page scores ``[batch, hkv, pages]`` from ``q [batch, hq, tq, d]`` and per-page key
