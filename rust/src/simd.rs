@@ -6,26 +6,57 @@
 //! AVX2+FMA, once for the baseline target. One source, no `unsafe` arithmetic, and the wheel
 //! stays portable to any x86-64 (or aarch64, where the baseline already has NEON).
 
-/// Whether the AVX2+FMA fast paths run: the CPU supports them and the environment variable
-/// `CTXCORE_PORTABLE` is not set to `1` (read once; it lets tests exercise the portable paths
-/// that CPUs without AVX2 take).
+/// Widest SIMD level the kernels use on this machine (read once).
+///
+/// `CTXCORE_PORTABLE=1` forces the portable loops (what CPUs without AVX2/FMA run) and
+/// `CTXCORE_SIMD=avx2` caps the level at AVX2/FMA (what CPUs without AVX-512 run), so tests can
+/// exercise every path on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+/// The [`Level`] the kernels use.
+pub fn level() -> Level {
+    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if std::env::var("CTXCORE_PORTABLE").is_ok_and(|v| v.trim() == "1") {
+            return Level::Portable;
+        }
+        let cap = match std::env::var("CTXCORE_SIMD") {
+            Ok(v) if v.trim().eq_ignore_ascii_case("portable") => Level::Portable,
+            Ok(v) if v.trim().eq_ignore_ascii_case("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        #[cfg(target_arch = "x86_64")]
+        let found = {
+            use std::arch::is_x86_feature_detected as has;
+            if !(has!("avx2") && has!("fma")) {
+                Level::Portable
+            } else if has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") {
+                Level::Avx512
+            } else {
+                Level::Avx2
+            }
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let found = Level::Portable;
+        found.min(cap)
+    })
+}
+
+/// Whether the AVX2+FMA fast paths run.
 #[inline]
 pub fn has_avx2_fma() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        if std::env::var("CTXCORE_PORTABLE").is_ok_and(|v| v.trim() == "1") {
-            return false;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    level() >= Level::Avx2
+}
+
+/// Whether the AVX-512 paths run (AVX-512 F, BW and VBMI, on top of AVX2+FMA).
+#[inline]
+pub fn has_avx512() -> bool {
+    level() >= Level::Avx512
 }
 
 /// `dispatch!(fn_name(args...))` calls `fn_name` compiled for AVX2+FMA when available.

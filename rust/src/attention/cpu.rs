@@ -133,7 +133,7 @@ impl Pages<'_> {
 
 /// GQA head counts: `hq` query heads share `hkv` KV heads in equal groups.
 pub fn check_heads(hq: usize, hkv: usize) -> Result<()> {
-    if hkv == 0 || hq % hkv != 0 {
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
         return Err(Error::config(format!(
             "query heads ({hq}) must be a multiple of KV heads ({hkv})"
         )));
@@ -306,6 +306,30 @@ pub fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
+/// Softmax numerators in place: per row of `s` (Layout `(nq, len)`), `m[q]` = the row's max,
+/// `s[q][i] = exp(s[q][i] - m[q])` and `l[q]` = their sum.
+#[inline(always)]
+fn softmax_rows(s: &mut [f32], len: usize, m: &mut [f32], l: &mut [f32]) {
+    let nq = m.len();
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::has_avx512() {
+        // SAFETY: the CPU has the AVX-512 level (checked just above).
+        unsafe { super::avx512::softmax_rows(s, nq, len, m, l) };
+        return;
+    }
+    for qi in 0..nq {
+        let row = &mut s[qi * len..(qi + 1) * len];
+        let mx = max_of(row);
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = exp_neg(*x - mx);
+            sum += *x;
+        }
+        m[qi] = mx;
+        l[qi] = sum;
+    }
+}
+
 /// Largest element (`-inf` for none) with eight independent lanes (vectorizes; a left-to-right
 /// fold is one dependent chain).
 #[inline(always)]
@@ -365,6 +389,13 @@ fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> GroupTables 
     // Transposed centroids of this head, Layout (m, dsub, ksub): every table row is a few
     // contiguous multiply-adds over the codewords.
     let ct = &kt[h * a.k_m * dsub * ksub..(h + 1) * a.k_m * dsub * ksub];
+    if lookup512(a.k_nbits) {
+        // The AVX-512 key path decodes with the centroids themselves: no per-query tables.
+        return GroupTables {
+            k: Vec::new(),
+            kq: Vec::new(),
+        };
+    }
     let shuffle = a.k_nbits == 4 && crate::simd::has_avx2_fma() && ck <= 128;
     let mut k = vec![[0f32; 256]; if shuffle { 0 } else { g * tq * ck }];
     let mut kq = Vec::with_capacity(if shuffle { g * tq } else { 0 });
@@ -399,6 +430,13 @@ fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> GroupTables 
         pair_tables_4bit(&lut, a.k_m, &mut k[qi * ck..(qi + 1) * ck]);
     }
     GroupTables { k, kq }
+}
+
+/// Whether codes of `nbits` take the AVX-512 lookup kernels of [`super::avx512`] (4-bit codes:
+/// one 16-float table per dimension is one register).
+#[inline]
+fn lookup512(nbits: u32) -> bool {
+    cfg!(target_arch = "x86_64") && nbits == 4 && crate::simd::has_avx512()
 }
 
 /// Centroids `(H, m, ksub, dsub)` transposed to `(H, m, dsub, ksub)`.
@@ -540,7 +578,18 @@ fn codes_chunk(
     // the group's queries per code byte was measured slower: it loses the 4-token ILP.) 4-bit
     // keys on AVX2 use the shuffle scan with 24-bit tables, all queries per transposed block.
     let mut s = vec![0f32; nq * len];
-    if !tables.kq.is_empty() {
+    if lookup512(a.k_nbits) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let dsub = d / a.k_m;
+            let q = &a.q[(b * a.hq + h * g) * tq * d..(b * a.hq + (h + 1) * g) * tq * d];
+            let cent = &a.k_cent[h * a.k_m * 16 * dsub..(h + 1) * a.k_m * 16 * dsub];
+            // SAFETY: lookup512 says the CPU has the AVX-512 level (F, BW, VBMI) and AVX2+FMA.
+            unsafe {
+                super::avx512::key_scores(q, a.scale, nq, len, kc, ck, a.k_m, dsub, cent, &mut s)
+            };
+        }
+    } else if !tables.kq.is_empty() {
         let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(len.max(1)).collect();
         rows.truncate(nq);
         fastscan::scan(&tables.kq, kc, ck, &mut rows);
@@ -559,17 +608,7 @@ fn codes_chunk(
     // Pass 2: softmax numerators.
     let mut m = vec![f32::NEG_INFINITY; nq];
     let mut l = vec![0f32; nq];
-    for qi in 0..nq {
-        let row = &mut s[qi * len..(qi + 1) * len];
-        let mx = max_of(row);
-        let mut sum = 0f32;
-        for x in row.iter_mut() {
-            *x = exp_neg(*x - mx);
-            sum += *x;
-        }
-        m[qi] = mx;
-        l[qi] = sum;
-    }
+    softmax_rows(&mut s, len, &mut m, &mut l);
     // Pass 3: softmax weights summed per value codeword for up to 8 queries at once, multiplied
     // with the value codebook once.
     let vsub = 1usize << a.v_nbits;
@@ -580,10 +619,17 @@ fn codes_chunk(
     if a.v_nbits == 4 && crate::simd::has_avx2_fma() {
         let mut acc = vec![0f32; nq * d];
         let cent = &a.v_cent[h * vm * 16 * dsub..(h + 1) * vm * 16 * dsub];
-        // SAFETY: AVX2 and FMA are available (checked just above).
-        unsafe {
-            super::values::avx2::weighted_values(&s, nq, len, vc, cv, vm, dsub, cent, &mut acc)
-        };
+        if lookup512(a.v_nbits) {
+            // SAFETY: lookup512 says the CPU has the AVX-512 level (F, BW, VBMI) and AVX2+FMA.
+            unsafe {
+                super::avx512::weighted_values(&s, nq, len, vc, cv, vm, dsub, cent, &mut acc)
+            };
+        } else {
+            // SAFETY: AVX2 and FMA are available (checked just above).
+            unsafe {
+                super::values::avx2::weighted_values(&s, nq, len, vc, cv, vm, dsub, cent, &mut acc)
+            };
+        }
         return (0..nq)
             .map(|qi| Partial {
                 m: m[qi],
@@ -1587,6 +1633,7 @@ mod ab {
         let kc: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
         let vc: Vec<u8> = (0..n * cb).map(|_| r.next_u64() as u8).collect();
         let cent: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32 - 0.5).collect();
+        let q: Vec<f32> = (0..nq * d).map(|_| r.next_f64() as f32 - 0.5).collect();
         let luts: Vec<QuantLut> = (0..nq)
             .map(|_| {
                 let lut: Vec<f32> = (0..m * 16).map(|_| r.next_f64() as f32).collect();
@@ -1595,44 +1642,58 @@ mod ab {
             .collect();
         let mut s = vec![0f32; nq * n];
         let mut out = vec![0f32; nq * d];
-        let (mut t_scan, mut t_exp, mut t_val) = (f64::MAX, f64::MAX, f64::MAX);
-        for _ in 0..30 {
+        let mut cols = vec![0u8; n * cb];
+        let (mut ml, mut ll) = (vec![0f32; nq], vec![0f32; nq]);
+        let mut best = [f64::MAX; 6];
+        let time = |slot: &mut f64, f: &mut dyn FnMut()| {
             let t = std::time::Instant::now();
-            {
+            f();
+            *slot = slot.min(t.elapsed().as_secs_f64());
+        };
+        if !crate::simd::has_avx2_fma() {
+            return;
+        }
+        for _ in 0..30 {
+            let [t_tr, t_scan, t_exp, t_val, t_k512, t_v512] = &mut best;
+            // SAFETY (all blocks): AVX2/FMA checked above, AVX-512 checked where used.
+            time(t_tr, &mut || unsafe {
+                super::super::values::avx2::transpose(
+                    &kc[..256 * cb],
+                    256,
+                    cb,
+                    &mut cols[..256 * cb],
+                    256,
+                )
+            });
+            time(t_scan, &mut || {
                 let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
                 fastscan::scan(&luts, &kc, cb, &mut rows);
+            });
+            time(t_exp, &mut || softmax_rows(&mut s, n, &mut ml, &mut ll));
+            time(t_val, &mut || unsafe {
+                super::super::values::avx2::weighted_values(
+                    &s, nq, n, &vc, cb, m, 1, &cent, &mut out,
+                )
+            });
+            if crate::simd::has_avx512() {
+                time(t_k512, &mut || unsafe {
+                    super::super::avx512::key_scores(&q, 0.1, nq, n, &kc, cb, m, 1, &cent, &mut s)
+                });
+                time(t_v512, &mut || unsafe {
+                    super::super::avx512::weighted_values(&s, nq, n, &vc, cb, m, 1, &cent, &mut out)
+                });
             }
-            t_scan = t_scan.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            #[inline(always)]
-            fn softmax_rows(s: &mut [f32], n: usize) {
-                for row in s.chunks_exact_mut(n) {
-                    let mx = max_of(row);
-                    for x in row.iter_mut() {
-                        *x = exp_neg(*x - mx);
-                    }
-                }
-            }
-            crate::dispatch!(softmax_rows(&mut s, n));
-            t_exp = t_exp.min(t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            #[cfg(target_arch = "x86_64")]
-            if crate::simd::has_avx2_fma() {
-                // SAFETY: AVX2 and FMA checked just above.
-                unsafe {
-                    super::super::values::avx2::weighted_values(
-                        &s, nq, n, &vc, cb, m, 1, &cent, &mut out,
-                    )
-                };
-            }
-            t_val = t_val.min(t.elapsed().as_secs_f64());
         }
         let ns = |t: f64| t / n as f64 * 1e9;
         println!(
-            "per token (4 queries): scan {:.1} ns, softmax {:.1} ns, values {:.1} ns",
-            ns(t_scan),
-            ns(t_exp),
-            ns(t_val)
+            "per token (4 queries, head_dim 128, 4-bit): transpose {:.1} ns (x16 per 256 of 4096), softmax {:.1} ns; \
+             AVX2: key scan {:.1} ns, values {:.1} ns; AVX-512: keys {:.1} ns, values {:.1} ns",
+            ns(best[0] * 16.0),
+            ns(best[2]),
+            ns(best[1]),
+            ns(best[3]),
+            ns(best[4]),
+            ns(best[5])
         );
     }
 
@@ -1641,7 +1702,7 @@ mod ab {
     #[test]
     #[ignore]
     fn ab_chunk_cold() {
-        let (m, n, nq, d, chunks) = (128usize, 4096usize, 4usize, 128usize, 64usize);
+        let (m, n, nq, d, chunks) = (128usize, 4096usize, 4usize, 128usize, 256usize);
         let cb = m / 2;
         let mut r = SplitMix64::new(3, 0);
         let kc: Vec<u8> = (0..chunks * n * cb).map(|_| r.next_u64() as u8).collect();
@@ -1653,16 +1714,26 @@ mod ab {
                 fastscan::quantize_exact(&lut, m)
             })
             .collect();
+        let q: Vec<f32> = (0..nq * d).map(|_| r.next_f64() as f32 - 0.5).collect();
         let mut s = vec![0f32; nq * n];
         let mut out = vec![0f32; nq * d];
+        let (mut ml, mut ll) = (vec![0f32; nq], vec![0f32; nq]);
         let mut run = |c: usize| {
             let k = &kc[c * n * cb..(c + 1) * n * cb];
             let v = &vc[c * n * cb..(c + 1) * n * cb];
+            #[cfg(target_arch = "x86_64")]
+            if crate::simd::has_avx512() {
+                // SAFETY: AVX-512 checked just above.
+                unsafe {
+                    super::super::avx512::key_scores(&q, 0.1, nq, n, k, cb, m, 1, &cent, &mut s);
+                    softmax_rows(&mut s, n, &mut ml, &mut ll);
+                    super::super::avx512::weighted_values(&s, nq, n, v, cb, m, 1, &cent, &mut out);
+                }
+                return;
+            }
             let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
             fastscan::scan(&luts, k, cb, &mut rows);
-            for x in s.iter_mut() {
-                *x = (*x - 30.0).min(0.0).exp();
-            }
+            softmax_rows(&mut s, n, &mut ml, &mut ll);
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the ab tests run on AVX2 machines (checked by dispatch users).
             unsafe {

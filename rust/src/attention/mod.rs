@@ -18,6 +18,8 @@
 //! for all query heads of its group. The result equals softmax attention over
 //! `[decode(codes); fp]` up to float rounding.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod cpu;
 mod values;
 

@@ -119,7 +119,7 @@ pub(super) mod avx2 {
         acc: &mut [__m256],
     ) {
         let d = vm * dsub;
-        debug_assert!(p.len() == Q * rp && acc.len() == Q * d && rp % 8 == 0);
+        debug_assert!(p.len() == Q * rp && acc.len() == Q * d && rp.is_multiple_of(8));
         for b in 0..vm.div_ceil(2) {
             // With an odd vm the last byte's high nibble is padding: its dimension is computed
             // on a copy of the low one and dropped.
@@ -169,9 +169,19 @@ pub(super) mod avx2 {
 
     /// `codes` (`(rows, cv)`) to column-major `out` (`(cv, rp)`), rows `rows..rp` zero.
     #[target_feature(enable = "avx2")]
-    unsafe fn transpose(codes: &[u8], rows: usize, cv: usize, out: &mut [u8], rp: usize) {
+    pub(in crate::attention) unsafe fn transpose(
+        codes: &[u8],
+        rows: usize,
+        cv: usize,
+        out: &mut [u8],
+        rp: usize,
+    ) {
         debug_assert!(codes.len() == rows * cv && out.len() == cv * rp && rp >= rows);
-        let full = if cv % 16 == 0 { rows / 32 * 32 } else { 0 };
+        let full = if cv.is_multiple_of(16) {
+            rows / 32 * 32
+        } else {
+            0
+        };
         for r0 in (0..full).step_by(32) {
             for c0 in (0..cv).step_by(16) {
                 // SAFETY: rows r0..r0 + 32 exist and each has 16 bytes from c0 (cv % 16 == 0);

@@ -343,7 +343,7 @@ pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPl
     check_nbits("k_centroids", s.k_nbits)?;
     check_nbits("v_centroids", s.v_nbits)?;
     for (what, m) in [("k", s.k_m), ("v", s.v_m)] {
-        if m == 0 || s.d % m != 0 {
+        if m == 0 || !s.d.is_multiple_of(m) {
             return Err(Error::config(format!(
                 "{what}_centroids: {m} subquantizers do not divide head_dim {}",
                 s.d
@@ -574,7 +574,7 @@ pub fn pq_encode_launch(
     ptrs: [u64; 3],
 ) -> Result<Option<Launch>> {
     check_nbits("centroids", nbits)?;
-    if m == 0 || d % m != 0 {
+    if m == 0 || !d.is_multiple_of(m) {
         return Err(Error::config(format!(
             "centroids: {m} subquantizers do not divide the dimension {d}"
         )));

@@ -197,7 +197,7 @@ pub(crate) mod avx2 {
                 // SAFETY: off < n * cb = codes.len(); prefetch has no architectural effect.
                 _mm_prefetch::<_MM_HINT_T0>(codes.as_ptr().add(off) as *const i8);
             }
-            let (src, stride) = if rows == 32 && cb % 16 == 0 {
+            let (src, stride) = if rows == 32 && cb.is_multiple_of(16) {
                 (codes.as_ptr().add(start * cb), cb)
             } else {
                 tile.fill(0);

@@ -96,9 +96,9 @@ impl ProductQuantizer {
                 "m must be between 1 and dim={dim}, got m={m}"
             )));
         }
-        if dim % m != 0 {
+        if !dim.is_multiple_of(m) {
             let divisors: Vec<String> = (1..=dim)
-                .filter(|d| dim % d == 0)
+                .filter(|d| dim.is_multiple_of(*d))
                 .map(|d| d.to_string())
                 .collect();
             return Err(Error::config(format!(
@@ -180,7 +180,7 @@ impl ProductQuantizer {
 
     /// Number of rows in `x` (`[n, dim]` row-major), checking the width.
     fn rows(&self, what: &str, x: &[f32]) -> Result<usize> {
-        if x.len() % self.dim != 0 {
+        if !x.len().is_multiple_of(self.dim) {
             return Err(Error::shape(
                 what,
                 format!("[n, {}]", self.dim),
@@ -317,7 +317,7 @@ impl ProductQuantizer {
 
     fn code_rows(&self, what: &str, codes: &[u8]) -> Result<usize> {
         let cb = self.code_bytes();
-        if codes.len() % cb != 0 {
+        if !codes.len().is_multiple_of(cb) {
             return Err(Error::shape(
                 what,
                 format!(
