@@ -1,5 +1,6 @@
-"""The portable (non-AVX2) kernels give the same answers: rerun the kernel suites with
-CTXCORE_PORTABLE=1, which makes ctxcore skip its AVX2/FMA paths as on CPUs without them."""
+"""The narrower kernels give the same answers: rerun the kernel suites with CTXCORE_PORTABLE=1
+(ctxcore skips its AVX2/FMA paths, as on CPUs without them) and with CTXCORE_SIMD=avx2 (it skips
+its AVX-512 paths, as on CPUs without AVX-512)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,40 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import ctxcore
+
 ROOT = Path(__file__).resolve().parents[1]
+LEVELS = {
+    "portable": ({"CTXCORE_PORTABLE": "1"}, ["tests/test_pq.py"]),
+    "avx2": ({"CTXCORE_SIMD": "avx2"}, []),
+}
+ORDER = ["portable", "avx2", "avx512"]
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CTXCORE_PORTABLE="1")
+def run(level: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **LEVELS[level][0])
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_switch_takes_effect():
-    r = run([sys.executable, "-c", "import ctxcore; print(ctxcore.cpu_has_avx2())"])
+def needs_wider(level: str) -> None:
+    if ORDER.index(ctxcore.cpu_simd()) <= ORDER.index(level):
+        pytest.skip(f"this CPU runs {ctxcore.cpu_simd()} kernels: nothing wider to switch off")
+
+
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_switch_takes_effect(level):
+    needs_wider(level)
+    r = run(level, [sys.executable, "-c", "import ctxcore; print(ctxcore.cpu_simd(), ctxcore.cpu_has_avx2())"])
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
+    assert r.stdout.split() == [level, str(level != "portable")]
 
 
-def test_kernel_suites_pass_on_portable_paths():
-    files = ["tests/test_pq.py", "tests/test_attention.py", "tests/test_store_attention.py"]
-    r = run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files])
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_kernel_suites_pass_on_narrower_paths(level):
+    needs_wider(level)
+    files = [*LEVELS[level][1], "tests/test_attention.py", "tests/test_store_attention.py"]
+    r = run(level, [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout

@@ -8,7 +8,7 @@ CUDA on NVIDIA GPUs).
 from __future__ import annotations
 
 from . import exceptions
-from ._ctxcore import __version__, cpu_has_avx2, get_num_threads, set_num_threads
+from ._ctxcore import __version__, cpu_has_avx2, cpu_simd, get_num_threads, set_num_threads
 from .chunking import TokenChunk, chunk_tokens, matching_prefix_tokens
 from .exceptions import CtxcoreError
 from .pq import ProductQuantizer
@@ -48,6 +48,7 @@ __all__ = [
     "TokenChunk",
     "chunk_tokens",
     "cpu_has_avx2",
+    "cpu_simd",
     "exceptions",
     "get_num_threads",
     "matching_prefix_tokens",

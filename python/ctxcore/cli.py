@@ -403,11 +403,12 @@ def _store_section(ctxcore: Any, keys, values, queries, layers, bits, n_tok, pro
 
 
 def _run_info() -> int:
-    from . import __version__, _ctxcore, cpu_has_avx2, get_num_threads
+    from . import __version__, _ctxcore, cpu_simd, get_num_threads
     from .exceptions import DeviceError
 
     print(f"ctxcore {__version__}")
-    print(f"CPU kernels: {'AVX2+FMA' if cpu_has_avx2() else 'portable'}, {get_num_threads()} threads")
+    names = {"avx512": "AVX-512 (+AVX2/FMA)", "avx2": "AVX2+FMA", "portable": "portable"}
+    print(f"CPU kernels: {names[cpu_simd()]}, {get_num_threads()} threads")
     if not _ctxcore.cuda_compiled():
         print("CUDA: this build has no CUDA kernels (built without nvcc)")
         return 0

@@ -32,6 +32,16 @@ fn cpu_has_avx2() -> bool {
     crate::simd::has_avx2_fma()
 }
 
+/// The widest kernels this CPU runs: "avx512", "avx2" or "portable".
+#[pyfunction]
+fn cpu_simd() -> &'static str {
+    match crate::simd::level() {
+        crate::simd::Level::Avx512 => "avx512",
+        crate::simd::Level::Avx2 => "avx2",
+        crate::simd::Level::Portable => "portable",
+    }
+}
+
 #[pymodule]
 fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -39,6 +49,7 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_has_avx2, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_simd, m)?)?;
     m.add_class::<pq::PQCodec>()?;
     m.add_class::<store::KVStore>()?;
     m.add_function(wrap_pyfunction!(attention::pq_attention, m)?)?;
