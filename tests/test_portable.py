@@ -34,7 +34,8 @@ def needs_wider(level: str) -> None:
 @pytest.mark.parametrize("level", list(LEVELS))
 def test_switch_takes_effect(level):
     needs_wider(level)
-    r = run(level, [sys.executable, "-c", "import ctxcore; print(ctxcore.cpu_simd(), ctxcore.cpu_has_avx2())"])
+    code = "import ctxcore; print(ctxcore.cpu_simd(), ctxcore.cpu_has_avx2())"
+    r = run(level, [sys.executable, "-c", code])
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [level, str(level != "portable")]
 
