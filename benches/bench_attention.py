@@ -309,6 +309,7 @@ def main() -> None:
             "processor": platform.processor(),
             "cpu_count": os.cpu_count(),
             "avx2": ctxcore.cpu_has_avx2(),
+            "simd": ctxcore.cpu_simd(),
         },
         "threads": args.threads,
         "memory_bandwidth": bw,
