@@ -18,7 +18,8 @@ context length (default 8K, 32K, 128K tokens), on the same thread count for both
              (``index_select``) and torch SDPA over it: the peer a user would build with torch.
 
 Codes and codebooks are random (any byte is a valid code): the cost of attention over codes does
-not depend on their values. Columns: median time of several runs, speedup vs sdpa (> 1 means
+not depend on their values. Columns: median time over rounds that call every method once each
+(interleaved, so phases of a shared machine hit all methods alike), speedup vs sdpa (> 1 means
 faster than sdpa), bytes that must be read per step (sdpa: K + V float32; pq: codes + fp part +
 codebooks; quest: page bounds + selected K/V + fp part), achieved GB/s = bytes / time, next to
 the machine's memory bandwidth measured with a large numpy copy (and a multi-threaded torch
@@ -131,76 +132,86 @@ class Quest:
         return (2 * self.kmin.numel() + 2 * self.buf_k.numel()) * 4
 
 
+def interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in rounds (each function once per round,
+    after one warm-up call each): every method samples the same stretch of time, so phases of a
+    shared machine (its speed moves by 20-40% over seconds on the development VM) hit all of them
+    alike instead of whichever ran then."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
+
+
 def bench_shape(name: str, shape: tuple[int, int, int], n: int, repeat: int, seed: int) -> list[dict]:
     hq, hkv, d = shape
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, hq, 1, d, generator=g)
     k = torch.randn(1, hkv, n, d, generator=g)
     v = torch.randn(1, hkv, n, d, generator=g)
-    rows = []
-
-    def row(method: str, t: float, nbytes: int, **extra) -> dict:
-        r = {
-            "model": name,
-            "tokens": n,
-            "method": method,
-            "time_ms": t * 1e3,
-            "bytes": nbytes,
-            "GBps": nbytes / t / 1e9,
-            **extra,
-        }
-        rows.append(r)
-        return r
-
-    # sdpa: the faster of the two ways a user would call it
     qg = q.view(1, hkv, hq // hkv, d)
-    t_grouped = median_time(lambda: F.scaled_dot_product_attention(qg, k, v), repeat)
-    t_gqa = None
-    if hq // hkv * k.numel() * 4 <= 4 << 30:  # enable_gqa expands K/V on the CPU
-        t_gqa = median_time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), repeat)
-    t_sdpa = min(t for t in (t_grouped, t_gqa) if t is not None)
-    row(
-        "sdpa",
-        t_sdpa,
-        (k.numel() + v.numel()) * 4,
-        sdpa_grouped_ms=t_grouped * 1e3,
-        sdpa_enable_gqa_ms=None if t_gqa is None else t_gqa * 1e3,
-    )
-
     n_fp = SINKS + WINDOW
     fp_k, fp_v = k[:, :, n - n_fp :].contiguous(), v[:, :, n - n_fp :].contiguous()
+
+    fns = {}
+    nbytes = {}
+    # sdpa: the faster of the two ways a user would call it
+    fns["sdpa_grouped"] = lambda: F.scaled_dot_product_attention(qg, k, v)
+    if hq // hkv * k.numel() * 4 <= 4 << 30:  # enable_gqa expands K/V on the CPU
+        fns["sdpa_enable_gqa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     for method, m in (("pq4", d), ("pq2", d // 2)):
         ck = m // 2  # 4-bit codes
         kc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
         vc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
         kcent = torch.randn(hkv, m, 16, d // m, generator=g)
         vcent = torch.randn(hkv, m, 16, d // m, generator=g)
-        t = median_time(lambda: ops.pq_attention(q, kc, vc, kcent, vcent, fp_k, fp_v), repeat)  # noqa: B023
-        nbytes = kc.numel() + vc.numel() + (fp_k.numel() + fp_v.numel() + kcent.numel() + vcent.numel()) * 4
-        row(method, t, nbytes, bits_per_element=m * 4 / d)
+        fns[method] = lambda kc=kc, vc=vc, kcent=kcent, vcent=vcent: ops.pq_attention(
+            q, kc, vc, kcent, vcent, fp_k, fp_v
+        )
+        floats = fp_k.numel() + fp_v.numel() + kcent.numel() + vcent.numel()
+        nbytes[method] = kc.numel() + vc.numel() + floats * 4
 
     quest = Quest(k[:, :, : n - n_fp], v[:, :, : n - n_fp], fp_k, fp_v, QUEST_FRACTION)
-    t = median_time(lambda: quest(q), repeat)
     sel = quest.select(q)
-    qb = q.view(1, hkv, hq // hkv, d)
     quest.gather(sel)
-    parts = {
-        "select_ms": median_time(lambda: quest.select(q), repeat) * 1e3,
-        "attend_ms": median_time(lambda: quest.attend(q, sel), repeat) * 1e3,
-        # the SDPA peer's pieces: gather into a buffer, SDPA over it
-        "gather_ms": median_time(lambda: quest.gather(sel), repeat) * 1e3,
-        "attend_sdpa_ms": median_time(
-            lambda: F.scaled_dot_product_attention(qb, quest.buf_k, quest.buf_v), repeat
-        )
-        * 1e3,
-    }
-    row("quest5", t, quest.bytes(), pages_selected=quest.top, pages=quest.pages, **parts)
 
     def quest_sdpa():
         quest.gather(quest.select(q))
-        return F.scaled_dot_product_attention(qb, quest.buf_k, quest.buf_v)
+        return F.scaled_dot_product_attention(qg, quest.buf_k, quest.buf_v)
 
-    row("quest5+sdpa", median_time(quest_sdpa, repeat), quest.bytes())
+    fns["quest5"] = lambda: quest(q)
+    fns["quest5+sdpa"] = quest_sdpa
+    # the pieces: ctxcore's selection and attention; the SDPA peer's gather and SDPA
+    fns["select"] = lambda: quest.select(q)
+    fns["attend"] = lambda: quest.attend(q, sel)
+    fns["gather"] = lambda: quest.gather(sel)
+    fns["attend_sdpa"] = lambda: F.scaled_dot_product_attention(qg, quest.buf_k, quest.buf_v)
+    t = interleaved_medians(fns, repeat)
+
+    rows = []
+
+    def row(method: str, sec: float, nb: int, **extra) -> None:
+        r = {"model": name, "tokens": n, "method": method, "time_ms": sec * 1e3, "bytes": nb}
+        rows.append(r | {"GBps": nb / sec / 1e9} | extra)
+
+    t_sdpa = min(t[k] for k in ("sdpa_grouped", "sdpa_enable_gqa") if k in t)
+    row(
+        "sdpa",
+        t_sdpa,
+        (k.numel() + v.numel()) * 4,
+        sdpa_grouped_ms=t["sdpa_grouped"] * 1e3,
+        sdpa_enable_gqa_ms=t["sdpa_enable_gqa"] * 1e3 if "sdpa_enable_gqa" in t else None,
+    )
+    for method in ("pq4", "pq2"):
+        row(method, t[method], nbytes[method], bits_per_element={"pq4": 4, "pq2": 2}[method])
+    parts = {f"{p}_ms": t[p] * 1e3 for p in ("select", "attend", "gather", "attend_sdpa")}
+    row("quest5", t["quest5"], quest.bytes(), pages_selected=quest.top, pages=quest.pages, **parts)
+    row("quest5+sdpa", t["quest5+sdpa"], quest.bytes())
     for r in rows:
         r["speedup_vs_sdpa"] = t_sdpa / (r["time_ms"] / 1e3)
     return rows
@@ -319,7 +330,7 @@ def main() -> None:
             "page_size": PAGE,
             "quest_fraction": QUEST_FRACTION,
             "repeat": args.repeat,
-            "statistic": "median",
+            "statistic": "median of interleaved rounds (each method once per round)",
         },
         "rows": rows,
         "quest_relative_error": errors,
