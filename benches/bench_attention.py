@@ -136,14 +136,18 @@ def interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in rounds (each function once per round,
     after one warm-up call each): every method samples the same stretch of time, so phases of a
     shared machine (its speed moves by 20-40% over seconds on the development VM) hit all of them
-    alike instead of whichever ran then."""
+    alike instead of whichever ran then. The order rotates from round to round, so no method
+    always runs right after the same one (e.g. after SDPA with ``enable_gqa``, which allocates
+    and frees expanded K/V copies while torch's OpenMP workers still spin)."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
+    for r in range(repeat):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
