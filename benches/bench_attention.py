@@ -136,19 +136,19 @@ def interleaved_medians(fns: dict, repeat: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in rounds (each function once per round,
     after one warm-up call each): every method samples the same stretch of time, so phases of a
     shared machine (its speed moves by 20-40% over seconds on the development VM) hit all of them
-    alike instead of whichever ran then. The order rotates from round to round, so no method
-    always runs right after the same one (e.g. after SDPA with ``enable_gqa``, which allocates
-    and frees expanded K/V copies while torch's OpenMP workers still spin)."""
+    alike instead of whichever ran then. Each round runs them in a new (seeded) random order, so
+    no method always follows the same one (e.g. SDPA with ``enable_gqa``, which allocates and
+    frees expanded K/V copies)."""
     for fn in fns.values():
         fn()
+    rng = np.random.default_rng(0)
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(repeat):
-        for i in range(len(names)):
-            name = names[(i + r) % len(names)]
+    for _ in range(repeat):
+        for i in rng.permutation(len(names)):
             t = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t)
+            fns[names[i]]()
+            times[names[i]].append(time.perf_counter() - t)
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
