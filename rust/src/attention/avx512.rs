@@ -72,6 +72,74 @@ unsafe fn prefetch_range(next: &[u8], from: usize, to: usize) {
     }
 }
 
+/// One transposed block of codes and what the kernels need to decode it.
+#[derive(Clone, Copy)]
+struct Block<'a> {
+    /// Column-major codes, Layout `(cb, rp)`: `rows` tokens padded to `rp` (a multiple of 32)
+    /// with code 0.
+    cols: &'a [u8],
+    rp: usize,
+    rows: usize,
+    /// Code bytes per token.
+    cb: usize,
+    /// Dimensions per subquantizer.
+    dsub: usize,
+    /// Per-dimension tables, Layout `(2 * cb * dsub, 16)` (see [`tables`]).
+    tab: &'a [f32],
+    /// Codes of the block two ahead, prefetched a slice at a time while this one is computed.
+    next: &'a [u8],
+}
+
+/// Transpose `codes` (Layout `(len, cb)`) block by block and call `f(block, first token)`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma")]
+unsafe fn blocks(
+    codes: &[u8],
+    cb: usize,
+    dsub: usize,
+    tab: &[f32],
+    mut f: impl FnMut(Block, usize),
+) {
+    let len = codes.len() / cb;
+    let mut cols = vec![0u8; cb * TB];
+    for t0 in (0..len).step_by(TB) {
+        let rows = (len - t0).min(TB);
+        let rp = rows.div_ceil(32) * 32;
+        let cols = &mut cols[..cb * rp];
+        transpose(&codes[t0 * cb..(t0 + rows) * cb], rows, cb, cols, rp);
+        let next = ahead(codes, cb, t0 + rows);
+        f(
+            Block {
+                cols,
+                rp,
+                rows,
+                cb,
+                dsub,
+                tab,
+                next,
+            },
+            t0,
+        );
+    }
+}
+
+/// `by_queries!(qn, kernel(args..))` calls `kernel::<Q, TG>(args..)` for `qn` (1 to 8) queries:
+/// up to 4 queries two groups of 16 tokens at a time, more queries one group (so there are
+/// `2 * Q * TG` = 4 to 16 independent FMA chains and the accumulators fit in 32 registers).
+macro_rules! by_queries {
+    ($qn:expr, $kernel:ident($($arg:expr),*)) => {
+        match $qn {
+            1 => $kernel::<1, 2>($($arg),*),
+            2 => $kernel::<2, 2>($($arg),*),
+            3 => $kernel::<3, 2>($($arg),*),
+            4 => $kernel::<4, 2>($($arg),*),
+            5 => $kernel::<5, 1>($($arg),*),
+            6 => $kernel::<6, 1>($($arg),*),
+            7 => $kernel::<7, 1>($($arg),*),
+            _ => $kernel::<8, 1>($($arg),*),
+        }
+    };
+}
+
 /// Key scores: `s[q * len + i] = scale * sum_o q_rows[q * d + o] * T_o[code of token i]`.
 ///
 /// `q_rows`: Layout `(nq, d)`, `d = km * dsub`; `kc`: Layout `(len, ck)` (subquantizer `j` in
@@ -109,77 +177,37 @@ pub unsafe fn key_scores(
             *o = x * scale;
         }
     }
-    let mut cols = vec![0u8; ck * TB];
-    let mut t0 = 0;
-    while t0 < len {
-        let rows = (len - t0).min(TB);
-        // Rows padded to a multiple of 32 with code 0 (their scores are not stored).
-        let rp = rows.div_ceil(32) * 32;
-        transpose(
-            &kc[t0 * ck..(t0 + rows) * ck],
-            rows,
-            ck,
-            &mut cols[..ck * rp],
-            rp,
-        );
-        let mut q0 = 0;
-        while q0 < nq {
+    blocks(kc, ck, dsub, &tab, |blk, t0| {
+        for q0 in (0..nq).step_by(8) {
             let qn = (nq - q0).min(8);
             let qs = &qp[q0 * dp..(q0 + qn) * dp];
             let out = &mut s[q0 * len..(q0 + qn) * len];
-            let next = ahead(kc, ck, t0 + rows);
-            let args = (
-                &cols[..ck * rp],
-                rp,
-                rows,
-                ck,
-                dsub,
-                tab.as_slice(),
-                qs,
-                out,
-                len,
-                t0,
-                next,
-            );
-            match qn {
-                1 => key_block::<1, 2>(args),
-                2 => key_block::<2, 2>(args),
-                3 => key_block::<3, 2>(args),
-                4 => key_block::<4, 2>(args),
-                5 => key_block::<5, 1>(args),
-                6 => key_block::<6, 1>(args),
-                7 => key_block::<7, 1>(args),
-                _ => key_block::<8, 1>(args),
-            }
-            q0 += qn;
+            by_queries!(qn, key_block(blk, qs, out, t0));
         }
-        t0 += rows;
-    }
+    });
 }
-
-/// `(cols, rp, rows, cb, dsub, tab, q, out, len, t0, next)` of one block.
-type KeyArgs<'a> = (
-    &'a [u8],
-    usize,
-    usize,
-    usize,
-    usize,
-    &'a [f32],
-    &'a [f32],
-    &'a mut [f32],
-    usize,
-    usize,
-    &'a [u8],
-);
 
 /// Scores of `Q` queries over one block: `TG` groups of 16 tokens at a time, the two nibbles of a
 /// code byte in separate accumulators (`2 * Q * TG` independent FMA chains).
 #[inline(always)]
-unsafe fn key_block<const Q: usize, const TG: usize>(args: KeyArgs) {
-    let (cols, rp, rows, cb, dsub, tab, q, out, len, t0, next) = args;
+unsafe fn key_block<const Q: usize, const TG: usize>(
+    blk: Block,
+    q: &[f32],
+    out: &mut [f32],
+    t0: usize,
+) {
+    let Block {
+        cols,
+        rp,
+        rows,
+        cb,
+        dsub,
+        tab,
+        next,
+    } = blk;
     let dp = 2 * cb * dsub;
-    debug_assert!(cols.len() == cb * rp && rp % (16 * TG) == 0 && q.len() == Q * dp);
-    debug_assert!(out.len() == Q * len && t0 + rows <= len);
+    let len = out.len() / Q;
+    debug_assert!(rp.is_multiple_of(16 * TG) && q.len() == Q * dp && t0 + rows <= len);
     let (tab, q) = (tab.as_ptr(), q.as_ptr());
     for g0 in (0..rp).step_by(16 * TG) {
         prefetch_range(next, g0 * cb, (g0 + 16 * TG) * cb);
@@ -315,47 +343,22 @@ pub unsafe fn weighted_values(
     let tab = tables(cent, vm, dsub, cv);
     // 16 token lanes per (query, padded dimension).
     let mut acc = vec![_mm512_setzero_ps(); nq * dp];
-    let mut cols = vec![0u8; cv * TB];
     let mut pw = vec![0f32; nq * TB];
-    let mut t0 = 0;
-    while t0 < len {
-        let rows = (len - t0).min(TB);
-        // Rows padded to a multiple of 32 with weight 0 (and code 0).
-        let rp = rows.div_ceil(32) * 32;
-        transpose(
-            &vc[t0 * cv..(t0 + rows) * cv],
-            rows,
-            cv,
-            &mut cols[..cv * rp],
-            rp,
-        );
+    blocks(vc, cv, dsub, &tab, |blk, t0| {
+        // Weights of the block, rows padded to rp with weight 0.
+        let (rows, rp) = (blk.rows, blk.rp);
         for q in 0..nq {
             let dst = &mut pw[q * rp..(q + 1) * rp];
             dst[..rows].copy_from_slice(&s[q * len + t0..q * len + t0 + rows]);
             dst[rows..].fill(0.0);
         }
-        let next = ahead(vc, cv, t0 + rows);
-        let mut q0 = 0;
-        while q0 < nq {
+        for q0 in (0..nq).step_by(8) {
             let qn = (nq - q0).min(8);
             let p = &pw[q0 * rp..(q0 + qn) * rp];
             let a = &mut acc[q0 * dp..(q0 + qn) * dp];
-            let cols = &cols[..cv * rp];
-            let tab = tab.as_slice();
-            match qn {
-                1 => value_block::<1, 2>(cols, rp, cv, dsub, tab, p, a, next),
-                2 => value_block::<2, 2>(cols, rp, cv, dsub, tab, p, a, next),
-                3 => value_block::<3, 2>(cols, rp, cv, dsub, tab, p, a, next),
-                4 => value_block::<4, 2>(cols, rp, cv, dsub, tab, p, a, next),
-                5 => value_block::<5, 1>(cols, rp, cv, dsub, tab, p, a, next),
-                6 => value_block::<6, 1>(cols, rp, cv, dsub, tab, p, a, next),
-                7 => value_block::<7, 1>(cols, rp, cv, dsub, tab, p, a, next),
-                _ => value_block::<8, 1>(cols, rp, cv, dsub, tab, p, a, next),
-            }
-            q0 += qn;
+            by_queries!(qn, value_block(blk, p, a));
         }
-        t0 += rows;
-    }
+    });
     for q in 0..nq {
         for o in 0..d {
             out[q * d + o] = _mm512_reduce_add_ps(acc[q * dp + o]);
@@ -366,21 +369,19 @@ pub unsafe fn weighted_values(
 /// One block for `Q` queries: `p` Layout `(Q, rp)`, `acc` Layout `(Q, dp)` (16 token lanes each).
 /// The two nibbles of a code byte and `TG` groups of 16 tokens go to separate accumulators
 /// (`2 * Q * TG` independent FMA chains).
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn value_block<const Q: usize, const TG: usize>(
-    cols: &[u8],
-    rp: usize,
-    cb: usize,
-    dsub: usize,
-    tab: &[f32],
-    p: &[f32],
-    acc: &mut [__m512],
-    next: &[u8],
-) {
+unsafe fn value_block<const Q: usize, const TG: usize>(blk: Block, p: &[f32], acc: &mut [__m512]) {
+    let Block {
+        cols,
+        rp,
+        cb,
+        dsub,
+        tab,
+        next,
+        ..
+    } = blk;
     let dp = 2 * cb * dsub;
-    debug_assert!(cols.len() == cb * rp && rp.is_multiple_of(16 * TG));
-    debug_assert!(p.len() == Q * rp && acc.len() == Q * dp && tab.len() == dp * 16);
+    debug_assert!(rp.is_multiple_of(16 * TG) && p.len() == Q * rp && acc.len() == Q * dp);
     let p = p.as_ptr();
     for b in 0..cb {
         prefetch_range(next, b * rp, (b + 1) * rp);

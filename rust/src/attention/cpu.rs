@@ -1224,6 +1224,11 @@ mod tests {
             (5, 1, 12, 12, 4, 3, 4, 37, 2, 1),
             (6, 3, 14, 7, 4, 7, 4, 290, 1, 1),
             (4, 1, 32, 32, 4, 32, 4, 1000, 3, 1),
+            // 4-bit codes, 12 and 9 query rows per KV head (the AVX-512 kernels take up to 8 at
+            // a time), and 8 rows in one pass.
+            (4, 1, 16, 16, 4, 8, 4, 530, 6, 3),
+            (9, 1, 16, 8, 4, 16, 4, 300, 2, 1),
+            (8, 1, 32, 32, 4, 32, 4, 257, 1, 1),
             // 8-bit keys and values (the CompressedCache default), GQA 3, 4 and 6 queries.
             (3, 1, 16, 8, 8, 8, 8, 700, 5, 1),
             (8, 2, 16, 8, 8, 4, 8, 4100, 3, 1),
