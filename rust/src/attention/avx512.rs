@@ -23,10 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::values::avx2::transpose;
-
-/// Tokens per block: the block's column-major codes (`cb * TB` bytes) and the weights of the
-/// queries (`8 * TB` floats at most) stay in L1.
-const TB: usize = 256;
+use super::values::{ahead, prefetch_range, TB};
 
 /// Per-dimension tables, Layout `(2 * cb * dsub, 16)`: row `o = j * dsub + dd` is
 /// `cent[j][c][dd]` for `c < 16`; rows of the padding subquantizer (odd `m`) are zero.
@@ -46,30 +43,6 @@ fn tables(cent: &[f32], m: usize, dsub: usize, cb: usize) -> Vec<f32> {
         }
     }
     tab
-}
-
-/// The codes (rows of `cb` bytes) of the block after the one that follows token `end`: what a
-/// block prefetches while it is computed.
-fn ahead(codes: &[u8], cb: usize, end: usize) -> &[u8] {
-    let n = codes.len() / cb;
-    &codes[(end + TB).min(n) * cb..(end + 2 * TB).min(n) * cb]
-}
-
-/// Prefetch bytes `[from, to)` of `next` (clipped) into L2, one cache line at a time.
-///
-/// The kernels prefetch the codes two blocks ahead a slice at a time while they compute the
-/// current block (spread out, not as one burst at the block start, and not into L1, which holds
-/// the block's working set): measured 1.3-1.5x faster end to end than a burst or no prefetch on
-/// a 2-core Zen 4 VM (two blocks ahead a little faster than one).
-#[inline(always)]
-unsafe fn prefetch_range(next: &[u8], from: usize, to: usize) {
-    let to = to.min(next.len());
-    let mut off = from;
-    while off < to {
-        // SAFETY: off < next.len(); prefetch has no architectural effect.
-        _mm_prefetch::<_MM_HINT_T2>(next.as_ptr().add(off) as *const i8);
-        off += 64;
-    }
 }
 
 /// One transposed block of codes and what the kernels need to decode it.

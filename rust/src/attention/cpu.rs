@@ -1675,7 +1675,9 @@ mod ab {
                 let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
                 fastscan::scan(&luts, &kc, cb, &mut rows);
             });
-            time(t_exp, &mut || softmax_rows(&mut s, n, &mut ml, &mut ll));
+            time(t_exp, &mut || {
+                crate::dispatch!(softmax_rows(&mut s, n, &mut ml, &mut ll))
+            });
             time(t_val, &mut || unsafe {
                 super::super::values::avx2::weighted_values(
                     &s, nq, n, &vc, cb, m, 1, &cent, &mut out,
@@ -1734,17 +1736,19 @@ mod ab {
             let v = &vc[c * n * cb..(c + 1) * n * cb];
             #[cfg(target_arch = "x86_64")]
             if crate::simd::has_avx512() {
-                // SAFETY: AVX-512 checked just above.
+                // SAFETY (both blocks): AVX-512 checked just above.
                 unsafe {
-                    super::super::avx512::key_scores(&q, 0.1, nq, n, k, cb, m, 1, &cent, &mut s);
-                    softmax_rows(&mut s, n, &mut ml, &mut ll);
-                    super::super::avx512::weighted_values(&s, nq, n, v, cb, m, 1, &cent, &mut out);
-                }
+                    super::super::avx512::key_scores(&q, 0.1, nq, n, k, cb, m, 1, &cent, &mut s)
+                };
+                softmax_rows(&mut s, n, &mut ml, &mut ll);
+                unsafe {
+                    super::super::avx512::weighted_values(&s, nq, n, v, cb, m, 1, &cent, &mut out)
+                };
                 return;
             }
             let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(n).collect();
             fastscan::scan(&luts, k, cb, &mut rows);
-            softmax_rows(&mut s, n, &mut ml, &mut ll);
+            crate::dispatch!(softmax_rows(&mut s, n, &mut ml, &mut ll));
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the ab tests run on AVX2 machines (checked by dispatch users).
             unsafe {

@@ -4,8 +4,13 @@
 //! codes (keys and values) plus a full-precision part (attention sinks and the recent window),
 //! without decompressing the codes:
 //!
-//! * key scores come from per-query lookup tables (`q . c` for every centroid, scaled), summed
-//!   over the code bytes of each token (4-bit tables folded pairwise into 256-entry byte tables);
+//! * 4-bit codes on AVX-512 (module `avx512`): one dimension's 16 centroid values are one
+//!   register, so one `vpermps` decodes a dimension for 16 tokens and every query of the group
+//!   consumes it with one FMA, for key scores (query weights broadcast) and for values (softmax
+//!   weights); exact float arithmetic at the FMA rate;
+//! * otherwise key scores come from per-query lookup tables (`q . c` for every centroid,
+//!   scaled), summed over the code bytes of each token (on AVX2, 4-bit codes by `pshufb` over
+//!   24-bit tables; else 4-bit tables folded pairwise into 256-entry byte tables);
 //! * values: with 4-bit codes on AVX2, each output dimension is `sum_i p_i * T[code_i]` over a
 //!   16-entry float table, eight tokens per two `vpermps` (module `values`); otherwise the softmax
 //!   weights are summed per codeword in a histogram (one vector add per code byte for up to 8

@@ -10,10 +10,39 @@
 //! Codes are transposed per block of [`TB`] tokens to column-major (one contiguous row of bytes
 //! per code byte), so the loop for one output dimension reads eight tokens' codes with one load.
 
-/// Tokens per block: the block's column-major codes (`cv * TB` bytes) and the weights of the
-/// queries (`4 * TB` floats) stay in L1 while every output dimension streams over them.
+/// Tokens per block (here and in the AVX-512 kernels): the block's column-major codes
+/// (`cv * TB` bytes) and the weights of the queries (`4 * TB` floats; 8 in the AVX-512 kernels)
+/// stay in L1 while every output dimension streams over them.
 #[cfg(target_arch = "x86_64")]
-const TB: usize = 256;
+pub(super) const TB: usize = 256;
+
+#[cfg(target_arch = "x86_64")]
+/// The codes (rows of `cb` bytes) of the block after the one that follows token `end`: what a
+/// block prefetches while it is computed.
+pub(super) fn ahead(codes: &[u8], cb: usize, end: usize) -> &[u8] {
+    let n = codes.len() / cb;
+    &codes[(end + TB).min(n) * cb..(end + 2 * TB).min(n) * cb]
+}
+
+/// Prefetch bytes `[from, to)` of `next` (clipped) into L2, one cache line at a time.
+///
+/// The kernels prefetch the codes two blocks ahead a slice at a time while they compute the
+/// current block (spread out, not as one burst at the block start, and not into L1, which holds
+/// the block's working set): measured 1.3-1.5x faster end to end than a burst or no prefetch on
+/// a 2-core Zen 4 VM (two blocks ahead a little faster than one).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) unsafe fn prefetch_range(next: &[u8], from: usize, to: usize) {
+    let to = to.min(next.len());
+    let mut off = from;
+    while off < to {
+        // SAFETY: off < next.len(); prefetch has no architectural effect.
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T2 }>(
+            next.as_ptr().add(off) as *const i8,
+        );
+        off += 64;
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
@@ -61,12 +90,7 @@ pub(super) mod avx2 {
         let mut t0 = 0;
         while t0 < len {
             let rows = (len - t0).min(TB);
-            // Prefetch the next block's codes while this one is computed.
-            let next = ((t0 + rows) * cv..((t0 + rows + TB).min(len)) * cv).step_by(64);
-            for off in next {
-                // SAFETY: off < len * cv = vc.len(); prefetch has no architectural effect.
-                _mm_prefetch::<_MM_HINT_T0>(vc.as_ptr().add(off) as *const i8);
-            }
+            let next = super::ahead(vc, cv, t0 + rows);
             // Rows padded to a multiple of 8 with weight 0 (and code 0).
             let rp = rows.div_ceil(8) * 8;
             transpose(
@@ -87,10 +111,10 @@ pub(super) mod avx2 {
                 let p = &pw[q0 * rp..(q0 + qn) * rp];
                 let a = &mut acc[q0 * d..(q0 + qn) * d];
                 match qn {
-                    1 => block::<1>(&cols, rp, p, &tab, vm, dsub, a),
-                    2 => block::<2>(&cols, rp, p, &tab, vm, dsub, a),
-                    3 => block::<3>(&cols, rp, p, &tab, vm, dsub, a),
-                    _ => block::<4>(&cols, rp, p, &tab, vm, dsub, a),
+                    1 => block::<1>(&cols, rp, p, &tab, vm, dsub, a, next),
+                    2 => block::<2>(&cols, rp, p, &tab, vm, dsub, a, next),
+                    3 => block::<3>(&cols, rp, p, &tab, vm, dsub, a, next),
+                    _ => block::<4>(&cols, rp, p, &tab, vm, dsub, a, next),
                 }
                 q0 += qn;
             }
@@ -107,7 +131,9 @@ pub(super) mod avx2 {
     /// One block for `Q` queries: `p` Layout `(Q, rp)`, `acc` Layout `(Q, d)` (8 token lanes each).
     ///
     /// The two subquantizers of a code byte are done together: one code load serves both, and
-    /// `2 * Q` independent FMA chains hide the FMA latency.
+    /// `2 * Q` independent FMA chains hide the FMA latency. `next`: the codes two blocks ahead,
+    /// prefetched a slice per code byte.
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     unsafe fn block<const Q: usize>(
         cols: &[u8],
@@ -117,10 +143,12 @@ pub(super) mod avx2 {
         vm: usize,
         dsub: usize,
         acc: &mut [__m256],
+        next: &[u8],
     ) {
         let d = vm * dsub;
         debug_assert!(p.len() == Q * rp && acc.len() == Q * d && rp.is_multiple_of(8));
         for b in 0..vm.div_ceil(2) {
+            super::prefetch_range(next, b * rp, (b + 1) * rp);
             // With an odd vm the last byte's high nibble is padding: its dimension is computed
             // on a copy of the low one and dropped.
             let pair = 2 * b + 1 < vm;
