@@ -23,27 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::values::avx2::transpose;
-use super::values::{ahead, prefetch_range, TB};
-
-/// Per-dimension tables, Layout `(2 * cb * dsub, 16)`: row `o = j * dsub + dd` is
-/// `cent[j][c][dd]` for `c < 16`; rows of the padding subquantizer (odd `m`) are zero.
-fn tables(cent: &[f32], m: usize, dsub: usize, cb: usize) -> Vec<f32> {
-    debug_assert!(cent.len() == m * 16 * dsub && 2 * cb >= m);
-    let mut tab = vec![0f32; 2 * cb * dsub * 16];
-    if dsub == 1 {
-        tab[..m * 16].copy_from_slice(cent);
-        return tab;
-    }
-    for (j, books) in cent.chunks_exact(16 * dsub).enumerate() {
-        for dd in 0..dsub {
-            let row = &mut tab[(j * dsub + dd) * 16..(j * dsub + dd + 1) * 16];
-            for (c, x) in row.iter_mut().enumerate() {
-                *x = books[c * dsub + dd];
-            }
-        }
-    }
-    tab
-}
+use super::values::{ahead, block_weights, prefetch_range, tables, TB};
 
 /// One transposed block of codes and what the kernels need to decode it.
 #[derive(Clone, Copy)]
@@ -318,13 +298,8 @@ pub unsafe fn weighted_values(
     let mut acc = vec![_mm512_setzero_ps(); nq * dp];
     let mut pw = vec![0f32; nq * TB];
     blocks(vc, cv, dsub, &tab, |blk, t0| {
-        // Weights of the block, rows padded to rp with weight 0.
-        let (rows, rp) = (blk.rows, blk.rp);
-        for q in 0..nq {
-            let dst = &mut pw[q * rp..(q + 1) * rp];
-            dst[..rows].copy_from_slice(&s[q * len + t0..q * len + t0 + rows]);
-            dst[rows..].fill(0.0);
-        }
+        let rp = blk.rp;
+        block_weights(s, len, t0, blk.rows, rp, &mut pw);
         for q0 in (0..nq).step_by(8) {
             let qn = (nq - q0).min(8);
             let p = &pw[q0 * rp..(q0 + qn) * rp];

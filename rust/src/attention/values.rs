@@ -44,6 +44,47 @@ pub(super) unsafe fn prefetch_range(next: &[u8], from: usize, to: usize) {
     }
 }
 
+/// Per-dimension tables, Layout `(2 * cb * dsub, 16)`: row `o = j * dsub + dd` is
+/// `cent[j][c][dd]` for `c < 16`; rows of the padding subquantizer (odd `m`) are zero.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn tables(cent: &[f32], m: usize, dsub: usize, cb: usize) -> Vec<f32> {
+    debug_assert!(cent.len() == m * 16 * dsub && 2 * cb >= m);
+    let mut tab = vec![0f32; 2 * cb * dsub * 16];
+    if dsub == 1 {
+        tab[..m * 16].copy_from_slice(cent);
+        return tab;
+    }
+    for (j, books) in cent.chunks_exact(16 * dsub).enumerate() {
+        for dd in 0..dsub {
+            let row = &mut tab[(j * dsub + dd) * 16..(j * dsub + dd + 1) * 16];
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = books[c * dsub + dd];
+            }
+        }
+    }
+    tab
+}
+
+/// The softmax weights of tokens `t0..t0 + rows` of every query (rows of `s`, Layout
+/// `(nq, len)`) into `pw`, Layout `(nq, rp)`, rows `rows..rp` weight 0.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn block_weights(
+    s: &[f32],
+    len: usize,
+    t0: usize,
+    rows: usize,
+    rp: usize,
+    pw: &mut [f32],
+) {
+    for (q, dst) in pw[..s.len() / len.max(1) * rp]
+        .chunks_exact_mut(rp)
+        .enumerate()
+    {
+        dst[..rows].copy_from_slice(&s[q * len + t0..q * len + t0 + rows]);
+        dst[rows..].fill(0.0);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod avx2 {
     use super::TB;
@@ -75,15 +116,8 @@ pub(super) mod avx2 {
         let d = vm * dsub;
         assert!(cv == vm.div_ceil(2) && s.len() == nq * len && vc.len() == len * cv);
         assert!(cent.len() == vm * 16 * dsub && out.len() == nq * d);
-        // Tables, Layout (d, 16).
-        let mut tab = vec![0f32; d * 16];
-        for j in 0..vm {
-            for c in 0..16 {
-                for dd in 0..dsub {
-                    tab[(j * dsub + dd) * 16 + c] = cent[(j * 16 + c) * dsub + dd];
-                }
-            }
-        }
+        // Tables, Layout (d, 16) (plus a zero row per padding dimension of an odd vm).
+        let tab = super::tables(cent, vm, dsub, cv);
         let mut acc = vec![_mm256_setzero_ps(); nq * d];
         let mut cols = vec![0u8; cv * TB];
         let mut pw = vec![0f32; nq * TB];
@@ -100,11 +134,7 @@ pub(super) mod avx2 {
                 &mut cols[..cv * rp],
                 rp,
             );
-            for q in 0..nq {
-                let dst = &mut pw[q * rp..(q + 1) * rp];
-                dst[..rows].copy_from_slice(&s[q * len + t0..q * len + t0 + rows]);
-                dst[rows..].fill(0.0);
-            }
+            super::block_weights(s, len, t0, rows, rp, &mut pw);
             let mut q0 = 0;
             while q0 < nq {
                 let qn = (nq - q0).min(4);
