@@ -344,7 +344,7 @@ def test_memory_stats_counts_everything():
     with torch.no_grad():
         model(_ids(399), past_key_values=cache)
         held = cache.memory_stats()
-        codebooks = 2 * 2 * 2 * 16 * 256 * 4  # reserved: layers x heads x K/V x head_dim x 256 x f32
+        codebooks = 2 * 2 * 2 * 16 * 16 * 4  # reserved: layers x heads x K/V x head_dim x 16 x f32
         assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
         model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()

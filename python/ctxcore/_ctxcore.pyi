@@ -92,6 +92,15 @@ class KVStore:
         self, seq: int, layer: int, region: str
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
     def abstracts(self, seq: int, layer: int) -> npt.NDArray[np.float32]: ...
+    def append_attend(
+        self,
+        layer: int,
+        q: npt.NDArray[np.float32],
+        k: npt.NDArray[np.float32],
+        v: npt.NDArray[np.float32],
+        scale: float,
+        starts: list[int],
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
     def attend(
         self,
         seq: int,

@@ -465,7 +465,7 @@ class CompressedLayer(CacheLayerMixin):
             self._maybe_settle(tq)
             return out
         past = self._committed
-        starts, new_valid, plain = _split_mask(mask, b, tq, past)
+        starts, new_valid, plain = c._split_mask(mask, b, tq, past)
         if past == 0:
             # First prefill: exact attention over the full-precision K/V, then compress them.
             out = _sdpa(module, q, k_new, v_new, mask, scale, **kwargs)
@@ -481,6 +481,16 @@ class CompressedLayer(CacheLayerMixin):
             self.commit(k_new, v_new, [0] * b)
             return out
         method, budget = c._method()
+        if tq <= c.window and plain and method == "dense" and c.store.has_codebooks(self.idx):
+            # Decode (or a short causal chunk): one Rust call for the layer and every sequence
+            # appends the new K/V and attends sinks + pages + window, the queries being the
+            # window's last tokens.
+            out_np, _ = c.store._s.append_attend(
+                self.idx, _f32(q), _f32(k_new), _f32(v_new), float(scale), starts
+            )  # fmt: skip
+            self._committed += tq
+            out = torch.from_numpy(out_np)
+            return out.to(q.device, q.dtype).transpose(1, 2).contiguous()
         qc = q.detach().cpu()
         if tq <= c.window and plain:
             # Decode (or a short causal chunk): append, then one Rust call per sequence over
@@ -533,6 +543,11 @@ class CompressedLayer(CacheLayerMixin):
             out = _merge(oh, lh, on, ln)
             self.commit(k_new, v_new, starts)
         return out.to(q.device, q.dtype).transpose(1, 2).contiguous()
+
+
+def _f32(x: torch.Tensor) -> np.ndarray:
+    """``x`` as a C-contiguous float32 numpy array on the host (no copy when it already is)."""
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
 
 def _first_valid(valid: torch.Tensor | None, b: int) -> int:
@@ -651,6 +666,7 @@ class CompressedCache(Cache):
             None
         ] * self.num_layers
         self._kv_dtype: torch.dtype | None = None
+        self._mask_memo: tuple[Any, tuple[int, int, int], Any] | None = None
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.num_layers)])
 
     def __repr__(self) -> str:
@@ -676,6 +692,18 @@ class CompressedCache(Cache):
             spare = budget - self.store.config["min_ram_budget"]
             cap = min(cap, max(1, spare // per_token))
         return cap
+
+    def _split_mask(
+        self, mask: torch.Tensor | None, b: int, tq: int, past: int
+    ) -> tuple[list[int] | None, torch.Tensor | None, bool]:
+        """:func:`_split_mask`, computed once per forward: every layer of a step gets the same
+        mask tensor (the memo holds it, so its identity cannot be reused meanwhile)."""
+        memo = self._mask_memo
+        if memo is not None and memo[0] is mask and memo[1] == (b, tq, past):
+            return memo[2]
+        res = _split_mask(mask, b, tq, past)
+        self._mask_memo = (mask, (b, tq, past), res)
+        return res
 
     def _method(self) -> tuple[str, int | float | None]:
         return ("dense", None) if self.select is None else ("quest", self.select)

@@ -194,7 +194,9 @@ impl ProductQuantizer {
     ///
     /// Needs `n >= 2^nbits` finite vectors. Subspaces train in parallel; the result depends only
     /// on `x`, `iters` and `seed` (not on the thread count). When `n` exceeds
-    /// [`MAX_POINTS_PER_CENTROID`]` * ksub`, a deterministic random subset of that size is used.
+    /// [`MAX_POINTS_PER_CENTROID`]` * ksub` (64x that for one-dimensional subspaces, which
+    /// train from a histogram in O(n); see `kmeans_1d`), a deterministic random subset of that
+    /// size is used.
     pub fn train(&mut self, x: &[f32], iters: usize, seed: u64) -> Result<()> {
         let n = self.rows("train input", x)?;
         let ksub = self.ksub();
@@ -212,7 +214,8 @@ impl ProductQuantizer {
         check_finite("train input", x, self.dim)?;
         let (dim, dsub, m) = (self.dim, self.dsub(), self.m);
         // Deterministic subsample, shared by all subspaces (partial Fisher-Yates).
-        let cap = MAX_POINTS_PER_CENTROID * ksub;
+        // One-dimensional subspaces train by sorting (cheap), on up to 64x as many points.
+        let cap = MAX_POINTS_PER_CENTROID * ksub * if dsub == 1 { 64 } else { 1 };
         let rows: Vec<usize> = if n > cap {
             let mut idx: Vec<usize> = (0..n).collect();
             let mut rng = SplitMix64::new(seed, u64::MAX);
@@ -234,6 +237,9 @@ impl ProductQuantizer {
                     let mut sub = Vec::with_capacity(nt * dsub);
                     for &r in &rows {
                         sub.extend_from_slice(&x[r * dim + j * dsub..r * dim + (j + 1) * dsub]);
+                    }
+                    if dsub == 1 {
+                        return kmeans::kmeans_1d(&sub, ksub, iters);
                     }
                     let mut rng = SplitMix64::new(seed, j as u64);
                     kmeans::kmeans(&sub, nt, dsub, ksub, iters, &mut rng)

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use numpy::ndarray::{Array3, Array4};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray3, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray3, PyReadonlyArray4,
+    PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
@@ -12,7 +13,7 @@ use pyo3::types::{PyBytes, PyDict};
 use super::error::IntoPy;
 use super::pq::PQCodec;
 use crate::error::{catch_panic, Error};
-use crate::store::{check_compatible, KvStore, LoadOptions, Queries, Region, StoreConfig};
+use crate::store::{check_compatible, KvStore, LoadOptions, Queries, Region, Step, StoreConfig};
 
 fn internal<E: std::fmt::Display>(e: E) -> PyErr {
     super::error::to_pyerr(Error::Internal(e.to_string()))
@@ -20,6 +21,9 @@ fn internal<E: std::fmt::Display>(e: E) -> PyErr {
 
 /// Attention output `[hq, tq, D]` and log-sum-exp `[hq, tq]`.
 type OutLse<'py> = (Bound<'py, PyArray3<f32>>, Bound<'py, PyArray2<f32>>);
+
+/// Attention output `[B, hq, tq, D]` and log-sum-exp `[B, hq, tq]`.
+type BatchOutLse<'py> = (Bound<'py, PyArray4<f32>>, Bound<'py, PyArray3<f32>>);
 
 /// Key and value centroids, float32 `[H, m, ksub, D / m]` each.
 type Centroids<'py> = (Bound<'py, PyArray4<f32>>, Bound<'py, PyArray4<f32>>);
@@ -300,6 +304,60 @@ impl KVStore {
             .py()?;
         let out = Array3::from_shape_vec((hq, tq, shape[2]), out).map_err(internal)?;
         let lse = numpy::ndarray::Array2::from_shape_vec((hq, tq), lse).map_err(internal)?;
+        Ok((out.into_pyarray(py), lse.into_pyarray(py)))
+    }
+
+    /// Append one step's K/V ``[B, H, tq, D]`` to every sequence of ``layer`` and attend
+    /// ``q`` ``[B, Hq, tq, D]`` over each whole context (causal over the new tokens; positions
+    /// ``< starts[b]`` skipped): one call per layer and step. Returns ``(out [B, Hq, tq, D],
+    /// lse [B, Hq, tq])``.
+    #[allow(clippy::too_many_arguments)]
+    fn append_attend<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        q: PyReadonlyArray4<'py, f32>,
+        k: PyReadonlyArray4<'py, f32>,
+        v: PyReadonlyArray4<'py, f32>,
+        scale: f32,
+        starts: Vec<usize>,
+    ) -> PyResult<BatchOutLse<'py>> {
+        let qshape = q.shape().to_vec();
+        let (b, hq, tq, d) = (qshape[0], qshape[1], qshape[2], qshape[3]);
+        if k.shape() != v.shape() || k.shape()[0] != b || k.shape()[2] != tq || k.shape()[3] != d {
+            return Err(Error::shape(
+                "k/v",
+                format!("[{b}, kv_heads, {tq}, {d}] each (q is {qshape:?})"),
+                format!("{:?} and {:?}", k.shape(), v.shape()),
+            ))
+            .py();
+        }
+        let (qs, ks, vs) = (
+            q.as_slice().map_err(internal)?,
+            k.as_slice().map_err(internal)?,
+            v.as_slice().map_err(internal)?,
+        );
+        let store = &self.inner;
+        let (out, lse) = py
+            .detach(|| {
+                catch_panic(|| {
+                    store.append_attend(
+                        layer,
+                        &Step {
+                            q: qs,
+                            k: ks,
+                            v: vs,
+                            hq,
+                            tq,
+                            scale,
+                            starts: &starts,
+                        },
+                    )
+                })
+            })
+            .py()?;
+        let out = Array4::from_shape_vec((b, hq, tq, d), out).map_err(internal)?;
+        let lse = Array3::from_shape_vec((b, hq, tq), lse).map_err(internal)?;
         Ok((out.into_pyarray(py), lse.into_pyarray(py)))
     }
 

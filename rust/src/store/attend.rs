@@ -391,3 +391,266 @@ impl KvStore {
         Ok((out, lse))
     }
 }
+
+/// One step of every sequence of a layer: the input of [`KvStore::append_attend`].
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    /// Queries, Layout `(batch, hq, tq, d)`.
+    pub q: &'a [f32],
+    /// New keys (after RoPE), Layout `(batch, H, tq, D)`: the queries' own tokens.
+    pub k: &'a [f32],
+    /// New values, Layout `(batch, H, tq, D)`.
+    pub v: &'a [f32],
+    /// Query heads.
+    pub hq: usize,
+    /// New tokens per sequence.
+    pub tq: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Per sequence: absolute position of its first real token (left padding), as
+    /// [`Queries::start`].
+    pub starts: &'a [usize],
+}
+
+/// What a dense attention call over every sequence of a layer reads, taken under one lock:
+/// the resident page blobs (shared, not copied), and sinks + window already in the kernel's
+/// layout.
+struct Snapshot {
+    books: super::FlatBooks,
+    /// Per sequence: closed pages then (a copy of) the open page, with their token counts.
+    pages: Vec<Vec<(Arc<Vec<u8>>, usize)>>,
+    /// Per sequence: `(sinks, window)` token counts.
+    fp_counts: Vec<(usize, usize)>,
+    /// Full-precision part of every sequence, Layout `(batch, H, f, D)`: sinks then window.
+    fk: Vec<f32>,
+    fv: Vec<f32>,
+    f: usize,
+}
+
+use std::sync::Arc;
+
+impl KvStore {
+    /// Append one step's K/V to every sequence of `layer`, then attend the step's queries over
+    /// each sequence's whole context (sinks + every page's codes + window, causal over the new
+    /// tokens, positions `< starts[b]` skipped): one call per layer and step for the whole
+    /// batch. Returns `(out, lse)`, Layout `(batch, hq, tq, d)` and `(batch, hq, tq)`.
+    ///
+    /// The layer is read under one lock into one snapshot (pages shared, not copied) and every
+    /// sequence goes through one kernel call. A layer with pages on disk or longer than
+    /// [`CHUNK_PAGES`] pages takes the streaming path of [`KvStore::attend_dense`] per sequence.
+    /// `tq` must not exceed the window (the queries' tokens must still be in it).
+    pub fn append_attend(&self, layer: usize, s: &Step) -> Result<Attended> {
+        let c = self.config().clone();
+        let (h, d) = (c.kv_heads, c.head_dim);
+        let batch = self.batch()?;
+        let (hq, tq) = (s.hq, s.tq);
+        crate::attention::check_heads(hq, h)?;
+        for (what, x, heads) in [("q", s.q, hq), ("keys", s.k, h), ("values", s.v, h)] {
+            if x.len() != batch * heads * tq * d {
+                return Err(Error::shape(
+                    what,
+                    format!("[{batch}, {heads}, {tq}, {d}]"),
+                    format!("{} values", x.len()),
+                ));
+            }
+        }
+        if s.starts.len() != batch {
+            return Err(Error::shape(
+                "starts",
+                format!("[{batch}]"),
+                format!("{} values", s.starts.len()),
+            ));
+        }
+        if tq == 0 || tq > c.window.max(1) {
+            return Err(Error::config(format!(
+                "append_attend takes 1 to window={} new tokens per sequence, got {tq}",
+                c.window
+            )));
+        }
+        crate::pq::check_finite("q", s.q, d)?;
+        // Every sequence's K/V are checked before the first is appended: all or nothing.
+        crate::pq::check_finite("keys", s.k, d)?;
+        crate::pq::check_finite("values", s.v, d)?;
+        // Validate every sequence's start against its length after the append, then append.
+        for b in 0..batch {
+            let total = self.num_tokens(b, layer)? + tq;
+            if s.starts[b] > total {
+                return Err(Error::config(format!(
+                    "start={} is beyond the {total} tokens of sequence {b}, layer {layer}",
+                    s.starts[b]
+                )));
+            }
+        }
+        let kv = h * tq * d;
+        for b in 0..batch {
+            self.append(
+                b,
+                layer,
+                &s.k[b * kv..(b + 1) * kv],
+                &s.v[b * kv..(b + 1) * kv],
+                tq,
+            )?;
+        }
+        let per_seq = |b: usize| -> Result<Attended> {
+            let qn = hq * tq * d;
+            self.attend_dense(
+                b,
+                layer,
+                &Queries {
+                    q: &s.q[b * qn..(b + 1) * qn],
+                    hq,
+                    tq,
+                    scale: s.scale,
+                    causal: true,
+                    start: s.starts[b],
+                },
+            )
+        };
+        let snap = match self.snapshot(layer, batch)? {
+            Some(snap) => snap,
+            None => {
+                let (mut out, mut lse) = (Vec::new(), Vec::new());
+                for b in 0..batch {
+                    let (o, l) = per_seq(b)?;
+                    out.extend_from_slice(&o);
+                    lse.extend_from_slice(&l);
+                }
+                return Ok((out, lse));
+            }
+        };
+        let (ck, cv) = c.code_bytes();
+        let counts: Vec<usize> = snap
+            .pages
+            .iter()
+            .map(|ps| ps.iter().map(|p| p.1).sum())
+            .collect();
+        let n = counts.iter().copied().max().unwrap_or(0);
+        // Codes of every sequence, Layout (batch, H, n, c): one copy out of the page blobs.
+        let mut kc = vec![0u8; batch * h * n * ck];
+        let mut vc = vec![0u8; batch * h * n * cv];
+        for (b, ps) in snap.pages.iter().enumerate() {
+            let mut at = 0;
+            for (blob, t) in ps {
+                let view = self.shared.view(blob.clone(), *t);
+                for hh in 0..h {
+                    let row = (b * h + hh) * n + at;
+                    kc[row * ck..(row + t) * ck].copy_from_slice(view.k_codes(hh));
+                    vc[row * cv..(row + t) * cv].copy_from_slice(view.v_codes(hh));
+                }
+                at += t;
+            }
+        }
+        let mut code_range = Vec::with_capacity(batch);
+        let mut fp_range = Vec::with_capacity(batch);
+        for ((&(ns, nw), &start), &n_all) in snap.fp_counts.iter().zip(s.starts).zip(&counts) {
+            let skip = start.saturating_sub(ns).min(n_all);
+            code_range.push((skip, n_all));
+            let fp_start = if start <= ns {
+                start
+            } else if start <= ns + n_all {
+                ns
+            } else {
+                start - n_all
+            }
+            .min(ns + nw);
+            fp_range.push((fp_start, ns + nw));
+        }
+        let (kcent, vcent) = (&snap.books.0, &snap.books.1);
+        pq_attention(&PqAttention {
+            batch,
+            hq,
+            hkv: h,
+            tq,
+            d,
+            q: s.q,
+            n,
+            k_codes: &kc,
+            v_codes: &vc,
+            k_cent: kcent,
+            k_m: c.k_m,
+            k_nbits: c.k_nbits,
+            v_cent: vcent,
+            v_m: c.v_m,
+            v_nbits: c.v_nbits,
+            code_range: &code_range,
+            f: snap.f,
+            fp_k: &snap.fk,
+            fp_v: &snap.fv,
+            fp_range: &fp_range,
+            scale: s.scale,
+            causal: true,
+        })
+    }
+
+    /// The snapshot [`KvStore::append_attend`] reads, or None when a sequence of the layer
+    /// has a page that is not resident, more than [`CHUNK_PAGES`] pages, or no codebooks yet
+    /// for its pages (the per-sequence path handles those cases and their errors).
+    fn snapshot(&self, layer: usize, batch: usize) -> Result<Option<Snapshot>> {
+        let c = &self.shared.cfg;
+        let (h, d) = (c.kv_heads, c.head_dim);
+        let mut st = self.shared.lock()?;
+        let st = &mut *st;
+        let books = match st.books[layer].as_ref() {
+            Some(b) => b.flat.clone(),
+            None => return Ok(None),
+        };
+        if st.seqs.len() != batch {
+            return Ok(None);
+        }
+        let mut fp_counts = Vec::with_capacity(batch);
+        for seq in st.seqs.iter() {
+            let l = &seq[layer];
+            if l.pages.len() > CHUNK_PAGES {
+                return Ok(None);
+            }
+            if l.pages.iter().any(|id| !st.ram.map.contains_key(id)) {
+                return Ok(None);
+            }
+            fp_counts.push((l.sinks_k.len() / (h * d), l.window.len()));
+        }
+        let f = fp_counts.iter().map(|(a, b)| a + b).max().unwrap_or(0);
+        let mut fk = vec![0f32; batch * h * f * d];
+        let mut fv = vec![0f32; batch * h * f * d];
+        let mut pages = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let l = &st.seqs[b][layer];
+            let toks = l
+                .sinks_k
+                .chunks_exact(h * d)
+                .zip(l.sinks_v.chunks_exact(h * d))
+                .chain(l.window.iter().map(|(a, b)| (&a[..], &b[..])));
+            for (i, (tk, tv)) in toks.enumerate() {
+                for hh in 0..h {
+                    let dst = ((b * h + hh) * f + i) * d;
+                    fk[dst..dst + d].copy_from_slice(&tk[hh * d..(hh + 1) * d]);
+                    fv[dst..dst + d].copy_from_slice(&tv[hh * d..(hh + 1) * d]);
+                }
+            }
+            let ids = l.pages.clone();
+            let open = l
+                .open
+                .as_ref()
+                .filter(|o| o.filled > 0)
+                .map(|o| (Arc::new(o.blob.clone()), o.filled));
+            let mut ps = Vec::with_capacity(ids.len() + 1);
+            for id in ids {
+                let blob = st.ram.touch(id).expect("checked resident under this lock");
+                ps.push((blob, c.page_size));
+            }
+            self.shared
+                .counters
+                .hits
+                .fetch_add(ps.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            ps.extend(open);
+            pages.push(ps);
+        }
+        Ok(Some(Snapshot {
+            books,
+            pages,
+            fp_counts,
+            fk,
+            fv,
+            f,
+        }))
+    }
+}

@@ -37,7 +37,7 @@ use half::f16;
 
 use crate::error::{Error, Result};
 use crate::pq::ProductQuantizer;
-pub use attend::{Attended, Queries};
+pub use attend::{Attended, Queries, Step};
 pub use disk::Slot;
 use disk::{read_at, DiskTier};
 pub use persist::{check_compatible, LoadOptions, STORE_FORMAT_VERSION};

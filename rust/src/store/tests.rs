@@ -987,3 +987,99 @@ fn dense_attention_over_many_chunks_streams_under_a_budget() {
         st.ram_bytes
     );
 }
+
+/// `append_attend` (one call for the batch) equals a per-sequence `append` + `attend_dense`,
+/// with sequences of different lengths and left padding, from RAM (one snapshot) and with
+/// pages on disk (the streaming fallback).
+#[test]
+fn append_attend_equals_append_then_attend_per_sequence() {
+    for on_disk in [false, true] {
+        let c = StoreConfig {
+            batch: 3,
+            ..cfg(None, Some(tmpdir(&format!("append-attend-{on_disk}"))))
+        };
+        let (h, d) = (c.kv_heads, c.head_dim);
+        let (a, b) = (store(c.clone()), store(c.clone()));
+        for s in [&a, &b] {
+            for seq in 0..3 {
+                fill_seq(s, seq, 9 + 7 * seq, 40 + seq as u64);
+            }
+        }
+        if on_disk {
+            a.evict_all().unwrap();
+        }
+        let (hq, tq) = (2 * h, 2);
+        let q = rand(3 * hq * tq * d, 5);
+        let k = rand(3 * h * tq * d, 6);
+        let v = rand(3 * h * tq * d, 7);
+        let starts = [0usize, 3, 12];
+        let scale = 0.4;
+        let step = Step {
+            q: &q,
+            k: &k,
+            v: &v,
+            hq,
+            tq,
+            scale,
+            starts: &starts,
+        };
+        let (out, lse) = a.append_attend(1, &step).unwrap();
+        let (qn, kn) = (hq * tq * d, h * tq * d);
+        for seq in 0..3 {
+            b.append(
+                seq,
+                1,
+                &k[seq * kn..(seq + 1) * kn],
+                &v[seq * kn..(seq + 1) * kn],
+                tq,
+            )
+            .unwrap();
+            let (o, l) = b
+                .attend_dense(
+                    seq,
+                    1,
+                    &Queries {
+                        q: &q[seq * qn..(seq + 1) * qn],
+                        hq,
+                        tq,
+                        scale,
+                        causal: true,
+                        start: starts[seq],
+                    },
+                )
+                .unwrap();
+            let what = format!("seq {seq}, on_disk={on_disk}");
+            assert_close(&out[seq * qn..(seq + 1) * qn], &o, 1e-5, &what);
+            assert_close(&lse[seq * hq * tq..(seq + 1) * hq * tq], &l, 1e-5, &what);
+            assert_eq!(a.num_tokens(seq, 1).unwrap(), b.num_tokens(seq, 1).unwrap());
+        }
+        // Bad input is rejected before anything is appended.
+        let n0 = a.num_tokens(0, 1).unwrap();
+        let bad = Step {
+            starts: &[0, 0],
+            ..step
+        };
+        assert!(matches!(a.append_attend(1, &bad), Err(Error::Shape { .. })));
+        let bad = Step {
+            starts: &[0, 0, 10_000],
+            ..step
+        };
+        assert!(matches!(a.append_attend(1, &bad), Err(Error::Config(_))));
+        let bad = Step {
+            q: &q[..q.len() - 1],
+            ..step
+        };
+        assert!(matches!(a.append_attend(1, &bad), Err(Error::Shape { .. })));
+        let long = rand(3 * h * 4 * d, 8);
+        let bad = Step {
+            k: &long,
+            v: &long,
+            tq: 4, // more than the window of 3
+            q: &rand(3 * hq * 4 * d, 9),
+            ..step
+        };
+        assert!(matches!(a.append_attend(1, &bad), Err(Error::Config(_))));
+        assert_eq!(a.num_tokens(0, 1).unwrap(), n0);
+        let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+    }
+}
