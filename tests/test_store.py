@@ -143,7 +143,7 @@ def test_ram_stays_within_budget_storing_10x(tmp_path):
     # Old pages come back from disk intact.
     first = s.page(0, 0)
     k0 = rand((4, 2048, 64), 0)
-    pq = ctxcore.ProductQuantizer(64, *ctxcore.bits_to_pq(4, 64))
+    pq = ctxcore.ProductQuantizer(64, *ctxcore.bits_to_pq(4, 64)[0])
     pq.train(rand((4, 512, 64), 0)[0], iters=2)
     np.testing.assert_array_equal(first.k_codes[0], pq.encode(k0[0, 4:68]))
     np.testing.assert_allclose(first.k_fp16[0].astype(np.float32), k0[0, 4:68], atol=5e-3)

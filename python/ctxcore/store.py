@@ -47,34 +47,43 @@ from .pq import ProductQuantizer
 __all__ = ["KVStore", "Page", "bits_to_pq"]
 
 
-def bits_to_pq(bits: float, head_dim: int) -> tuple[int, int]:
-    """Map average stored bits per element to ``(m, nbits)`` for a head dimension.
+def bits_to_pq(bits: float, head_dim: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Map average stored bits per element to the ``((k_m, k_nbits), (v_m, v_nbits))`` product
+    quantizers of keys and values for a head dimension.
 
-    The one mapping for :class:`KVStore` and :class:`ctxcore.CompressedCache` (keys and values
-    alike):
+    The one mapping for :class:`KVStore` and :class:`ctxcore.CompressedCache`:
 
-    ====  =========================  ===================================================
-    bits  codes                      kernel / codebook per layer, KV head, K or V (f32)
-    ====  =========================  ===================================================
-    8     ``head_dim`` x 8-bit       1 dim per code; byte tables; ``head_dim`` KiB
-    4     ``head_dim`` x 4-bit       1 dim per code; AVX-512/AVX2 lookup kernels; 64 B/dim
-    2     ``head_dim / 4`` x 8-bit   4 dims per code; byte tables; ``head_dim`` KiB
-    1     ``head_dim / 8`` x 8-bit   8 dims per code; byte tables; ``head_dim`` KiB
-    ====  =========================  ===================================================
+    ====  ===========================  =========================  ==========================
+    bits  keys                         values                     kernels
+    ====  ===========================  =========================  ==========================
+    8     ``D`` x 8-bit (1 dim/code)   ``D`` x 8-bit (1 dim)      byte tables, histograms
+    4     ``D/2`` x 8-bit (2 dims)     ``D`` x 4-bit (1 dim)      key byte tables; values on
+                                                                  the AVX-512/AVX2 lookups
+    2     ``D/4`` x 8-bit (4 dims)     ``D/4`` x 8-bit (4 dims)   byte tables, histograms
+    1     ``D/8`` x 8-bit (8 dims)     ``D/8`` x 8-bit (8 dims)   byte tables, histograms
+    ====  ===========================  =========================  ==========================
 
-    4 bits (the default) is one 16-level scalar quantizer per dimension, trained per layer and
-    KV head by a sorted 1-D k-means (milliseconds): on SmolLM2 it matches 8-bit codes over 2
-    dims in perplexity and passkey retrieval (README, "Evaluation") at 1/16 of the codebook
-    bytes and on the fastest kernels. Below 4 bits vector quantization keeps far more than
-    scalar codes (2 bits: +2.4% perplexity with 16 x 8-bit vs +13.8% with 32 x 4-bit).
+    At 4 bits (the default) keys keep 8-bit vector codes over pairs of dimensions and values
+    take one 16-level scalar quantizer per dimension. Measured on SmolLM2 (README,
+    "Evaluation"): 4-bit scalar keys cost perplexity (+0.7% at 2K tokens, against +0.0% with
+    2-dim 8-bit keys), while 4-bit scalar values cost nothing and run the fastest value
+    kernel with 1/16 of the codebook bytes. Key codebooks are seeded with the grid of two
+    scalar quantizers and refined by a few Lloyd iterations (milliseconds per layer).
     """
-    table = {8: (head_dim, 8), 4: (head_dim, 4), 2: (head_dim // 4, 8), 1: (head_dim // 8, 8)}
+    d = head_dim
+    table = {
+        8: ((d, 8), (d, 8)),
+        4: ((d // 2, 8), (d, 4)),
+        2: ((d // 4, 8), (d // 4, 8)),
+        1: ((d // 8, 8), (d // 8, 8)),
+    }
     if bits not in table:
         raise ConfigError(f"bits must be one of 1, 2, 4, 8, got {bits}")
-    m, nbits = table[bits]
-    if m < 1 or head_dim % m:
-        raise ConfigError(f"bits={bits} needs head_dim divisible by {head_dim // max(m, 1)}; got {head_dim}")
-    return m, nbits
+    layout = table[bits]
+    for m, _ in layout:
+        if m < 1 or d % m:
+            raise ConfigError(f"bits={bits} needs head_dim divisible by {d // max(m, 1)}; got {d}")
+    return layout
 
 
 def _parse_bytes(v: int | str | None, what: str) -> int | None:
@@ -200,11 +209,11 @@ class KVStore:
         ):
             if int(v) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {v}")
-        m, nb = bits_to_pq(bits, head_dim) if (k_m is None or v_m is None) else (0, 0)
+        (km, kb), (vm, vb) = bits_to_pq(bits, head_dim) if (k_m is None or v_m is None) else ((0, 4), (0, 4))
         self._s = _ctxcore.KVStore(
             int(layers), int(kv_heads), int(head_dim), int(page_size), int(window), int(sinks),
-            int(k_m if k_m is not None else m), int(k_nbits if k_nbits is not None else nb or 4),
-            int(v_m if v_m is not None else m), int(v_nbits if v_nbits is not None else nb or 4),
+            int(k_m if k_m is not None else km), int(k_nbits if k_nbits is not None else kb),
+            int(v_m if v_m is not None else vm), int(v_nbits if v_nbits is not None else vb),
             bool(keep_full_precision), int(batch), _parse_bytes(ram_budget, "ram_budget"),
             None if offload_dir is None else os.fspath(offload_dir),
             _parse_bytes(max_disk_bytes, "max_disk_bytes"), str(model_id),

@@ -2,8 +2,8 @@
 //!
 //! Hot kernels are written once as plain Rust loops over fixed-width lane arrays that LLVM
 //! auto-vectorizes, marked `#[inline(always)]`, and instantiated twice by [`dispatch!`]: once
-//! inside a `#[target_feature(enable = "avx2,fma")]` wrapper chosen at run time when the CPU has
-//! AVX2+FMA, once for the baseline target. One source, no `unsafe` arithmetic, and the wheel
+//! inside a `#[target_feature]` wrapper chosen at run time (AVX-512 F/BW, or AVX2+FMA), once for
+//! the baseline target. One source, no `unsafe` arithmetic, and the wheel
 //! stays portable to any x86-64 (or aarch64, where the baseline already has NEON).
 
 /// Widest SIMD level the kernels use on this machine (read once).
@@ -59,7 +59,9 @@ pub fn has_avx512() -> bool {
     level() >= Level::Avx512
 }
 
-/// `dispatch!(fn_name(args...))` calls `fn_name` compiled for AVX2+FMA when available.
+/// `dispatch!(fn_name(args...))` calls `fn_name` compiled for AVX-512 (F, BW) or AVX2+FMA when
+/// available. The loops have no reassociated float reductions, so every width gives the same
+/// results; the wider one runs the lane arrays (16 floats) in one register.
 ///
 /// Expands to a call of a local `#[target_feature]` wrapper around the `#[inline(always)]`
 /// generic function, or of the generic function itself.
@@ -68,7 +70,13 @@ macro_rules! dispatch {
     ($f:ident $(::<$($gen:tt),+>)? ( $($arg:expr),* $(,)? )) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            if $crate::simd::has_avx2_fma() {
+            if $crate::simd::has_avx512() {
+                #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn wide512<F: FnOnce() -> R, R>(f: F) -> R { f() }
+                // SAFETY: the CPU supports AVX-512 F/BW, AVX2 and FMA (checked just above).
+                unsafe { wide512(#[inline(always)] || $f $(::<$($gen),+>)? ($($arg),*)) }
+            } else if $crate::simd::has_avx2_fma() {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn wide<F: FnOnce() -> R, R>(f: F) -> R { f() }

@@ -91,3 +91,31 @@ fn errors_are_typed() {
         Err(Error::Shape { .. })
     ));
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// One-dimensional subspaces encode by comparisons with midpoints: every code must still
+    /// be a nearest centroid of its value.
+    #[test]
+    fn scalar_codes_are_nearest_centroids(nbits in prop_oneof![Just(4u32), Just(8u32)], dim in 1usize..40,
+                                          seed in any::<u64>(), scale in 0.01f32..100.0) {
+        let mut pq = ProductQuantizer::new(dim, dim, nbits).unwrap();
+        pq.train(&vectors(300, dim, seed, scale), 5, seed).unwrap();
+        let x = vectors(50, dim, seed ^ 7, scale * 1.5);
+        let y = pq.decode(&pq.encode(&x).unwrap()).unwrap();
+        let cent = pq.centroids().unwrap();
+        let ksub = 1usize << nbits;
+        for i in 0..50 {
+            for j in 0..dim {
+                let v = x[i * dim + j];
+                let best = cent[j * ksub..(j + 1) * ksub]
+                    .iter()
+                    .map(|c| (v - c).abs())
+                    .fold(f32::INFINITY, f32::min);
+                let got = (v - y[i * dim + j]).abs();
+                prop_assert!(got <= best * (1.0 + 1e-6) + 1e-6 * scale, "dim {} value {}: {} vs {}", j, v, got, best);
+            }
+        }
+    }
+}

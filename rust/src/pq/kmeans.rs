@@ -103,6 +103,41 @@ fn kmeanspp(x: &[f32], n: usize, d: usize, k: usize, rng: &mut SplitMix64) -> Ve
     c
 }
 
+/// `k = side^d` with `side >= 2` and `d <= 2`: the subspace can be seeded with the product of
+/// per-dimension quantizers.
+fn grid_side(k: usize, d: usize) -> Option<usize> {
+    match d {
+        2 => {
+            let side = (k as f64).sqrt().round() as usize;
+            (side >= 2 && side * side == k).then_some(side)
+        }
+        _ => None,
+    }
+}
+
+/// Seed of `side^d` centroids: the grid of one optimal scalar quantizer per dimension
+/// ([`kmeans_1d`]). It starts Lloyd at the scalar-quantization error (which k-means++ seeding
+/// needs several iterations to reach), so a few iterations suffice to exploit the
+/// dimensions' joint distribution.
+fn grid_seed(x: &[f32], n: usize, d: usize, side: usize, iters: usize) -> Vec<f32> {
+    let axes: Vec<Vec<f32>> = (0..d)
+        .map(|dd| {
+            let col: Vec<f32> = (0..n).map(|i| x[i * d + dd]).collect();
+            kmeans_1d(&col, side, iters)
+        })
+        .collect();
+    let k = side.pow(d as u32);
+    let mut c = Vec::with_capacity(k * d);
+    for i in 0..k {
+        let mut rest = i;
+        for axis in &axes {
+            c.push(axis[rest % side]);
+            rest /= side;
+        }
+    }
+    c
+}
+
 /// Train `k` centroids on `x` (`[n, d]`, `n >= k`). Returns Layout `(k, d)`.
 ///
 /// Deterministic for a given `rng` state. Empty clusters are re-seeded with the points farthest
@@ -116,7 +151,10 @@ pub fn kmeans(
     rng: &mut SplitMix64,
 ) -> Vec<f32> {
     debug_assert!(n >= k);
-    let mut c = kmeanspp(x, n, d, k, rng);
+    let mut c = match grid_side(k, d) {
+        Some(side) => grid_seed(x, n, d, side, iters),
+        None => kmeanspp(x, n, d, k, rng),
+    };
     let mut ct = vec![0f32; k * d];
     let mut cm2 = vec![0f32; k * d];
     let mut norms = vec![0f32; k];

@@ -58,6 +58,70 @@ struct Codebooks {
     neg2: Vec<f32>,
     /// Layout: `(m, ksub)` — squared norms of the centroids.
     norms: Vec<f32>,
+    /// One-dimensional subspaces (`dsub = 1`): nearest-centroid search by comparisons with
+    /// the midpoints between sorted centroid values.
+    scalar: Option<ScalarCodes>,
+}
+
+/// Encoding tables of a product quantizer whose subspaces are single dimensions: a value's
+/// nearest centroid is the one whose rank among the sorted centroid values equals the number
+/// of midpoints below the value.
+#[derive(Clone, Debug)]
+struct ScalarCodes {
+    /// Midpoints between consecutive sorted centroid values, Layout `(ksub - 1, m)` (one
+    /// contiguous row per rank: the comparisons vectorize over the subspaces of a vector).
+    mids: Vec<f32>,
+    /// Centroid index of each rank, Layout `(m, ksub)`.
+    order: Vec<u8>,
+}
+
+impl ScalarCodes {
+    fn new(centroids: &[f32], m: usize, ksub: usize) -> Self {
+        let mut mids = vec![0f32; (ksub - 1) * m];
+        let mut order = vec![0u8; m * ksub];
+        for j in 0..m {
+            let c = &centroids[j * ksub..(j + 1) * ksub];
+            let mut idx: Vec<usize> = (0..ksub).collect();
+            idx.sort_by(|&a, &b| c[a].total_cmp(&c[b]).then(a.cmp(&b)));
+            for (r, &i) in idx.iter().enumerate() {
+                order[j * ksub + r] = i as u8;
+            }
+            for r in 0..ksub - 1 {
+                mids[r * m + j] = 0.5 * (c[idx[r]] + c[idx[r + 1]]);
+            }
+        }
+        ScalarCodes { mids, order }
+    }
+
+    /// Codes of `n` rows of `x` (Layout `(n, m)`) into `codes` (`(n, cb)`).
+    #[inline(always)]
+    fn encode(&self, x: &[f32], codes: &mut [u8], m: usize, ksub: usize, nbits: u32) {
+        let cb = if nbits == 8 { m } else { m.div_ceil(2) };
+        let mut rank = vec![0u8; m];
+        for (row, out) in x.chunks_exact(m).zip(codes.chunks_exact_mut(cb)) {
+            rank.fill(0);
+            for mid in self.mids.chunks_exact(m) {
+                for ((r, &v), &b) in rank.iter_mut().zip(row).zip(mid) {
+                    *r += (v > b) as u8;
+                }
+            }
+            if nbits == 8 {
+                for (j, (o, &r)) in out.iter_mut().zip(&rank).enumerate() {
+                    *o = self.order[j * ksub + r as usize];
+                }
+            } else {
+                for (bi, o) in out.iter_mut().enumerate() {
+                    let lo = self.order[2 * bi * ksub + rank[2 * bi] as usize];
+                    let hi = if 2 * bi + 1 < m {
+                        self.order[(2 * bi + 1) * ksub + rank[2 * bi + 1] as usize]
+                    } else {
+                        0
+                    };
+                    *o = lo | (hi << 4);
+                }
+            }
+        }
+    }
 }
 
 impl Codebooks {
@@ -76,11 +140,13 @@ impl Codebooks {
                 &mut norms[j * ksub..(j + 1) * ksub],
             );
         }
+        let scalar = (dsub == 1).then(|| ScalarCodes::new(&centroids, m, ksub));
         Codebooks {
             centroids,
             transposed,
             neg2,
             norms,
+            scalar,
         }
     }
 }
@@ -480,6 +546,10 @@ fn encode_block(
 ) {
     let n = x.len() / dim;
     let cb = codes.len() / n.max(1);
+    if let Some(sc) = &books.scalar {
+        sc.encode(x, codes, m, ksub, nbits);
+        return;
+    }
     for j in 0..m {
         let cm2 = &books.neg2[j * ksub * dsub..(j + 1) * ksub * dsub];
         let norms = &books.norms[j * ksub..(j + 1) * ksub];
