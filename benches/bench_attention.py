@@ -6,9 +6,14 @@ context length (default 8K, 32K, 128K tokens), on the same thread count for both
   sdpa       torch ``scaled_dot_product_attention`` over dense float32 K/V: the faster of
              ``enable_gqa=True`` and the grouped-query view (q as ``[1, Hkv, Hq/Hkv, D]``, no K/V
              expansion); both are in the JSON.
-  pq4        ``ctxcore.ops.pq_attention`` over codes at 4 bits/element (m=head_dim, 4-bit codes)
-             for keys and values, plus a float32 part of 4 sinks + 128 recent tokens.
-  pq2        the same at 2 bits/element (m=head_dim/2, 4-bit codes).
+  sdpa_bf16  the same SDPA (grouped view) over bfloat16 K/V: the half-precision peer.
+  bits4      ``ctxcore.ops.pq_attention`` over codes in the layout of ``bits=4`` (the default of
+             ``KVStore`` and ``CompressedCache``, ``ctxcore.bits_to_pq``: keys 8-bit codes over
+             2 dims, values 4-bit codes over 1 dim), plus a float32 part of 4 sinks + 128 recent
+             tokens.
+  bits2      the same in the layout of ``bits=2`` (8-bit codes over 4 dims for K and V).
+  extra_k64x4_v64x4  a labelled extra: 4-bit codes over 1 dim for keys and values (4 bits per
+             element; the fastest kernels, but no ``bits`` setting uses it for keys).
   quest5     selective attention, Quest-style, 5% of the history: ``ctxcore.ops.page_scores``
              over per-page min/max keys (64-token pages), top-k pages per KV head, exact
              attention over the selected pages where they lie plus sinks + window
@@ -168,17 +173,27 @@ def bench_shape(name: str, shape: tuple[int, int, int], n: int, repeat: int, see
     fns["sdpa_grouped"] = lambda: F.scaled_dot_product_attention(qg, k, v)
     if hq // hkv * k.numel() * 4 <= 4 << 30:  # enable_gqa expands K/V on the CPU
         fns["sdpa_enable_gqa"] = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    for method, m in (("pq4", d), ("pq2", d // 2)):
-        ck = m // 2  # 4-bit codes
+    # The layouts users get (ctxcore.bits_to_pq: KVStore(bits=b) and CompressedCache(bits=b))
+    # and, as a labelled extra, 4-bit scalar codes for keys and values (no bits setting).
+    layouts = {
+        "bits4": ctxcore.bits_to_pq(4, d),
+        "bits2": ctxcore.bits_to_pq(2, d),
+        "extra_k64x4_v64x4": ((d, 4), (d, 4)),
+    }
+    for method, ((km, kb), (vm, vb)) in layouts.items():
+        ck, cv = (km * kb + 7) // 8, (vm * vb + 7) // 8
         kc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
-        vc = torch.randint(0, 256, (1, hkv, n - n_fp, ck), dtype=torch.uint8, generator=g)
-        kcent = torch.randn(hkv, m, 16, d // m, generator=g)
-        vcent = torch.randn(hkv, m, 16, d // m, generator=g)
+        vc = torch.randint(0, 256, (1, hkv, n - n_fp, cv), dtype=torch.uint8, generator=g)
+        kcent = torch.randn(hkv, km, 1 << kb, d // km, generator=g)
+        vcent = torch.randn(hkv, vm, 1 << vb, d // vm, generator=g)
         fns[method] = lambda kc=kc, vc=vc, kcent=kcent, vcent=vcent: ops.pq_attention(
             q, kc, vc, kcent, vcent, fp_k, fp_v
         )
         floats = fp_k.numel() + fp_v.numel() + kcent.numel() + vcent.numel()
         nbytes[method] = kc.numel() + vc.numel() + floats * 4
+    # The half-precision peer: what most users hold (bf16 K/V; fp16 SDPA is slower on CPUs).
+    qh, kh, vh = qg.bfloat16(), k.bfloat16(), v.bfloat16()
+    fns["sdpa_bf16"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
 
     quest = Quest(k[:, :, : n - n_fp], v[:, :, : n - n_fp], fp_k, fp_v, QUEST_FRACTION)
     sel = quest.select(q)
@@ -211,8 +226,17 @@ def bench_shape(name: str, shape: tuple[int, int, int], n: int, repeat: int, see
         sdpa_grouped_ms=t["sdpa_grouped"] * 1e3,
         sdpa_enable_gqa_ms=t["sdpa_enable_gqa"] * 1e3 if "sdpa_enable_gqa" in t else None,
     )
-    for method in ("pq4", "pq2"):
-        row(method, t[method], nbytes[method], bits_per_element={"pq4": 4, "pq2": 2}[method])
+    row("sdpa_bf16", t["sdpa_bf16"], (k.numel() + v.numel()) * 2)
+    for method, layout in layouts.items():
+        bpe = 4 if method != "bits2" else 2
+        row(
+            method,
+            t[method],
+            nbytes[method],
+            bits_per_element=bpe,
+            layout=f"K {layout[0][0]}x{layout[0][1]}-bit, V {layout[1][0]}x{layout[1][1]}-bit",
+            speedup_vs_sdpa_bf16=t["sdpa_bf16"] / t[method],
+        )
     parts = {f"{p}_ms": t[p] * 1e3 for p in ("select", "attend", "gather", "attend_sdpa")}
     row("quest5", t["quest5"], quest.bytes(), pages_selected=quest.top, pages=quest.pages, **parts)
     row("quest5+sdpa", t["quest5+sdpa"], quest.bytes())

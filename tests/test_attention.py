@@ -577,9 +577,10 @@ def store_codebooks(store):
     rng = np.random.default_rng(0)
     train = rng.standard_normal((HKV, 600, D)).astype(np.float32)
     kq, vq = [], []
+    c = store.config
     for h in range(HKV):
-        for lst in (kq, vq):
-            pq = ctxcore.ProductQuantizer(D, store.config["k_m"], store.config["k_nbits"])
+        for lst, m, nbits in ((kq, c["k_m"], c["k_nbits"]), (vq, c["v_m"], c["v_nbits"])):
+            pq = ctxcore.ProductQuantizer(D, m, nbits)
             pq.train(train[h], iters=3, seed=0)
             lst.append(pq)
     return kq, vq

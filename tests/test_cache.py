@@ -344,7 +344,9 @@ def test_memory_stats_counts_everything():
     with torch.no_grad():
         model(_ids(399), past_key_values=cache)
         held = cache.memory_stats()
-        codebooks = 2 * 2 * 2 * 16 * 16 * 4  # reserved: layers x heads x K/V x head_dim x 16 x f32
+        # reserved: layers x heads x (keys: 8-bit over 2 dims = head_dim x 256 floats; values:
+        # 4-bit over 1 dim = head_dim x 16 floats), float32
+        codebooks = 2 * 2 * (16 * 256 + 16 * 16) * 4
         assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
         model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()

@@ -205,10 +205,12 @@ pub fn kmeans(
 
 /// Fine bins of the value range in [`kmeans_1d`].
 const BINS_1D: usize = 1024;
+/// Up to this many values, [`kmeans_1d`] works on the sorted values themselves (exact).
+const EXACT_1D: usize = 1024;
 
 /// k-means for one-dimensional data (`d = 1`), in O(n) plus a few microseconds.
 ///
-/// The values are first summarized in [`BINS_1D`] equal-width bins of their range (count, sum
+/// Beyond [`EXACT_1D`] values, they are first summarized in [`BINS_1D`] equal-width bins of their range (count, sum
 /// and sum of squares per bin; each non-empty bin then acts as one weighted point at its
 /// mean). In one dimension every cluster of a Lloyd fixed point is an interval of the ordered
 /// points, so an iteration is `k` binary searches plus `k` range means from prefix sums:
@@ -231,18 +233,32 @@ pub fn kmeans_1d(x: &[f32], k: usize, iters: usize) -> Vec<f32> {
     let (lo, hi) = (lo as f64, hi as f64);
     let width = (hi - lo) / BINS_1D as f64;
     let inv = if width > 0.0 { 1.0 / width } else { 0.0 };
-    let mut cnt = vec![0f64; BINS_1D];
-    let mut sum = vec![0f64; BINS_1D];
-    let mut sq = vec![0f64; BINS_1D];
-    for &v in x {
-        let v = v as f64;
-        let b = (((v - lo) * inv) as usize).min(BINS_1D - 1);
-        cnt[b] += 1.0;
-        sum[b] += v;
-        sq[b] += v * v;
+    // Up to EXACT_1D values are their own points (sorted: no two values share a bin); more
+    // are summarized in the bins.
+    let bins = if n <= EXACT_1D { n } else { BINS_1D };
+    let mut cnt = vec![0f64; bins];
+    let mut sum = vec![0f64; bins];
+    let mut sq = vec![0f64; bins];
+    if n <= EXACT_1D {
+        let mut sorted: Vec<f32> = x.to_vec();
+        sorted.sort_unstable_by(f32::total_cmp);
+        for (i, &v) in sorted.iter().enumerate() {
+            let v = v as f64;
+            cnt[i] = 1.0;
+            sum[i] = v;
+            sq[i] = v * v;
+        }
+    } else {
+        for &v in x {
+            let v = v as f64;
+            let b = (((v - lo) * inv) as usize).min(BINS_1D - 1);
+            cnt[b] += 1.0;
+            sum[b] += v;
+            sq[b] += v * v;
+        }
     }
     // Non-empty bins as weighted points, in increasing order, with prefix sums.
-    let keep: Vec<usize> = (0..BINS_1D).filter(|&b| cnt[b] > 0.0).collect();
+    let keep: Vec<usize> = (0..bins).filter(|&b| cnt[b] > 0.0).collect();
     let pts: Vec<f64> = keep.iter().map(|&b| sum[b] / cnt[b]).collect();
     let mut pc = vec![0f64; keep.len() + 1];
     let mut ps = pc.clone();
@@ -277,12 +293,19 @@ pub fn kmeans_1d(x: &[f32], k: usize, iters: usize) -> Vec<f32> {
     // Value density on 64 coarse cells (each 64 fine bins), cube-rooted, spread over the
     // points of each cell.
     let cells = 64;
-    let per = BINS_1D / cells;
+    let cell = |i: usize| -> usize {
+        if n <= EXACT_1D {
+            // Sorted values: their cell by value.
+            (((pts[i] - lo) * inv / (BINS_1D / cells) as f64) as usize).min(cells - 1)
+        } else {
+            keep[i] / (BINS_1D / cells)
+        }
+    };
     let mut cell_pts = vec![0usize; cells];
     let mut cell_cnt = vec![0f64; cells];
-    for &b in &keep {
-        cell_pts[b / per] += 1;
-        cell_cnt[b / per] += cnt[b];
+    for (i, &b) in keep.iter().enumerate() {
+        cell_pts[cell(i)] += 1;
+        cell_cnt[cell(i)] += cnt[b];
     }
     let cell_w: Vec<f64> = (0..cells)
         .map(|i| {
@@ -293,7 +316,7 @@ pub fn kmeans_1d(x: &[f32], k: usize, iters: usize) -> Vec<f32> {
             }
         })
         .collect();
-    let cube: Vec<f64> = keep.iter().map(|&b| cell_w[b / per]).collect();
+    let cube: Vec<f64> = (0..keep.len()).map(|i| cell_w[cell(i)]).collect();
     fit.lloyd(by_mass(&cube), iters.max(64))
         .1
         .into_iter()

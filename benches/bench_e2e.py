@@ -1,0 +1,156 @@
+"""End to end on the default model: the default ``CompressedCache(config, bits=4)`` vs
+``DynamicCache``, in one process, interleaved repetitions.
+
+Per context length (default 2K, 4K, 7K tokens of tinyshakespeare or ``--text``):
+
+  TTFT   prefill + first decode step, everything counted (calibration, compression);
+  TPOT   mean of ``--steps`` greedy decode steps after the first token;
+  KV     bytes per cached token (``memory_stats()["compressed_bytes"] / tokens`` for ctxcore,
+         fp16-equivalent K/V for DynamicCache: ``dense_fp16_bytes``), divided by the tokens
+         actually cached.
+
+Then a batch of ``--batch`` sequences of ``--batch-tokens`` tokens (different text per row):
+decode throughput (tokens/s over ``--steps`` steps) for both caches.
+
+Ratios > 1 mean ctxcore is better (faster, or fewer bytes). Every figure is the median of
+``--reps`` interleaved repetitions (full, ctxcore, full, ctxcore, ...); min and max are kept in the
+JSON (default bench-results/e2e.json).
+
+Usage: python benches/bench_e2e.py [--lengths 2048 4096 7168] [--reps 3] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+import ctxcore
+
+
+def _cache(method: str, model):
+    if method == "full":
+        return DynamicCache(config=model.config)
+    return ctxcore.CompressedCache(model.config, bits=4)
+
+
+@torch.no_grad()
+def single(model, ids: torch.Tensor, method: str, steps: int) -> dict:
+    cache = _cache(method, model)
+    n = ids.shape[1]
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n]]))
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n + 1 + i]]))
+    tpot = (time.perf_counter() - t1) / steps
+    if method == "full":
+        tokens = cache.get_seq_length()
+        kv = sum(lay.keys.numel() + lay.values.numel() for lay in cache.layers) * 2  # fp16 equivalent
+    else:
+        s = cache.memory_stats()
+        tokens, kv = s["tokens"], s["compressed_bytes"]
+    return {"ttft_s": ttft, "tpot_s": tpot, "tokens": tokens, "kv_bytes_per_token": kv / tokens}
+
+
+@torch.no_grad()
+def batched(model, ids: torch.Tensor, method: str, steps: int) -> dict:
+    cache = _cache(method, model)
+    b, n = ids.shape
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n))
+    t1 = time.perf_counter()
+    for i in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n + 1 + i))
+    dt = time.perf_counter() - t1
+    return {"step_s": dt / steps, "tokens_per_s": b * steps / dt}
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7168])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text", default=str(Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt"))
+    ap.add_argument("--out", default="bench-results/e2e.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ctxcore.set_num_threads(args.threads)
+    model, tok = ctxcore.load_default_model()
+    ctxcore.enable(model)
+    ids = torch.tensor(tok(Path(args.text).read_text()[:400_000])["input_ids"])
+    single(model, ids[None, :256], "ctxcore4", 2)  # warm-up (allocator, thread pools)
+    rows = []
+    for n in args.lengths:
+        runs: dict[str, list[dict]] = {"full": [], "ctxcore4": []}
+        for _ in range(args.reps):
+            for m in runs:
+                runs[m].append(single(model, ids[None, :n], m, args.steps))
+        row = {"tokens": n}
+        for m, rs in runs.items():
+            row[m] = {k: spread([r[k] for r in rs]) for k in ("ttft_s", "tpot_s", "kv_bytes_per_token")}
+        f, c = row["full"], row["ctxcore4"]
+        row["ttft_ratio"] = c["ttft_s"]["median"] / f["ttft_s"]["median"]
+        row["tpot_speedup"] = f["tpot_s"]["median"] / c["tpot_s"]["median"]
+        row["kv_vs_fp16"] = c["kv_bytes_per_token"]["median"] / f["kv_bytes_per_token"]["median"]
+        rows.append(row)
+        print(
+            f"L={n}: TTFT full {f['ttft_s']['median']:.2f} s, ctxcore {c['ttft_s']['median']:.2f} s "
+            f"({row['ttft_ratio']:.2f}x of full); TPOT full {f['tpot_s']['median'] * 1e3:.1f} ms, ctxcore "
+            f"{c['tpot_s']['median'] * 1e3:.1f} ms ({row['tpot_speedup']:.2f}x faster); KV "
+            f"{c['kv_bytes_per_token']['median']:.0f} B/token = {row['kv_vs_fp16']:.3f}x of fp16",
+            flush=True,
+        )
+    starts = [i * 7919 for i in range(args.batch)]
+    bids = torch.stack([ids[s : s + args.batch_tokens] for s in starts])
+    bruns: dict[str, list[dict]] = {"full": [], "ctxcore4": []}
+    for _ in range(args.reps):
+        for m in bruns:
+            bruns[m].append(batched(model, bids, m, args.steps))
+    keys = ("step_s", "tokens_per_s")
+    batch = {m: {k: spread([r[k] for r in rs]) for k in keys} for m, rs in bruns.items()}
+    batch["throughput_ratio"] = (
+        batch["ctxcore4"]["tokens_per_s"]["median"] / batch["full"]["tokens_per_s"]["median"]
+    )
+    bf, bc = batch["full"]["tokens_per_s"]["median"], batch["ctxcore4"]["tokens_per_s"]["median"]
+    print(
+        f"batch {args.batch} x {args.batch_tokens}: full {bf:.1f} tok/s, ctxcore {bc:.1f} tok/s "
+        f"({batch['throughput_ratio']:.2f}x)",
+        flush=True,
+    )
+    result = {
+        "bench": "e2e",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "simd": ctxcore.cpu_simd(), "threads": args.threads},
+        "settings": vars(args)
+        | {"ctxcore": "CompressedCache(config, bits=4) defaults", "layout": "K 32 x 8-bit, V 64 x 4-bit"},
+        "rows": rows,
+        "batch": batch,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
