@@ -24,7 +24,7 @@
 //! `[decode(codes); fp]` up to float rounding.
 
 #[cfg(target_arch = "x86_64")]
-mod avx512;
+pub(crate) mod avx512;
 mod cpu;
 mod values;
 

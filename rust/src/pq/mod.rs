@@ -424,6 +424,38 @@ impl ProductQuantizer {
         let luts = self.lookup_tables(q, metric)?;
         let nq = q.len() / self.dim;
         let (m, ksub, cb) = (self.m, self.ksub(), self.code_bytes());
+        #[cfg(target_arch = "x86_64")]
+        if self.nbits == 4 && metric == Metric::InnerProduct && crate::simd::has_avx512() {
+            // Exact float scores on the attention key kernel: one `vpermps` decodes a dimension
+            // for 16 codes, shared by every query (no per-query byte tables).
+            let books = self.books("scores")?;
+            let dsub = self.dsub();
+            let mut out = vec![0f32; nq * n];
+            par_blocks(codes, cb, nq, &mut out, |c, rows| {
+                let len = c.len() / cb;
+                let mut s = vec![0f32; nq * len];
+                // SAFETY: has_avx512 says the CPU has AVX-512 F/BW/VBMI, AVX2 and FMA; the
+                // shapes are the validated ones of this quantizer.
+                unsafe {
+                    crate::attention::avx512::key_scores(
+                        q,
+                        1.0,
+                        nq,
+                        len,
+                        c,
+                        cb,
+                        m,
+                        dsub,
+                        &books.centroids,
+                        &mut s,
+                    )
+                };
+                for (qi, row) in rows.iter_mut().enumerate() {
+                    row.copy_from_slice(&s[qi * len..(qi + 1) * len]);
+                }
+            })?;
+            return Ok(out);
+        }
         // Byte tables: one 256-entry table per code byte and query.
         let tables: Vec<[f32; 256]> = if self.nbits == 8 {
             luts.chunks_exact(256)
