@@ -8,7 +8,7 @@ const BLOCK: usize = 256;
 /// Tokens per parallel chunk (split-K), for codes and for the full-precision part.
 const CHUNK: usize = 4096;
 /// Below this many (token, query) pairs a call runs on the calling thread.
-const SEQUENTIAL_BELOW: usize = 1 << 15;
+const SEQUENTIAL_BELOW: usize = 1 << 12;
 
 /// Inputs of [`pq_attention`]. All arrays are row-major (C-contiguous).
 #[derive(Clone, Copy, Debug)]
