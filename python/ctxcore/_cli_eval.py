@@ -46,6 +46,12 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--trials", type=int, default=None, help="passkey trials per (length, depth) cell")
     p.add_argument(
+        "--reps",
+        type=int,
+        default=None,
+        help="speed: interleaved repetitions of every (method, length) (default 3; 1 with --quick)",
+    )
+    p.add_argument(
         "--depths", default=None, help="comma-separated passkey depths in [0, 1] (default 0,0.25,0.5,0.75,1)"
     )
     p.add_argument(
@@ -122,7 +128,8 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             res = _speed(ev, model, ids, methods, args, lengths)
         path = out_dir / f"eval-{what}.json"
-        path.write_text(json.dumps({**meta, "results": res}, indent=1))
+        extra = {"spread": _spread(res)} if what == "speed" and res else {}
+        path.write_text(json.dumps({**meta, "results": res, **extra}, indent=1))
         _step(f"wrote {path}")
     return 0
 
@@ -167,12 +174,14 @@ def _ppl(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Names
                         "nll": r.nll,
                         "scored": n_score,
                         "kv_bytes": r.kv_bytes,
-                        "kv_bytes_per_token": r.kv_bytes / length,
+                        "cached_tokens": r.cached_tokens,
+                        "kv_bytes_per_token": r.kv_bytes / r.cached_tokens,
                         "sink_window": sink_w if m == "sink" else None,
                         "seconds": r.seconds,
                     }
                 )
-                _step(f"ppl L={length} window {w} {m:<16} {r.ppl:8.3f}  ({r.kv_bytes / length:,.0f} B/token)")
+                per = r.kv_bytes / r.cached_tokens
+                _step(f"ppl L={length} window {w} {m:<16} {r.ppl:8.3f}  ({per:,.0f} B/token)")
     return rows
 
 
@@ -203,6 +212,34 @@ def _speed_lengths(args: argparse.Namespace, lengths: Any) -> list[int]:
     return lengths or ([512] if args.quick else [2048, 4096, 7168])
 
 
+def _reps(args: argparse.Namespace) -> int:
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    if reps < 1:
+        raise UserError(f"--reps must be >= 1, got {reps}")
+    return reps
+
+
+def _spread(rows: list[dict]) -> list[dict]:
+    """Median, min and max of TTFT and TPOT per (method, length) over the repetitions."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r["method"], r["length"]) for r in rows):
+        rs = [r for r in rows if (r["method"], r["length"]) == key]
+        row: dict = {"method": key[0], "length": key[1], "reps": len(rs)}
+        for f in ("ttft_s", "tpot_s"):
+            xs = [r[f] for r in rs]
+            row[f] = {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+        out.append(row)
+        _step(
+            f"speed L={key[1]} {key[0]:<16} TTFT {row['ttft_s']['median']:.2f} s "
+            f"[{row['ttft_s']['min']:.2f}, {row['ttft_s']['max']:.2f}]  TPOT "
+            f"{row['tpot_s']['median'] * 1000:.0f} ms [{row['tpot_s']['min'] * 1000:.0f}, "
+            f"{row['tpot_s']['max'] * 1000:.0f}] over {len(rs)} interleaved runs"
+        )
+    return out
+
+
 def _speed(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Namespace, lengths: Any) -> list:
     lengths = _speed_lengths(args, lengths)
     rows = []
@@ -210,10 +247,12 @@ def _speed(ev: Any, model: Any, ids: Any, methods: list[str], args: argparse.Nam
         if ids.numel() < length + 1:
             _step(f"speed: text too short for {length} tokens; skipping")
             continue
-        for m in methods:
-            r = ev.speed(model, ids, length, m, new_tokens=8 if args.quick else 32)
-            rows.append({"method": m, "length": length, **r})
-            _step(f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms")
+        # Repetitions interleaved across methods: every method sees the same machine phases.
+        for rep in range(_reps(args)):
+            for m in methods:
+                r = ev.speed(model, ids, length, m, new_tokens=8 if args.quick else 32)
+                rows.append({"method": m, "length": length, "rep": rep, **r})
+                _step(f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms")
     return rows
 
 
@@ -224,22 +263,24 @@ def _speed_isolated(methods: list[str], args: argparse.Namespace, lengths: Any) 
 
     lengths = _speed_lengths(args, lengths)
     rows = []
-    for length in lengths:
-        for m in methods:
-            with tempfile.TemporaryDirectory(prefix="ctxcore-eval-") as tmp:
-                cmd = [sys.executable, "-m", "ctxcore", "eval", "speed", "--methods", m]
-                cmd += ["--lengths", str(length), "--out", tmp]
-                cmd += ["--quick"] if args.quick else []
-                cmd += ["--text", args.text] if args.text else []
-                cmd += ["--model", args.model] if args.model else []
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise UserError(f"speed run of {m} at {length} tokens failed:\n{p.stderr[-2000:]}")
-                got = json.loads((Path(tmp) / "eval-speed.json").read_text())["results"]
-            rows += got
+    runs = [(n, rep, m) for n in lengths for rep in range(_reps(args)) for m in methods]
+    for length, rep, m in runs:
+        with tempfile.TemporaryDirectory(prefix="ctxcore-eval-") as tmp:
+            cmd = [sys.executable, "-m", "ctxcore", "eval", "speed", "--methods", m, "--reps", "1"]
+            cmd += ["--lengths", str(length), "--out", tmp]
+            cmd += ["--quick"] if args.quick else []
+            cmd += ["--text", args.text] if args.text else []
+            cmd += ["--model", args.model] if args.model else []
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise UserError(f"speed run of {m} at {length} tokens failed:\n{p.stderr[-2000:]}")
+            got = json.loads((Path(tmp) / "eval-speed.json").read_text())["results"]
             for r in got:
-                _step(
-                    f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms  "
-                    f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (own process)"
-                )
+                r["rep"] = rep
+        rows += got
+        for r in got:
+            _step(
+                f"speed L={length} {m:<16} TTFT {r['ttft_s']:.2f} s  TPOT {r['tpot_s'] * 1000:.0f} ms  "
+                f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (own process)"
+            )
     return rows

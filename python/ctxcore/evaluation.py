@@ -158,6 +158,9 @@ class PplResult:
     tokens: int
     kv_bytes: int
     seconds: float
+    #: Tokens the cache held when ``kv_bytes`` was read (the prefix plus the scored tokens but
+    #: the last): divide by this, not by ``prefix``, for bytes per token.
+    cached_tokens: int = 0
 
 
 @torch.no_grad()
@@ -193,8 +196,17 @@ def perplexity(
         if progress is not None:
             progress(1)
     mean = nll / n_score
+    cached = int(cache.get_seq_length())
     return PplResult(
-        method, prefix, 0, mean, math.exp(mean), n_score, kv_bytes(cache, model), time.perf_counter() - t0
+        method,
+        prefix,
+        0,
+        mean,
+        math.exp(mean),
+        n_score,
+        kv_bytes(cache, model),
+        time.perf_counter() - t0,
+        cached,
     )
 
 
