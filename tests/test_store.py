@@ -541,3 +541,32 @@ def test_crop():
         s.crop(1, seq=2)
     with pytest.raises(ConfigError):
         s.crop(-1)
+
+
+def test_one_budget_rule_for_cache_store_and_ops():
+    """Selection budgets follow one rule everywhere: an int count >= 0 or a fraction in (0, 1]."""
+    import torch
+    from transformers import LlamaConfig
+
+    from ctxcore import ops
+
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1,
+    )  # fmt: skip
+    s = make_store(keep_full_precision=True)
+    s.append(0, rand((H, 200, D), 3), rand((H, 200, D), 4))
+    q = rand((2 * H, 1, D), 5)
+    abstracts = torch.from_numpy(s.abstracts(0))[None]
+    for bad in (0.0, 1.5, -1, True, "10"):
+        with pytest.raises(ConfigError, match="budget"):
+            s.attend(0, q, method="quest", budget=bad)
+        with pytest.raises(ConfigError, match="budget"):
+            ops.select_pages(torch.from_numpy(q)[None], abstracts, bad)
+        with pytest.raises(ConfigError, match="budget"):
+            ctxcore.CompressedCache(cfg, select=bad)
+    # The same good budgets are accepted by all three.
+    for good in (0, 1, 64, 0.25, 1.0):
+        s.attend(0, q, method="quest", budget=good)
+        ops.select_pages(torch.from_numpy(q)[None], abstracts, good)
+        ctxcore.CompressedCache(cfg, select=good)

@@ -52,7 +52,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .exceptions import ConfigError, DeviceError, ShapeError, UnsupportedModelError
 from .pq import ProductQuantizer
-from .store import KVStore, _parse_bytes
+from .store import KVStore, _parse_bytes, check_budget
 
 __all__ = ["CompressedCache", "CompressedLayer", "check_supported", "model_fingerprint"]
 
@@ -641,12 +641,7 @@ class CompressedCache(Cache):
         self.num_layers, self.q_heads, self.kv_heads, self.head_dim = _shape(cfg)
         self.bits, self.window, self.sinks, self.page_size = bits, int(window), int(sinks), int(page_size)
         if select is not None:
-            if isinstance(select, bool) or not isinstance(select, (int, float)):
-                raise ConfigError(f"select must be a token count (int) or a fraction (float), got {select!r}")
-            if isinstance(select, float) and not 0.0 < select <= 1.0:
-                raise ConfigError(f"select as a fraction must be in (0, 1], got {select}")
-            if isinstance(select, int) and select < 0:
-                raise ConfigError(f"select must be >= 0 tokens, got {select}")
+            check_budget(select, "CompressedCache(select=...)")
         self.select = select
         if prefill_block is not None and int(prefill_block) < 1:
             raise ConfigError(f"prefill_block must be >= 1 token, got {prefill_block}")

@@ -770,16 +770,10 @@ def _unpack(codes: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
 
 
 def _budget(budget: int | float, total: int, what: str) -> int:
-    """A count (int >= 0) or a fraction of ``total`` (float in (0, 1]) -> a count <= total."""
-    if isinstance(budget, bool):
-        raise ConfigError(f"{what}: budget must be an int count or a float fraction, got {budget!r}")
-    if isinstance(budget, float):
-        if not 0.0 < budget <= 1.0:
-            raise ConfigError(f"{what}: a fractional budget must be in (0, 1], got {budget}")
-        return min(total, math.ceil(budget * total - 1e-9))
-    if int(budget) < 0:
-        raise ConfigError(f"{what}: budget must be >= 0, got {budget}")
-    return min(total, int(budget))
+    """:func:`ctxcore.store.budget_count`: the one budget rule of the cache, the store and the ops."""
+    from .store import budget_count
+
+    return budget_count(budget, total, what)
 
 
 def select_pages(q: torch.Tensor, abstracts: Any, budget: int | float) -> torch.Tensor:

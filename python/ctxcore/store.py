@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,26 @@ def bits_to_pq(bits: float, head_dim: int) -> tuple[tuple[int, int], tuple[int, 
         if m < 1 or d % m:
             raise ConfigError(f"bits={bits} needs head_dim divisible by {d // max(m, 1)}; got {d}")
     return layout
+
+
+def check_budget(budget: Any, what: str) -> None:
+    """The one rule for selection budgets (``CompressedCache(select=)``, ``KVStore.attend``, the
+    ops): an int count ``>= 0``, or a float fraction in ``(0, 1]``. Raises ConfigError."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)):
+        raise ConfigError(f"{what}: budget must be an int count or a float fraction, got {budget!r}")
+    if isinstance(budget, (float, np.floating)):
+        if not 0.0 < float(budget) <= 1.0:
+            raise ConfigError(f"{what}: a fractional budget must be in (0, 1], got {budget}")
+    elif int(budget) < 0:
+        raise ConfigError(f"{what}: budget must be >= 0, got {budget}")
+
+
+def budget_count(budget: int | float, total: int, what: str) -> int:
+    """``budget`` (see :func:`check_budget`) as a count out of ``total``: a fraction rounds up."""
+    check_budget(budget, what)
+    if isinstance(budget, (float, np.floating)):
+        return min(total, math.ceil(float(budget) * total - 1e-9))
+    return min(total, int(budget))
 
 
 def _parse_bytes(v: int | str | None, what: str) -> int | None:
@@ -456,16 +477,11 @@ class KVStore:
         sinks = min(self.num_tokens(layer, seq), c["sinks"])
         closed -= min(max(start - sinks, 0) // c["page_size"], closed)
         if budget is None:
-            pages = closed
-        elif isinstance(budget, float):
-            if not 0.0 <= budget <= 1.0:
-                raise ConfigError(f"budget as a fraction must be in [0, 1], got {budget}")
-            pages = int(np.ceil(budget * closed))
-        else:
-            if int(budget) < 0:
-                raise ConfigError(f"budget must be >= 0 tokens, got {budget}")
-            pages = -(-int(budget) // c["page_size"])
-        return pages
+            return closed
+        check_budget(budget, "KVStore.attend")
+        if isinstance(budget, (float, np.floating)):
+            return budget_count(budget, closed, "KVStore.attend")
+        return -(-int(budget) // c["page_size"])
 
     def prefetch(self, layer: int, pages: list[int], seq: int = 0) -> None:
         """Load ``pages`` into RAM in the background, ahead of use."""
