@@ -185,8 +185,11 @@ struct Case {
     n: usize,
     f: usize,
     k_dsub: usize,
+    /// Key code bits.
     nbits: u32,
     v_dsub: usize,
+    /// Value code bits (`None`: as the keys).
+    v_nbits: Option<u32>,
     dtype: DType,
     causal: bool,
     /// Left padding of sequence 1 (codes) and a shorter fp part for it.
@@ -198,9 +201,10 @@ fn run_attention(c: Case, seed: u64) {
     let mut rng = Rng::new(seed, 7);
     let (b, hq, hkv, tq, d, n, f) = (c.batch, c.hq, c.hkv, c.tq, c.d, c.n, c.f);
     let (k_m, v_m) = (d / c.k_dsub, d / c.v_dsub);
-    let ksub = 1usize << c.nbits;
+    let vbits = c.v_nbits.unwrap_or(c.nbits);
+    let (ksub, vsub) = (1usize << c.nbits, 1usize << vbits);
     let kcb = (k_m * c.nbits as usize).div_ceil(8);
-    let vcb = (v_m * c.nbits as usize).div_ceil(8);
+    let vcb = (v_m * vbits as usize).div_ceil(8);
     let (q, q_bytes) = in_dtype(&randn(&mut rng, b * hq * tq * d), c.dtype);
     let k_codes: Vec<u8> = (0..b * hkv * n * kcb)
         .map(|_| rng.below(256) as u8)
@@ -209,7 +213,7 @@ fn run_attention(c: Case, seed: u64) {
         .map(|_| rng.below(256) as u8)
         .collect();
     let k_cent = randn(&mut rng, hkv * ksub * d);
-    let v_cent = randn(&mut rng, hkv * ksub * d);
+    let v_cent = randn(&mut rng, hkv * vsub * d);
     let (fp_k, fk_bytes) = in_dtype(&randn(&mut rng, b * hkv * f * d), c.dtype);
     let (fp_v, fv_bytes) = in_dtype(&randn(&mut rng, b * hkv * f * d), c.dtype);
     let mut code_range = vec![(0usize, n); b];
@@ -234,7 +238,7 @@ fn run_attention(c: Case, seed: u64) {
         k_nbits: c.nbits,
         v_cent: &v_cent,
         v_m,
-        v_nbits: c.nbits,
+        v_nbits: vbits,
         code_range: &code_range,
         f,
         fp_k: &fp_k,
@@ -256,7 +260,7 @@ fn run_attention(c: Case, seed: u64) {
         k_m,
         k_nbits: c.nbits,
         v_m,
-        v_nbits: c.nbits,
+        v_nbits: vbits,
         dtype: c.dtype,
         scale,
         causal: c.causal,
@@ -349,6 +353,7 @@ fn base() -> Case {
         k_dsub: 2,
         nbits: 8,
         v_dsub: 2,
+        v_nbits: None,
         dtype: DType::F32,
         causal: true,
         pad: false,
@@ -396,6 +401,39 @@ fn attention_matches_cpu_reference_for_4_bit_codes_and_odd_widths() {
                 ..base()
             },
             10 + i as u64,
+        );
+    }
+}
+
+#[test]
+fn attention_matches_cpu_reference_for_the_default_layout() {
+    // bits=4 (ctxcore.bits_to_pq): keys 8-bit codes over 2 dims, values 4-bit codes over 1 dim;
+    // SmolLM2's GQA shape, float32 and bfloat16 inputs, left padding, a causal chunk.
+    for (i, (dtype, tq, n)) in [
+        (DType::F32, 1, 700),
+        (DType::BF16, 1, 300),
+        (DType::F32, 3, 513),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        run_attention(
+            Case {
+                batch: 2,
+                hq: 9,
+                hkv: 3,
+                tq,
+                n,
+                d: 64,
+                k_dsub: 2,
+                nbits: 8,
+                v_dsub: 1,
+                v_nbits: Some(4),
+                dtype,
+                pad: true,
+                ..base()
+            },
+            40 + i as u64,
         );
     }
 }
