@@ -228,15 +228,11 @@ pub(super) fn codes_chunk(
         rows.truncate(nq);
         fastscan::scan(&tables.kq, kc, ck, &mut rows);
     } else {
-        let mut start = 0;
-        while start < len {
-            let end = (start + BLOCK).min(len);
-            for qi in 0..nq {
-                let codes = &kc[start * ck..end * ck];
-                let out = &mut s[qi * len + start..qi * len + end];
-                scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], codes, out);
-            }
-            start = end;
+        // One query's byte tables (ck x 1 KiB: 32 KiB at 32 code bytes) at a time over the
+        // whole chunk: they stay in L1, where a block-major order cycles the group's tables
+        // (96 KiB at GQA 3) through L2 on every block; the chunk's codes stay in L2.
+        for qi in 0..nq {
+            scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], kc, &mut s[qi * len..(qi + 1) * len]);
         }
     }
     // Pass 2: softmax numerators.

@@ -3,8 +3,6 @@ use crate::error::{Error, Result};
 use crate::pq::fastscan::{self, QuantLut};
 use crate::pq::kernels::{pair_tables_4bit, scan_bytes};
 
-/// Code tokens per block inside a chunk (scores of a block stay in L1).
-const BLOCK: usize = 256;
 /// Tokens per parallel chunk (split-K), for codes and for the full-precision part.
 const CHUNK: usize = 4096;
 /// Below this many (token, query) pairs a call runs on the calling thread.
