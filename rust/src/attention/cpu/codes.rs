@@ -232,7 +232,11 @@ pub(super) fn codes_chunk(
         // whole chunk: they stay in L1, where a block-major order cycles the group's tables
         // (96 KiB at GQA 3) through L2 on every block; the chunk's codes stay in L2.
         for qi in 0..nq {
-            scan_bytes(&tables.k[qi * ck..(qi + 1) * ck], kc, &mut s[qi * len..(qi + 1) * len]);
+            scan_bytes(
+                &tables.k[qi * ck..(qi + 1) * ck],
+                kc,
+                &mut s[qi * len..(qi + 1) * len],
+            );
         }
     }
     // Pass 2: softmax numerators.
