@@ -15,9 +15,6 @@ pub fn derived(c: &[f32], k: usize, d: usize, ct: &mut [f32], cm2: &mut [f32], n
     }
 }
 
-/// k-means++ seeding looks at most this many points per centroid (see [`kmeans`]).
-const SEED_POINTS_PER_CENTROID: usize = 4;
-
 /// Points per block of the k-means++ distance table (block sums make sampling O(n / B + B)).
 const PP_BLOCK: usize = 256;
 
@@ -119,20 +116,7 @@ pub fn kmeans(
     rng: &mut SplitMix64,
 ) -> Vec<f32> {
     debug_assert!(n >= k);
-    // k-means++ seeds from a strided subset of at most SEED_POINTS_PER_CENTROID * k points: its
-    // cost is O(points * k) (sequential over the k picks), the Lloyd iterations use every point.
-    let cap = SEED_POINTS_PER_CENTROID * k;
-    let mut c = if n > cap {
-        let sub: Vec<f32> = (0..cap)
-            .flat_map(|i| {
-                let r = i * n / cap;
-                x[r * d..(r + 1) * d].iter().copied()
-            })
-            .collect();
-        kmeanspp(&sub, cap, d, k, rng)
-    } else {
-        kmeanspp(x, n, d, k, rng)
-    };
+    let mut c = kmeanspp(x, n, d, k, rng);
     let mut ct = vec![0f32; k * d];
     let mut cm2 = vec![0f32; k * d];
     let mut norms = vec![0f32; k];
