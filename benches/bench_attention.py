@@ -318,14 +318,14 @@ def main() -> None:
             rows += bench_shape(name, shape, n, args.repeat, seed=n)
 
     hdr = (
-        f"{'model':<13} {'tokens':>8} {'method':<11} {'ms':>9} {'vs sdpa':>8} {'MB/step':>9} "
+        f"{'model':<13} {'tokens':>8} {'method':<17} {'ms':>9} {'vs sdpa':>8} {'MB/step':>9} "
         f"{'GB/s':>6} {'% bw':>5}"
     )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(
-            f"{r['model']:<13} {r['tokens']:>8} {r['method']:<11} {r['time_ms']:>9.2f} "
+            f"{r['model']:<13} {r['tokens']:>8} {r['method']:<17} {r['time_ms']:>9.2f} "
             f"{r['speedup_vs_sdpa']:>7.2f}x {r['bytes'] / 1e6:>9.1f} {r['GBps']:>6.2f} "
             f"{100 * r['GBps'] / peak:>4.0f}%"
         )

@@ -7,11 +7,11 @@ tokens (rows that do not fit in GPU memory are reported as skipped):
 
   sdpa     ``scaled_dot_product_attention`` with the flash backend over float16 K/V, the query
            heads of each KV head as query rows (no K/V expansion).
-  pq4      ``ctxcore.ops.pq_attention`` at 4 bits per element as ``CompressedCache(bits=4)``
-           stores it: 8-bit codes over 2 dims (256 centroids per subquantizer), keys and values,
-           plus a float16 part of 4 sinks + 128 recent tokens.
-  pq4n     4 bits per element as 4-bit codes over 1 dim (16 centroids).
-  pq2      2 bits per element: 8-bit codes over 4 dims.
+  bits4    ``ctxcore.ops.pq_attention`` in the layout of ``CompressedCache(bits=4)`` /
+           ``KVStore(bits=4)`` (``ctxcore.bits_to_pq``: keys 8-bit codes over 2 dims, values 4-bit
+           codes over 1 dim), plus a float16 part of 4 sinks + 128 recent tokens.
+  bits2    the layout of ``bits=2``: 8-bit codes over 4 dims for keys and values.
+  extra_k64x4_v64x4  a labelled extra, no ``bits`` setting: 4-bit codes over 1 dim for both.
   quest5   ``ctxcore.ops.quest_attention``, 5% of the pages (64 tokens): ``page_scores`` on
            per-page key bounds, ``torch.topk``, ``gather_pages`` of the selected float16 K/V,
            exact attention over them + sinks + window (``pq_attention`` with no codes).
@@ -112,20 +112,26 @@ def bench(batch: int, n: int, repeat: int) -> list[dict]:
         row("quest5", cuda_time(quest, repeat), nbytes, pages_selected=top)
         k = v = bounds = None  # free before the codes
 
-    for method, dsub, ksub in (("pq4", 2, 256), ("pq4n", 1, 16), ("pq2", 4, 256)):
-        m = D // dsub
-        cb = m if ksub == 256 else m // 2
+    # The layouts of KVStore/CompressedCache(bits=4) and (bits=2) (ctxcore.bits_to_pq), and a
+    # labelled extra: 4-bit codes over 1 dim for keys and values.
+    layouts = {
+        "bits4": ctxcore.bits_to_pq(4, D),
+        "bits2": ctxcore.bits_to_pq(2, D),
+        "extra_k64x4_v64x4": ((D, 4), (D, 4)),
+    }
+    for method, ((km, kb), (vm, vb)) in layouts.items():
+        ck, cv = (km * kb + 7) // 8, (vm * vb + 7) // 8
         try:
-            kc = torch.randint(0, 256, (batch, HKV, n, cb), dtype=torch.uint8, device=dev, generator=g)
-            vc = torch.randint_like(kc, 0, 256)
+            kc = torch.randint(0, 256, (batch, HKV, n, ck), dtype=torch.uint8, device=dev, generator=g)
+            vc = torch.randint(0, 256, (batch, HKV, n, cv), dtype=torch.uint8, device=dev, generator=g)
         except torch.OutOfMemoryError:
             row(method, None, 0, skipped="codes do not fit in GPU memory")
             continue
-        kcent = torch.randn(HKV, m, ksub, dsub, device=dev, generator=g)
-        vcent = torch.randn_like(kcent)
+        kcent = torch.randn(HKV, km, 1 << kb, D // km, device=dev, generator=g)
+        vcent = torch.randn(HKV, vm, 1 << vb, D // vm, device=dev, generator=g)
         t = cuda_time(lambda: ops.pq_attention(q, kc, vc, kcent, vcent, fp_k, fp_v), repeat)  # noqa: B023
-        nbytes = kc.numel() + vc.numel() + 2 * fp_k.numel() * 2 + 2 * kcent.numel() * 4
-        row(method, t, nbytes, bits_per_element=8 * cb / D)
+        nbytes = kc.numel() + vc.numel() + 2 * fp_k.numel() * 2 + (kcent.numel() + vcent.numel()) * 4
+        row(method, t, nbytes, bits_per_element=8 * (ck + cv) / (2 * D))
         kc = vc = None  # free before the next method's codes
     torch.cuda.empty_cache()
     sdpa = next((r for r in rows if r["method"] == "sdpa" and r["time_ms"]), None)
@@ -145,19 +151,19 @@ def main(lengths: list[int], batches: list[int], repeat: int, out: str) -> None:
         for n in lengths:
             rows += bench(b, n, repeat)
     hdr = (
-        f"{'batch':>5} {'tokens':>8} {'method':<7} {'ms':>9} {'vs sdpa':>8} {'MB/step':>9} "
+        f"{'batch':>5} {'tokens':>8} {'method':<17} {'ms':>9} {'vs sdpa':>8} {'MB/step':>9} "
         f"{'GB/s':>7} {'% bw':>5}"
     )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if r["time_ms"] is None:
-            print(f"{r['batch']:>5} {r['tokens']:>8} {r['method']:<7} skipped: {r['skipped']}")
+            print(f"{r['batch']:>5} {r['tokens']:>8} {r['method']:<17} skipped: {r['skipped']}")
             continue
         r["bandwidth_share"] = r["GBps"] / bw
         vs = f"{r['speedup_vs_sdpa']:>7.2f}x" if r["speedup_vs_sdpa"] else f"{'-':>8}"
         print(
-            f"{r['batch']:>5} {r['tokens']:>8} {r['method']:<7} {r['time_ms']:>9.3f} {vs} "
+            f"{r['batch']:>5} {r['tokens']:>8} {r['method']:<17} {r['time_ms']:>9.3f} {vs} "
             f"{r['bytes'] / 1e6:>9.1f} {r['GBps']:>7.0f} {100 * r['bandwidth_share']:>4.0f}%"
         )
     result = {
