@@ -32,6 +32,7 @@ import torch
 from transformers import DynamicCache
 
 import ctxcore
+from ctxcore.evaluation import time_decode
 
 
 def _cache(method: str, model):
@@ -43,17 +44,7 @@ def _cache(method: str, model):
 @torch.no_grad()
 def single(model, ids: torch.Tensor, method: str, steps: int) -> dict:
     cache = _cache(method, model)
-    n = ids.shape[1]
-    t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n]]))
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for i in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n + 1 + i]]))
-    tpot = (time.perf_counter() - t1) / steps
+    ttft, tpot = time_decode(model, cache, ids, steps)
     if method == "full":
         tokens = cache.get_seq_length()
         kv = sum(lay.keys.numel() + lay.values.numel() for lay in cache.layers) * 2  # fp16 equivalent
@@ -63,19 +54,9 @@ def single(model, ids: torch.Tensor, method: str, steps: int) -> dict:
     return {"ttft_s": ttft, "tpot_s": tpot, "tokens": tokens, "kv_bytes_per_token": kv / tokens}
 
 
-@torch.no_grad()
 def batched(model, ids: torch.Tensor, method: str, steps: int) -> dict:
-    cache = _cache(method, model)
-    b, n = ids.shape
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n))
-    t1 = time.perf_counter()
-    for i in range(steps):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n + 1 + i))
-    dt = time.perf_counter() - t1
-    return {"step_s": dt / steps, "tokens_per_s": b * steps / dt}
+    _, tpot = time_decode(model, _cache(method, model), ids, steps)
+    return {"step_s": tpot, "tokens_per_s": ids.shape[0] / tpot}
 
 
 def spread(xs: list[float]) -> dict:

@@ -261,23 +261,31 @@ def passkey(
 
 
 @torch.no_grad()
+def time_decode(model: Any, cache: Any, x: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """Prefill ``x`` ``[B, T]`` into ``cache`` and decode ``new_tokens`` greedy steps after the
+    first token: ``(ttft, tpot)`` in seconds (TTFT = prefill + first decode step, everything the
+    cache does counted; TPOT = mean of the later steps)."""
+    b, n = x.shape
+    t0 = time.perf_counter()
+    out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n))
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n + 1 + i))
+    return ttft, (time.perf_counter() - t1) / max(new_tokens, 1)
+
+
+@torch.no_grad()
 def speed(
     model: Any, ids: torch.Tensor, length: int, method: str, new_tokens: int = 32, sink_window: int = 256
 ) -> dict[str, float]:
     """Time to first token (prefill of ``length`` tokens + the first decode step, calibration
     included) and time per output token over ``new_tokens`` greedy steps."""
     cache = make_cache(method, model, sink_window)
-    x = ids.reshape(1, -1)[:, :length]
-    t0 = time.perf_counter()
-    out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[length]]))
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    for i in range(new_tokens):
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[length + 1 + i]]))
-    tpot = (time.perf_counter() - t1) / new_tokens
+    ttft, tpot = time_decode(model, cache, ids.reshape(1, -1)[:, :length], new_tokens)
     return {
         "ttft_s": ttft,
         "tpot_s": tpot,

@@ -84,6 +84,7 @@ import torch
 
 from . import _ctxcore
 from .exceptions import ConfigError, DeviceError, DTypeError, ShapeError
+from .store import budget_count as _budget
 
 __all__ = [
     "cuda_available",
@@ -767,13 +768,6 @@ def _unpack(codes: torch.Tensor, m: int, nbits: int) -> torch.Tensor:
         return c[..., :m]
     both = torch.stack((c & 15, c >> 4), dim=-1).flatten(-2)
     return both[..., :m]
-
-
-def _budget(budget: int | float, total: int, what: str) -> int:
-    """:func:`ctxcore.store.budget_count`: the one budget rule of the cache, the store and the ops."""
-    from .store import budget_count
-
-    return budget_count(budget, total, what)
 
 
 def select_pages(q: torch.Tensor, abstracts: Any, budget: int | float) -> torch.Tensor:

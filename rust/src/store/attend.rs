@@ -38,6 +38,21 @@ fn merge_lse(a: Attended, b: Attended, d: usize) -> Attended {
     (oa, la)
 }
 
+/// Left padding `start` (an absolute position) of a sequence with `ns` sinks, `n_all` paged
+/// tokens and `f` full-precision tokens (sinks then window, positions `ns + n_all ..` for the
+/// window): `(paged tokens to skip, first fp token to attend)`.
+fn padding(start: usize, ns: usize, n_all: usize, f: usize) -> (usize, usize) {
+    let skip = start.saturating_sub(ns).min(n_all);
+    let fp_start = if start <= ns {
+        start
+    } else if start <= ns + n_all {
+        ns
+    } else {
+        start - n_all
+    };
+    (skip, fp_start.min(f))
+}
+
 /// Decode queries of one sequence.
 #[derive(Clone, Copy, Debug)]
 pub struct Queries<'a> {
@@ -129,18 +144,9 @@ impl KvStore {
         let np = self.num_pages(seq, layer)?;
         let n_all = self.paged_tokens(seq, layer)?;
         // Paged tokens before `start`; whole pages of them are skipped.
-        let skip = start.saturating_sub(ns).min(n_all);
+        let (skip, fp_start) = padding(start, ns, n_all, f);
         let first = skip / psz;
         let n = n_all - first * psz;
-        // Full-precision part: sinks [0, ns) then the window (positions ns + n_all ..).
-        let fp_start = if start <= ns {
-            start
-        } else if start <= ns + n_all {
-            ns
-        } else {
-            start - n_all
-        }
-        .min(f);
         let zeros;
         let flat = self.flat_centroids(layer)?;
         let (kcent, vcent): (&[f32], &[f32]) = match &flat {
@@ -543,16 +549,8 @@ impl KvStore {
         let mut code_range = Vec::with_capacity(batch);
         let mut fp_range = Vec::with_capacity(batch);
         for ((&(ns, nw), &start), &n_all) in snap.fp_counts.iter().zip(s.starts).zip(&counts) {
-            let skip = start.saturating_sub(ns).min(n_all);
+            let (skip, fp_start) = padding(start, ns, n_all, ns + nw);
             code_range.push((skip, n_all));
-            let fp_start = if start <= ns {
-                start
-            } else if start <= ns + n_all {
-                ns
-            } else {
-                start - n_all
-            }
-            .min(ns + nw);
             fp_range.push((fp_start, ns + nw));
         }
         let (kcent, vcent) = (&snap.books.0, &snap.books.1);
