@@ -33,3 +33,10 @@ def shakespeare_text() -> str:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"{SHAKESPEARE} not found (expected shared/ beside the repository checkout)")
     return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _private_codebook_cache(tmp_path_factory, monkeypatch):
+    """Each test gets an empty codebook cache (``CTXCORE_CACHE_DIR``): no test reuses codebooks
+    another test published, and none writes to the user's ~/.cache."""
+    monkeypatch.setenv("CTXCORE_CACHE_DIR", str(tmp_path_factory.mktemp("ctxcore-cache")))

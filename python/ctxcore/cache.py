@@ -20,7 +20,10 @@ The first prefill of a layer always attends exactly over its full-precision K/V;
 compressed as they enter the cache. Codebooks are trained per layer and KV head from the K/V
 the layer first has to page out (online, PQCache-style: usually the prefill itself), unless
 :meth:`CompressedCache.calibrate` set them from a calibration text first (offline,
-MILLION-style). They are saved with the context.
+MILLION-style). They are saved with the context. By default (``codebooks="reuse"``) the first
+context of a model publishes its codebooks to a per-model file and later caches reuse them,
+layer by layer, where they fit the new context (see :mod:`ctxcore.codebooks`): only the first
+context of a model pays for training.
 
 ``bits`` is the average number of bits stored per K/V element in the pages (codebooks aside),
 mapped to the key and value quantizers by :func:`ctxcore.bits_to_pq` (the same mapping as
@@ -42,14 +45,17 @@ run the fastest value kernel). The codebooks are counted in
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import codebooks as _books
 from .exceptions import ConfigError, DeviceError, ShapeError, UnsupportedModelError
 from .pq import ProductQuantizer
 from .store import KVStore, _parse_bytes, check_budget
@@ -68,6 +74,8 @@ PAIR_ITERS = 2
 #: Query chunks at least this long attend a decoded copy of the history with SDPA (faster than
 #: the per-query lookup tables when many queries share the history, e.g. block-wise prefill).
 DENSE_CHUNK_TOKENS = 32
+
+log = logging.getLogger("ctxcore")
 
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
@@ -394,7 +402,7 @@ class CompressedLayer(CacheLayerMixin):
         t = k.shape[2]
         c = self.cache
         if not store.has_codebooks(self.idx) and self._committed + t > c.sinks + c.window:
-            c._train_layer(self.idx, self._training_kv(k, v, starts))
+            c._online_books(self.idx, self._training_kv(k, v, starts))
         kc = k.detach().to("cpu", torch.float32)
         vc = v.detach().to("cpu", torch.float32)
         for b in range(k.shape[0]):
@@ -599,6 +607,13 @@ class CompressedCache(Cache):
         model_id: identity saved with the context and checked on load (default: a fingerprint
             of the config's shape, see :func:`model_fingerprint`).
         max_disk_bytes: cap on the offload directory's size.
+        codebooks: where online calibration gets its codebooks. ``"reuse"`` (default): from the
+            model's file in the codebook cache (:func:`ctxcore.codebooks.cache_dir`), per layer
+            where they fit this context (:data:`ctxcore.codebooks.FIT_RATIO`), else trained
+            here; the first context that trains every layer publishes them there.
+            ``"train"``: always trained on this context, nothing read or written. A path: a
+            codebook file to reuse from and publish to, instead of the cache's.
+            :attr:`codebook_source` tells, per layer, what happened.
 
     The pages, window and codebooks live in host memory (and on disk), whatever the model's
     device: with a model on a GPU, new K/V are copied to the host, decode attention runs on the
@@ -636,6 +651,7 @@ class CompressedCache(Cache):
         calibration_tokens: int = 4096,
         model_id: str | None = None,
         max_disk_bytes: int | str | None = None,
+        codebooks: str | os.PathLike = "reuse",
         _store: KVStore | None = None,
     ) -> None:
         cfg = check_supported(config)
@@ -652,6 +668,17 @@ class CompressedCache(Cache):
             raise ConfigError(f"calibration_tokens must be >= 1, got {calibration_tokens}")
         self.calibration_tokens = int(calibration_tokens)
         self.model_id = model_id if model_id is not None else model_fingerprint(config)
+        if codebooks in ("reuse", "train"):
+            self.codebooks: str | Path = str(codebooks)
+        elif isinstance(codebooks, (str, os.PathLike)) and str(codebooks):
+            self.codebooks = Path(codebooks)
+        else:
+            raise ConfigError(f'codebooks must be "reuse", "train" or a file path, got {codebooks!r}')
+        #: Per layer, where its codebooks came from: "trained" (on this context), "reused" (from
+        #: the codebook cache), "calibrated" (:meth:`calibrate`), "loaded" (a saved context), or
+        #: None (not yet).
+        self.codebook_source: list[str | None] = [None] * self.num_layers
+        self._trained: list[_books.LayerBooks | None] = [None] * self.num_layers
         self._store_kwargs = dict(
             layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=select is not None,
@@ -729,6 +756,52 @@ class CompressedCache(Cache):
             f"batch size {b} does not match the cache's {cur} sequences; use a new cache (or "
             "reorder_cache / batch_select_indices) for a different batch"
         )
+
+    def _book_file(self) -> Path | None:
+        """The codebook file this cache reuses from and publishes to (None: ``"train"``)."""
+        if self.codebooks == "train":
+            return None
+        if isinstance(self.codebooks, Path):
+            return self.codebooks
+        name = getattr(self.config, "_name_or_path", "") or ""
+        return _books.cache_dir() / f"{_books.set_key(f'{self.model_id}|{name}', self._codec())}.ctxcb"
+
+    def _codec(self) -> dict:
+        c = self.store.config
+        return {k: int(c[k]) for k in ("layers", "kv_heads", "head_dim", "k_m", "k_nbits", "v_m", "v_nbits")}
+
+    def _online_books(self, layer: int, kv: tuple[np.ndarray, np.ndarray]) -> None:
+        """Set layer ``layer``'s codebooks for the context sampled in ``kv``: reused from the
+        codebook file where they fit, else trained here (and published once every layer is)."""
+        path = self._book_file()
+        stored = None if path is None else _books.read_set(path, self.model_id, self._codec())
+        if stored is not None:
+            lb = stored.layers[layer]
+            ok, rk, rv = lb.fits(kv[0], kv[1])
+            if ok:
+                self.store.set_codebooks(layer, lb.keys, lb.values)
+                self.codebook_source[layer] = "reused"
+                return
+            log.info(
+                "layer %d: the cached codebooks do not fit this context (error %.2fx / %.2fx their "
+                "training error for keys / values, limit %.2fx); training on it", layer, rk, rv,
+                _books.FIT_RATIO,
+            )  # fmt: skip
+        books = self._train_layer(layer, kv)
+        self.codebook_source[layer] = "trained"
+        if path is None or stored is not None:
+            return
+        errs = [_books.relative_error(books[i], kv[i]) for i in (0, 1)]
+        self._trained[layer] = _books.LayerBooks(books[0], books[1], errs[0], errs[1], int(kv[0].shape[1]))
+        done = [lb for lb in self._trained if lb is not None]
+        if len(done) < self.num_layers or min(lb.tokens for lb in done) < _books.MIN_PUBLISH_TOKENS:
+            return
+        if _books.read_set(path, self.model_id, self._codec()) is not None:
+            return  # another cache published meanwhile
+        try:
+            _books.CodebookSet(self.model_id, self._codec(), done).save(path)
+        except OSError as e:
+            log.warning("could not publish codebooks to %s: %s", path, e)
 
     def _train_layer(
         self, layer: int, kv: tuple[np.ndarray, np.ndarray], iters: int = CALIBRATION_ITERS
@@ -816,9 +889,11 @@ class CompressedCache(Cache):
         """Drop every token (codebooks set by :meth:`calibrate` are kept)."""
         super().reset()
         self.store = KVStore(**self._store_kwargs)
+        self.codebook_source = [None] * self.num_layers
         for i, books in enumerate(self._fixed_books):
             if books is not None:
                 self.store.set_codebooks(i, *books)
+                self.codebook_source[i] = "calibrated"
 
     @property
     def batch_size(self) -> int:
@@ -848,6 +923,7 @@ class CompressedCache(Cache):
             k = lay.keys[0].float().cpu().numpy()
             v = lay.values[0].float().cpu().numpy()
             self._fixed_books[i] = self._train_layer(i, (k, v), iters)
+            self.codebook_source[i] = "calibrated"
 
     @torch.no_grad()
     def prefill(
@@ -976,6 +1052,8 @@ class CompressedCache(Cache):
         dt = info.get("kv_dtype")
         cache._kv_dtype = getattr(torch, dt) if dt else None
         for i, lay in enumerate(cache.layers):
+            if store.has_codebooks(i):
+                cache.codebook_source[i] = "loaded"
             lay._committed = store.num_tokens(i, 0)
             lay.is_initialized = lay._committed > 0
             if lay.is_initialized:

@@ -9,7 +9,10 @@ and positions in the same process:
 * ``sink``: sink tokens + a recent window in full precision, everything else evicted
   (StreamingLLM-style, without re-rotating positions), sized to the bytes of ctxcore 2-bit;
 * ``ctxcore4`` / ``ctxcore2``: :class:`ctxcore.CompressedCache` at 4 / 2 bits per element, dense
-  attention over the codes; ``ctxcore4-select``: Quest selection of 10% of the pages.
+  attention over the codes (codebooks as the default gives them: reused from the codebook cache
+  where it holds the model's, see :mod:`ctxcore.codebooks`); ``ctxcore4-train``: 4 bits with
+  codebooks always trained on the context itself; ``ctxcore4-select``: Quest selection of 10% of
+  the pages.
 
 Perplexity prefills ``L`` tokens (exact attention for every method) and then scores the next
 tokens one decode step at a time, so the compressed history is what is measured.
@@ -42,7 +45,9 @@ __all__ = [
     "speed",
 ]
 
-METHODS = ["full", "quanto4", "quanto2", "hqq4", "sink", "ctxcore4", "ctxcore2", "ctxcore4-select"]
+METHODS = [
+    "full", "quanto4", "quanto2", "hqq4", "sink", "ctxcore4", "ctxcore4-train", "ctxcore2", "ctxcore4-select",
+]  # fmt: skip
 
 
 def available_methods() -> list[str]:
@@ -141,6 +146,8 @@ def make_cache(method: str, model: Any, sink_window: int = 256) -> Any:
         return SinkWindowCache(cfg, sinks=4, window=sink_window)
     if method == "ctxcore4":
         return CompressedCache(cfg, bits=4)
+    if method == "ctxcore4-train":  # codebooks trained on this context, whatever the codebook cache holds
+        return CompressedCache(cfg, bits=4, codebooks="train")
     if method == "ctxcore2":
         return CompressedCache(cfg, bits=2)
     if method == "ctxcore4-select":
