@@ -54,3 +54,20 @@ __all__ = [
     "matching_prefix_tokens",
     "set_num_threads",
 ]
+
+
+def _register_attention() -> None:
+    """Register the ``"ctxcore"`` attention implementation (and its mask function) with
+    transformers, so ``from_pretrained(..., attn_implementation="ctxcore")`` and
+    ``model.set_attn_implementation("ctxcore")`` work after ``import ctxcore`` (``enable``
+    remains a shortcut). Nothing happens where torch or transformers is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        return
+    from .attention import _register
+
+    _register()
+
+
+_register_attention()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ram-budget", default=None, help="RAM bound for the KV cache, e.g. 256MB")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="where pages beyond the budget go")
     p.add_argument("--max-new-tokens", type=int, default=32, help="answer length limit (default 32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 
 
 def _bar(desc: str, total: int, unit: str = "tok") -> Any:
@@ -261,33 +263,75 @@ def run_demo(args: argparse.Namespace) -> int:
             )
             answers.append(sess.ask(q, args.max_new_tokens))
         results[name] = [sess, cache, answers]
-    print()
-    for i, fact in enumerate(FACTS):
-        print(f"Q{i + 1}: {fact.question}  (expected: {fact.answer})")
-        for name, (_, _, answers) in results.items():
-            a = answers[i]
-            ok = "correct" if fact.answer.lower() in a.text.lower() else "wrong"
-            print(f"  {name:<22} [{ok}] {a.text!r}")
-    print()
+    report: dict[str, Any] = {"document_tokens": n, "model": "SmolLM2-135M-Instruct", "caches": {}}
     for name, (sess, cache, answers) in results.items():
         ttft = sum(a.ttft for a in answers) / len(answers)
         tpot = sum(a.tpot for a in answers) / len(answers)
-        correct = sum(f.answer.lower() in a.text.lower() for f, a in zip(FACTS, answers, strict=True))
-        print(
-            f"{name}: {correct}/{len(FACTS)} correct; prefill {sess.prefill_seconds:.1f} s "
-            f"(time to first token {sess.prefill_seconds + ttft:.1f} s for a new document, "
-            f"{ttft * 1000:.0f} ms per question on the prefilled one); {tpot * 1000:.0f} ms per output token"
-        )
+        row: dict[str, Any] = {
+            "answers": [
+                {
+                    "question": f.question,
+                    "expected": f.answer,
+                    "answer": a.text,
+                    "correct": f.answer.lower() in a.text.lower(),
+                }
+                for f, a in zip(FACTS, answers, strict=True)
+            ],  # fmt: skip
+            "prefill_s": sess.prefill_seconds,
+            "ttft_s": sess.prefill_seconds + ttft,
+            "ttft_prefilled_s": ttft,
+            "tpot_s": tpot,
+        }
         if hasattr(cache, "memory_stats"):
-            _report_memory(cache.memory_stats())
-            print(
-                f"  context saved once in {sess.save_seconds * 1000:.0f} ms, loaded per question in "
-                f"{sess.load_seconds * 1000:.0f} ms (pages are read lazily)"
-            )
+            row["memory"] = cache.memory_stats()
+            row["codebooks"] = _codebook_note(cache)
+            row["save_s"], row["load_s"] = sess.save_seconds, sess.load_seconds
         else:
             dense = sum(lay.keys.numel() + lay.values.numel() for lay in cache.layers) * 2
+            row["memory"] = {"dense_fp16_bytes": dense}
+        row["correct"] = sum(a["correct"] for a in row["answers"])
+        report["caches"][name] = row
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print()
+    for i, fact in enumerate(FACTS):
+        print(f"Q{i + 1}: {fact.question}  (expected: {fact.answer})")
+        for name, row in report["caches"].items():
+            a = row["answers"][i]
+            print(f"  {name:<22} [{'correct' if a['correct'] else 'wrong'}] {a['answer']!r}")
+    print()
+    for name, row in report["caches"].items():
+        print(
+            f"{name}: {row['correct']}/{len(FACTS)} correct; prefill {row['prefill_s']:.1f} s "
+            f"(time to first token {row['ttft_s']:.1f} s for a new document, "
+            f"{row['ttft_prefilled_s'] * 1000:.0f} ms per question on the prefilled one); "
+            f"{row['tpot_s'] * 1000:.0f} ms per output token"
+        )
+        if "codebooks" in row:
+            _report_memory(row["memory"])
+            print(f"  codebooks: {row['codebooks']}")
+            print(
+                f"  context saved once in {row['save_s'] * 1000:.0f} ms, loaded per question in "
+                f"{row['load_s'] * 1000:.0f} ms (pages are read lazily)"
+            )
+        else:
+            dense = row["memory"]["dense_fp16_bytes"]
             print(f"  KV memory for {n} tokens: dense fp16 {_fmt_bytes(dense)} (all in RAM)")
     return 0
+
+
+def _codebook_note(cache: Any) -> str:
+    """Where a CompressedCache's codebooks came from, in words."""
+    src = cache.codebook_source
+    reused = src.count("reused")
+    if reused == len(src):
+        return "reused from the codebook cache (trained on an earlier context of this model)"
+    if reused:
+        return f"{reused} of {len(src)} layers reused from the codebook cache, the others trained here"
+    if src.count("trained") == len(src):
+        return "trained on this document (published to the codebook cache for later contexts)"
+    return ", ".join(sorted({str(s) for s in src}))
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -361,8 +405,15 @@ def run_ask(args: argparse.Namespace) -> int:
     else:
         q_ids = tok(f"Question: {q_text}\nAnswer:", add_special_tokens=False)
     ans = sess.ask(torch.tensor([q_ids["input_ids"]]), args.max_new_tokens)
-    print(ans.text)
     stats = cache.memory_stats()
+    if args.json:
+        out = {
+            "answer": ans.text, "new_tokens": ans.tokens, "ttft_s": ans.ttft, "tpot_s": ans.tpot,
+            "context_tokens": int(ctx.shape[1]), "memory": stats, "codebooks": _codebook_note(cache),
+        }  # fmt: skip
+        print(json.dumps(out, indent=1))
+        return 0
+    print(ans.text)
     _step(
         f"time to first token {ans.ttft * 1000:.0f} ms (after the prefill), {ans.tpot * 1000:.0f} ms per "
         f"output token; KV: dense fp16 {_fmt_bytes(stats['dense_fp16_bytes'])}, compressed "

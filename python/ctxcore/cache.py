@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,11 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import codebooks as _books
-from .exceptions import ConfigError, DeviceError, ShapeError, UnsupportedModelError
+from .exceptions import ConfigError, DeviceError, ShapeError, SlowPathWarning, UnsupportedModelError
 from .pq import ProductQuantizer
 from .store import KVStore, _parse_bytes, check_budget
 
-__all__ = ["CompressedCache", "CompressedLayer", "check_supported", "model_fingerprint"]
+__all__ = ["CompressedCache", "CompressedLayer", "cache_kwargs", "check_supported", "model_fingerprint"]
 
 #: Most tokens per KV head used to train one codebook (a strided subsample beyond that).
 CALIBRATION_SAMPLES = 4096
@@ -134,6 +135,23 @@ def _shape(cfg: Any) -> tuple[int, int, int, int]:
     hkv = int(getattr(cfg, "num_key_value_heads", None) or hq)
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
     return int(cfg.num_hidden_layers), hq, hkv, int(d)
+
+
+_CACHE_KW: dict[type, str] = {}
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands ``cache`` to ``model``'s ``forward`` / ``generate``:
+    ``{"cache": cache}`` where the installed transformers takes ``cache=`` (5.24 on, where
+    ``past_key_values=`` is deprecated), else ``{"past_key_values": cache}``."""
+    cls = type(model)
+    name = _CACHE_KW.get(cls)
+    if name is None:
+        import inspect
+
+        params = inspect.signature(cls.forward).parameters
+        name = _CACHE_KW[cls] = "cache" if "cache" in params else "past_key_values"
+    return {name: cache}
 
 
 def model_fingerprint(config: Any) -> str:
@@ -318,6 +336,7 @@ class CompressedLayer(CacheLayerMixin):
         self.commit(key_states, value_states, self._starts or [0] * key_states.shape[0])
         if past == 0:
             return key_states, value_states  # exact prefill
+        self.cache._warn_dense()
         k, v = self.dequantized()
         return _like(k, key_states), _like(v, value_states)
 
@@ -486,6 +505,8 @@ class CompressedLayer(CacheLayerMixin):
             return out
         if starts is None:
             # A mask the paged kernels cannot express (holes in the history): dense fallback.
+            if self.idx == 0:
+                log.info("a mask with holes in the history: attending a decoded copy of the pages (slow)")
             kh, vh = self.dequantized()
             k = torch.cat([_like(kh, k_new), k_new], dim=2)
             v = torch.cat([_like(vh, v_new), v_new], dim=2)
@@ -692,6 +713,7 @@ class CompressedCache(Cache):
             None
         ] * self.num_layers
         self._kv_dtype: torch.dtype | None = None
+        self._dense_warned = self._cap_logged = False
         self._mask_memo: tuple[Any, tuple[int, int, int], Any] | None = None
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.num_layers)])
 
@@ -717,7 +739,29 @@ class CompressedCache(Cache):
             per_token = 2 * self.num_layers * self.store.batch * self.kv_heads * self.head_dim * size
             spare = budget - self.store.config["min_ram_budget"]
             cap = min(cap, max(1, spare // per_token))
+            if cap < self.calibration_tokens and not self._cap_logged:
+                self._cap_logged = True
+                log.info(
+                    "ram_budget leaves room to hold %d of calibration_tokens=%d tokens for codebook "
+                    "training; codebooks train on fewer tokens", cap, self.calibration_tokens,
+                )  # fmt: skip
         return cap
+
+    def _warn_dense(self) -> None:
+        """Warn (once per cache) that another attention implementation is decoding the whole
+        history at every step."""
+        if self._dense_warned:
+            return
+        self._dense_warned = True
+        impl = getattr(_text_config(self.config), "_attn_implementation", None)
+        warnings.warn(
+            f"CompressedCache is used with attn_implementation={impl!r}: every step decodes the "
+            "whole compressed history into a dense copy (correct, but slow and memory-hungry). Use "
+            'ctxcore.enable(model), model.set_attn_implementation("ctxcore") or '
+            'from_pretrained(..., attn_implementation="ctxcore") to attend the pages directly.',
+            SlowPathWarning,
+            stacklevel=4,
+        )
 
     def _split_mask(
         self, mask: torch.Tensor | None, b: int, tq: int, past: int
@@ -915,7 +959,7 @@ class CompressedCache(Cache):
         try:
             if impl == "ctxcore":
                 model.set_attn_implementation("sdpa")
-            model(ids, past_key_values=dyn, use_cache=True)
+            model(ids, use_cache=True, **cache_kwargs(model, dyn))
         finally:
             if impl == "ctxcore":
                 model.set_attn_implementation("ctxcore")
@@ -954,7 +998,7 @@ class CompressedCache(Cache):
                 m = mask[:, : past + e]
                 kw["attention_mask"] = m
                 kw["position_ids"] = (m.long().cumsum(-1) - 1).clamp(min=0)[:, past + s : past + e]
-            out = model(ids[:, s:e], past_key_values=self, use_cache=True, logits_to_keep=1, **kw)
+            out = model(ids[:, s:e], use_cache=True, logits_to_keep=1, **cache_kwargs(model, self), **kw)
             logits = out.logits[:, -1]
             if progress is not None:
                 progress(e, t)

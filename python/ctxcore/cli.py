@@ -11,6 +11,7 @@ reconstruction error, attention fidelity, bytes and throughput next to faiss.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,17 +23,19 @@ import numpy as np
 
 __all__ = ["main"]
 
-#: ``--bits`` -> (m, nbits) for head_dim 64; bits per element = m * nbits / 64.
-BITS_TO_PQ: dict[int, tuple[int, int]] = {2: (32, 4), 4: (64, 4), 8: (64, 8)}
+#: ``--bits`` values: the codecs of ``ctxcore.bits_to_pq`` (as ``CompressedCache(bits=...)``).
+BITS = (1, 2, 4, 8)
 DEFAULT_LAYERS = 6
 PROBES = 32
 
 _DEMO_EPILOG = """\
---bits picks the product quantizer for each 64-dim key/value vector (bits per element =
-m * nbits / 64; float32 codebooks of 4 * m * 2**nbits * (64 / m) bytes per head come on top):
-  --bits 2   m=32, nbits=4   (2 dims per 4-bit code, 16 bytes per vector)
-  --bits 4   m=64, nbits=4   (1 dim per 4-bit code, 32 bytes per vector)   [default]
-  --bits 8   m=64, nbits=8   (1 dim per 8-bit code, 64 bytes per vector)
+--bits picks the key and value quantizers as CompressedCache(bits=...) and KVStore(bits=...) do
+(ctxcore.bits_to_pq; for 64-dim heads; float32 codebooks per head come on top):
+  --bits 8   keys and values 64 x 8-bit (1 dim per code, 64 bytes per vector)
+  --bits 4   keys 32 x 8-bit (2 dims per code), values 64 x 4-bit (1 dim per code),
+             32 bytes per vector each   [default]
+  --bits 2   keys and values 16 x 8-bit (4 dims per code, 16 bytes per vector)
+  --bits 1   keys and values 8 x 8-bit (8 dims per code, 8 bytes per vector)
 Dense fp16 is 128 bytes per vector.
 
 Attention fidelity uses the model's real (post-RoPE) queries at the last 32 positions, all
@@ -62,12 +65,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ctxcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_qa_parsers(sub)
-    sub.add_parser(
+    info = sub.add_parser(
         "info",
         help="versions, CPU kernels and whether the CUDA kernels can run here",
-        description="Print ctxcore's version, the CPU kernels in use, and the CUDA status: "
-        "whether this build has the kernels and, per visible GPU, whether they can run on it.",
+        description="Print the versions of ctxcore, Python, numpy, torch and transformers, the CPU "
+        "kernels in use, and the CUDA status: whether this build has the kernels and, per visible "
+        "GPU, whether they can run on it.",
     )
+    info.add_argument("--json", action="store_true", help="print one JSON object instead")
     demo = sub.add_parser(
         "kv-report",
         help="compress the real KV cache of SmolLM2-135M and report quality, size and speed",
@@ -82,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tokens", type=int, default=1024, help="prefill length in tokens (default 1024)")
     demo.add_argument(
-        "--bits", type=int, default=4, help="bits per element: 2, 4 or 8 (default 4; see below)"
+        "--bits", type=int, default=4, help="bits per element: 1, 2, 4 or 8 (default 4; see below)"
     )
     demo.add_argument(
         "--layers",
@@ -156,8 +161,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     from . import models
 
     progress = _Progress()
-    if args.bits not in BITS_TO_PQ:
-        raise _UsageError(f"--bits must be one of 2, 4, 8 (got {args.bits})")
+    if args.bits not in BITS:
+        raise _UsageError(f"--bits must be one of 1, 2, 4, 8 (got {args.bits})")
     if args.tokens < PROBES + 1:
         raise _UsageError(f"--tokens must be at least {PROBES + 1} (got {args.tokens})")
     if args.iters < 0:
@@ -180,7 +185,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     else:
         text = models.SAMPLE_TEXT
         source = "built-in sample (Austen, Dickens, Melville)"
-    m, nbits = BITS_TO_PQ[args.bits]
 
     try:
         faiss: Any = __import__("faiss")
@@ -220,6 +224,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     keys, values, queries = kv["keys"], kv["values"], kv["queries"]
     _, n_kv, _, head_dim = keys.shape
+    codec = dict(zip("kv", ctxcore.bits_to_pq(args.bits, head_dim), strict=True))
+    desc = ", ".join(f"{'keys' if s == 'k' else 'values'} {m} x {nb}-bit" for s, (m, nb) in codec.items())
     group = queries.shape[1] // n_kv
     scale = head_dim**-0.5
     pos = np.arange(n_tok)
@@ -227,8 +233,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     mask = pos[None, :] > probe_pos[:, None]  # [PROBES, T] causal
 
     progress(
-        f"quantizing {len(layers)} layers x {n_kv} KV heads x (keys, values) with "
-        f"m={m}, nbits={nbits}, iters={args.iters}"
+        f"quantizing {len(layers)} layers x {n_kv} KV heads x (keys, values) with {desc}, iters={args.iters}"
     )
     rows = []
     t_train = t_enc = t_scan = 0.0
@@ -248,6 +253,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             codes = {}
             pq = {}
             for name, x in (("k", keys[li, h]), ("v", values[li, h])):
+                m, nbits = codec[name]
                 q = ctxcore.ProductQuantizer(head_dim, m, nbits)
                 t = time.perf_counter()
                 q.train(x, iters=args.iters, seed=args.seed)
@@ -297,7 +303,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         f"{n_kv} KV heads x head_dim {head_dim}"
     )
     print(
-        f"PQ m={m} nbits={nbits} ({m * nbits / head_dim:g} bits/element, {pq['k'].code_bytes} B/vector), "
+        f"PQ {desc} ({args.bits} bits/element, {pq['k'].code_bytes} B/vector), "
         f"k-means iters={args.iters}, one codebook per layer, head and K/V"
     )
     print()
@@ -402,30 +408,70 @@ def _store_section(ctxcore: Any, keys, values, queries, layers, bits, n_tok, pro
         )
 
 
-def _run_info() -> int:
+def _info() -> dict[str, Any]:
+    import importlib.metadata
+    import platform
+
     from . import __version__, _ctxcore, cpu_simd, get_num_threads
     from .exceptions import DeviceError
 
-    print(f"ctxcore {__version__}")
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    out: dict[str, Any] = {
+        "ctxcore": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "cpu_kernels": cpu_simd(),
+        "threads": get_num_threads(),
+        "cuda_kernels_built": bool(_ctxcore.cuda_compiled()),
+        "gpus": [],
+    }
+    if out["cuda_kernels_built"] and out["torch"] is not None:
+        import torch
+
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            try:
+                name, cc, sms, smem = _ctxcore.cuda_device_info(i)
+                out["gpus"].append({"index": i, "name": name, "compute_capability": list(cc), "sms": sms,
+                                    "shared_memory_per_block": smem, "usable": True})  # fmt: skip
+            except DeviceError as exc:
+                out["gpus"].append({"index": i, "usable": False, "reason": str(exc)})
+    return out
+
+
+def _run_info(as_json: bool = False) -> int:
+    info = _info()
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"ctxcore {info['ctxcore']}")
+    print(
+        f"Python {info['python']}, numpy {info['numpy']}, torch {info['torch'] or 'not installed'}, "
+        f"transformers {info['transformers'] or 'not installed'}"
+    )
     names = {"avx512": "AVX-512 (+AVX2/FMA)", "avx2": "AVX2+FMA", "portable": "portable"}
-    print(f"CPU kernels: {names[cpu_simd()]}, {get_num_threads()} threads")
-    if not _ctxcore.cuda_compiled():
+    print(f"CPU kernels: {names[info['cpu_kernels']]}, {info['threads']} threads")
+    if not info["cuda_kernels_built"]:
         print("CUDA: this build has no CUDA kernels (built without nvcc)")
         return 0
-    try:
-        import torch
-    except ImportError:
+    if info["torch"] is None:
         print("CUDA: kernels built (PTX for compute capability 8.0+); torch is not installed")
         return 0
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    print(f"CUDA: kernels built (PTX for compute capability 8.0+); torch {torch.__version__} sees {n} GPU(s)")
-    for i in range(n):
-        try:
-            name, cc, sms, smem = _ctxcore.cuda_device_info(i)
-            print(f"  cuda:{i} {name}: compute capability {cc[0]}.{cc[1]}, {sms} SMs, {smem // 1024} KiB "
-                  "shared memory per block: ctxcore's CUDA kernels run here")  # fmt: skip
-        except DeviceError as exc:
-            print(f"  cuda:{i}: {exc}")
+    print(f"CUDA: kernels built (PTX for compute capability 8.0+); torch sees {len(info['gpus'])} GPU(s)")
+    for g in info["gpus"]:
+        if g["usable"]:
+            cc = g["compute_capability"]
+            print(f"  cuda:{g['index']} {g['name']}: compute capability {cc[0]}.{cc[1]}, {g['sms']} SMs, "
+                  f"{g['shared_memory_per_block'] // 1024} KiB shared memory per block: ctxcore's CUDA "
+                  "kernels run here")  # fmt: skip
+        else:
+            print(f"  cuda:{g['index']}: {g['reason']}")
     return 0
 
 
@@ -447,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "kv-report":
             return _run_demo(args)
         if args.command == "info":
-            return _run_info()
+            return _run_info(args.json)
         if args.command == "demo":
             from ._cli_qa import run_demo
 

@@ -32,7 +32,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .cache import CompressedCache, _text_config
+from .cache import CompressedCache, _text_config, cache_kwargs
 
 __all__ = [
     "METHODS",
@@ -185,7 +185,8 @@ def perplexity(
     cache = make_cache(method, model, sink_window)
     ids = ids.reshape(1, -1)
     t0 = time.perf_counter()
-    out = model(ids[:, :prefix], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kw = cache_kwargs(model, cache)
+    out = model(ids[:, :prefix], use_cache=True, logits_to_keep=1, **kw)
     if isinstance(cache, CompressedCache):
         cache.compress()
     logits = out.logits[:, -1].float()
@@ -196,9 +197,7 @@ def perplexity(
         nll -= torch.log_softmax(logits, -1)[0, target].item()
         if i + 1 == n_score:
             break
-        out = model(
-            ids[:, pos : pos + 1], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]])
-        )
+        out = model(ids[:, pos : pos + 1], use_cache=True, position_ids=torch.tensor([[pos]]), **kw)
         logits = out.logits[:, -1].float()
         if progress is not None:
             progress(1)
@@ -253,14 +252,20 @@ def passkey(
     sink_window: int = 256,
     offset: int = 0,
 ) -> bool:
-    """Whether ``method`` retrieves the passkey (greedy, 12 new tokens)."""
+    """Whether ``method`` retrieves the passkey (greedy, 12 new tokens). The prompt but its last
+    token is prefilled first and a compressed cache compressed (as in :func:`perplexity`), so
+    every method answers from the K/V it keeps."""
     ids = passkey_prompt(tok, filler, length, depth, key, offset)
     cache = make_cache(method, model, sink_window)
+    kw = cache_kwargs(model, cache)
+    model(ids[:, :-1], use_cache=True, logits_to_keep=1, **kw)
+    if isinstance(cache, CompressedCache):
+        cache.compress()
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
-        past_key_values=cache,
         max_new_tokens=12,
+        **kw,
         do_sample=False,
         pad_token_id=tok.eos_token_id,
     )
@@ -271,17 +276,21 @@ def passkey(
 def time_decode(model: Any, cache: Any, x: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """Prefill ``x`` ``[B, T]`` into ``cache`` and decode ``new_tokens`` greedy steps after the
     first token: ``(ttft, tpot)`` in seconds (TTFT = prefill + first decode step, everything the
-    cache does counted; TPOT = mean of the later steps)."""
+    cache does counted; TPOT = mean of the later steps). A compressed cache is compressed after
+    the prefill, so the first decode step already reads the compressed K/V."""
     b, n = x.shape
     t0 = time.perf_counter()
-    out = model(x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    kw = cache_kwargs(model, cache)
+    out = model(x, use_cache=True, logits_to_keep=1, **kw)
+    if isinstance(cache, CompressedCache):
+        cache.compress()
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n))
+    out = model(nxt, use_cache=True, position_ids=torch.full((b, 1), n), **kw)
     ttft = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(new_tokens):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((b, 1), n + 1 + i))
+        out = model(nxt, use_cache=True, position_ids=torch.full((b, 1), n + 1 + i), **kw)
     return ttft, (time.perf_counter() - t1) / max(new_tokens, 1)
 
 

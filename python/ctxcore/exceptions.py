@@ -26,6 +26,8 @@ __all__ = [
     "ContextMismatchError",
     "InternalError",
     "UnsupportedModelError",
+    "CtxcoreWarning",
+    "SlowPathWarning",
 ]
 
 
@@ -87,3 +89,11 @@ class InternalError(CtxcoreError, RuntimeError):
 
 class UnsupportedModelError(ConfigError):
     """The model's architecture is not supported (the message names it and says why)."""
+
+
+class CtxcoreWarning(UserWarning):
+    """Base class of the warnings ctxcore issues."""
+
+
+class SlowPathWarning(CtxcoreWarning):
+    """ctxcore fell back to a correct but much slower path; the message says how to avoid it."""

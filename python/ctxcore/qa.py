@@ -141,7 +141,7 @@ class QASession:
         ``prefill_seconds`` includes the compression."""
         from transformers import DynamicCache
 
-        from .cache import CompressedCache
+        from .cache import CompressedCache, cache_kwargs
 
         cache = self.make_cache()
         t0 = time.perf_counter()
@@ -158,9 +158,9 @@ class QASession:
             for s in range(0, t, block):
                 self.model(
                     self.context_ids[:, s : s + block],
-                    past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **cache_kwargs(self.model, cache),
                 )
                 if progress is not None:
                     progress(min(t, s + block), t)
@@ -192,6 +192,8 @@ class QASession:
     def ask(self, question_ids: torch.Tensor, max_new_tokens: int = 24) -> Answer:
         """Answer from a copy of the prefilled cache: ``question_ids`` ``[1, T]`` follow the
         document."""
+        from .cache import cache_kwargs
+
         cache = self._copy()
         ids = torch.cat([self.context_ids, question_ids], dim=1)
         stamp = _Stamps()
@@ -201,11 +203,11 @@ class QASession:
         out = self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             stopping_criteria=[stamp.criterion],
             pad_token_id=self.tokenizer.eos_token_id,
+            **cache_kwargs(self.model, cache),
         )
         new = out[0, ids.shape[1] :]
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()

@@ -92,16 +92,22 @@ impl DiskTier {
 
     fn ensure_dir(&mut self) -> Result<PathBuf> {
         if self.dir.is_none() {
-            let base = std::env::temp_dir().join(format!(
-                "ctxcore-offload-{}-{:x}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0)
-            ));
-            std::fs::create_dir_all(&base)
-                .map_err(io(format!("creating offload directory {}", base.display())))?;
+            // A fresh directory with a random name, mode 0700: it holds KV derived from the
+            // user's documents.
+            let mut builder = tempfile::Builder::new();
+            builder.prefix("ctxcore-offload-");
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                builder.permissions(std::fs::Permissions::from_mode(0o700));
+            }
+            let base = builder
+                .tempdir()
+                .map_err(io(format!(
+                    "creating an offload directory in {}",
+                    std::env::temp_dir().display()
+                )))?
+                .keep();
             self._tmp = Some(TempDir(base.clone()));
             self.dir = Some(base);
         }
@@ -232,4 +238,28 @@ pub fn read_at(file: &File, off: u64, len: usize, path: &Path, page: u64) -> Res
         }
     })?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_offload_directory_is_private_random_and_removed() {
+        let mut a = DiskTier::new(None, 4096, None).unwrap();
+        let mut b = DiskTier::new(None, 4096, None).unwrap();
+        let (da, db) = (a.ensure_dir().unwrap(), b.ensure_dir().unwrap());
+        assert_ne!(da, db);
+        let name = da.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("ctxcore-offload-"), "{name}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&da).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "offload directory mode {mode:o}");
+        }
+        drop(a);
+        assert!(!da.exists());
+        assert!(db.exists());
+    }
 }
