@@ -8,6 +8,7 @@ CPU emulation of the kernels, by the Rust tests (rust/src/cuda/emulated_tests.rs
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -438,6 +439,11 @@ def test_cli_info_reports_cuda_status(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("ctxcore ") and "CPU kernels:" in out
+    assert "Python " in out and "torch " in out and "transformers " in out
     assert "CUDA: kernels built" in out if _ctxcore.cuda_compiled() else "no CUDA kernels" in out
     if GPU:
         assert "kernels run here" in out
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"ctxcore", "python", "numpy", "torch", "transformers", "cpu_kernels", "gpus"} <= set(info)
+    assert info["cuda_kernels_built"] == bool(_ctxcore.cuda_compiled())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -131,6 +132,12 @@ def test_cli_ask_save_load_and_errors(model_tok, tmp_path):
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert p2.stdout == p.stdout
     assert "without" not in p2.stderr and "prefill:" not in p2.stderr
+    p3 = run("--load", str(save), "--question", "What is the secret passkey?", "--json")
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    got = json.loads(p3.stdout)
+    assert "48213" in got["answer"] and got["answer"] == p.stdout.strip()
+    assert got["memory"]["tokens"] == got["context_tokens"] > 0 and got["ttft_s"] > 0
+    assert "loaded" in got["codebooks"]
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)

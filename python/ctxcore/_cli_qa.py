@@ -331,6 +331,8 @@ def _codebook_note(cache: Any) -> str:
         return f"{reused} of {len(src)} layers reused from the codebook cache, the others trained here"
     if src.count("trained") == len(src):
         return "trained on this document (published to the codebook cache for later contexts)"
+    if src.count("loaded") == len(src):
+        return "loaded with the saved context"
     return ", ".join(sorted({str(s) for s in src}))
 
 
