@@ -5,8 +5,9 @@ each context (``codebooks="train"``), same model, text and positions, one proces
 Perplexity: prefill L tokens, score the next ``--score`` tokens one decode step at a time, at
 ``--windows`` windows per L (as ``ctxcore eval ppl``). Passkey at ``--passkey-length`` tokens, 5
 depths x ``--trials`` (as ``ctxcore eval passkey``: same keys and filler offsets), optionally with
-``full`` (DynamicCache) in the same run. The publishing context is ``--calib-tokens`` tokens at
-token ``--calib-offset`` of the text, far from every scored window and passkey filler.
+``full`` (DynamicCache) in the same run (``--passkey-methods``). The publishing context is
+``--calib-tokens`` tokens at token ``--calib-offset`` of the text, far from every scored window
+and passkey filler. ``--lengths`` with no value skips perplexity.
 
 Usage: python benches/bench_codebook_reuse.py [--lengths 1024 2048 4096 7168] [--trials 3]
 JSON: bench-results/codebook_reuse.json (rewritten after every row).
@@ -31,12 +32,14 @@ from ctxcore.evaluation import time_decode
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 7168])
+    ap.add_argument("--lengths", nargs="*", type=int, default=[1024, 2048, 4096, 7168])
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--score", type=int, default=512)
     ap.add_argument("--passkey-length", type=int, default=7168)
     ap.add_argument("--trials", type=int, default=3, help="passkey trials per depth (0: no passkey)")
-    ap.add_argument("--passkey-full", action="store_true", help="also run DynamicCache on the passkeys")
+    ap.add_argument(
+        "--passkey-methods", default="ctxcore4,ctxcore4-train", help="comma-separated (full: DynamicCache)"
+    )
     ap.add_argument("--calib-offset", type=int, default=200_000)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
@@ -95,7 +98,7 @@ def main() -> None:
                 f"{row['ctxcore4-train']:.3f} ({row['change'] * 100:+.2f}%)",
                 flush=True,
             )
-    methods = ["ctxcore4", "ctxcore4-train"] + (["full"] if args.passkey_full else [])
+    methods = [m for m in args.passkey_methods.split(",") if m]
     length = args.passkey_length
     for depth in (0.0, 0.25, 0.5, 0.75, 1.0) if args.trials else ():
         for t in range(args.trials):

@@ -104,3 +104,52 @@ def test_another_attention_implementation_warns_once_and_still_works():
     msg = str(slow[0].message)
     assert "'sdpa'" in msg and "ctxcore.enable(model)" in msg
     assert torch.equal(out[0, 60:], ref[0, 60:])  # bits=8: the dequantized history decodes the same
+
+
+def _prefilled(model, prompt, compress: bool = True, **kw):
+    cache = ctxcore.CompressedCache(model.config, **{**_CACHE, **kw})
+    with torch.no_grad():
+        model(prompt, use_cache=True, **cache_kwargs(model, cache))
+    if compress:
+        cache.compress()
+    return cache
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("budget", [None, "tight"])
+def test_deepcopy_of_a_prompt_cache_serves_several_continuations(compress, budget):
+    """The transformers idiom: prefill a prompt once, deep-copy the cache per continuation."""
+    import copy
+    import gc
+
+    model = ctxcore.enable(_model())
+    prompt = _ids(120)
+    kw = {}
+    if budget:
+        probe = ctxcore.CompressedCache(model.config, **_CACHE)
+        kw["ram_budget"] = probe.store.config["min_ram_budget"] + 10 * probe.store.config["page_bytes"]
+    base = _prefilled(model, prompt, compress, **kw)
+    n = base.get_seq_length()
+    for seed in (1, 2):
+        follow = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(seed))
+        ids = torch.cat([prompt, follow], 1)
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False,
+                             **cache_kwargs(model, _prefilled(model, prompt, compress, **kw)))  # fmt: skip
+        mine = copy.deepcopy(base)
+        assert mine.store is not base.store and mine.layers[0].cache is mine
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, mine))
+        assert torch.equal(out, ref)
+        assert mine.get_seq_length() == 120 + 9 + 5
+    assert base.get_seq_length() == n  # the original is untouched
+    if budget:
+        assert base.store.stats()["disk_bytes"] > 0  # some shared pages live on disk
+    # A copy outlives its original (whose offload directory is removed with it).
+    last = copy.deepcopy(base)
+    del base
+    gc.collect()
+    follow = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    ids = torch.cat([prompt, follow], 1)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(model, last))
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False,
+                         **cache_kwargs(model, _prefilled(model, prompt, compress, **kw)))  # fmt: skip
+    assert torch.equal(out, ref)

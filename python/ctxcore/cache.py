@@ -717,6 +717,32 @@ class CompressedCache(Cache):
         self._mask_memo: tuple[Any, tuple[int, int, int], Any] | None = None
         super().__init__(layers=[CompressedLayer(self, i) for i in range(self.num_layers)])
 
+    def __deepcopy__(self, memo: dict) -> CompressedCache:
+        """A copy for another continuation of the same prompt (the transformers idiom for
+        re-using a prompt cache), cheap: the store is forked (:meth:`ctxcore.KVStore.fork`:
+        closed pages shared copy-on-write), windows, sinks and tokens still held for
+        calibration are copied."""
+        import copy
+
+        self._flush()
+        new = copy.copy(self)
+        memo[id(self)] = new
+        new.store = self.store.fork()
+        new.codebook_source = list(self.codebook_source)
+        new._trained = list(self._trained)
+        new._fixed_books = list(self._fixed_books)
+        new._store_kwargs = dict(self._store_kwargs)
+        new._mask_memo = None
+        new.layers = []
+        for lay in self.layers:
+            nl = copy.copy(lay)
+            nl.cache = new
+            if lay._warm is not None:
+                nl._warm = (lay._warm[0].clone(), lay._warm[1].clone())
+            nl._starts = None if lay._starts is None else list(lay._starts)
+            new.layers.append(nl)
+        return new
+
     def __repr__(self) -> str:
         return (
             f"CompressedCache(bits={self.bits}, window={self.window}, sinks={self.sinks}, "

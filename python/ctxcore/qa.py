@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import random
-import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,10 +123,9 @@ class QASession:
     make_cache: Callable[[], Any]
     prefill_seconds: float = 0.0
     compress_seconds: float = 0.0
-    save_seconds: float = 0.0
-    load_seconds: float = 0.0
+    #: Seconds of the last copy of the prefilled cache (``copy.deepcopy``, once per question).
+    copy_seconds: float = 0.0
     _snapshot: Any = None
-    _tmp: Any = field(default=None, repr=False)
 
     @torch.no_grad()
     def prefill(
@@ -173,20 +171,12 @@ class QASession:
         self._snapshot = cache
 
     def _copy(self) -> Any:
-        from .cache import CompressedCache
-
-        cache = self._snapshot
-        if isinstance(cache, CompressedCache):
-            if self._tmp is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="ctxcore-qa-")
-                t0 = time.perf_counter()
-                cache.save(self._tmp.name, token_ids=self.context_ids[0])
-                self.save_seconds = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = CompressedCache.load(self._tmp.name, self.model.config, model_id=cache.model_id)
-            self.load_seconds = time.perf_counter() - t0
-            return out
-        return copy.deepcopy(cache)
+        """A copy of the prefilled cache for one question (a CompressedCache forks its store:
+        pages are shared, not copied)."""
+        t0 = time.perf_counter()
+        out = copy.deepcopy(self._snapshot)
+        self.copy_seconds = time.perf_counter() - t0
+        return out
 
     @torch.no_grad()
     def ask(self, question_ids: torch.Tensor, max_new_tokens: int = 24) -> Answer:

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -489,6 +490,18 @@ class KVStore:
     def evict_all(self) -> None:
         """Move every resident page to the disk tier (frees RAM; data stays readable)."""
         self._s.evict_all()
+
+    def fork(self) -> KVStore:
+        """An independent copy of the store, cheap: closed pages are shared copy-on-write (in RAM
+        by reference, on disk by reading the same files), sinks, windows, open pages and
+        codebooks are copied. The copy spills pages into a private directory of its own.
+        ``copy.deepcopy(store)`` does the same."""
+        obj = KVStore(0, 0, 0, _inner=self._s.fork())
+        obj.metadata = copy.deepcopy(self.metadata)
+        return obj
+
+    def __deepcopy__(self, memo: dict) -> KVStore:
+        return self.fork()
 
     def select_seqs(self, indices: Any) -> None:
         """Reorder, repeat or drop sequences, e.g. for beam search.

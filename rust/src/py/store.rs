@@ -376,6 +376,13 @@ impl KVStore {
         self.inner.batch().py()
     }
 
+    /// An independent copy: closed pages shared copy-on-write, the rest copied.
+    fn fork(&self, py: Python<'_>) -> PyResult<KVStore> {
+        let store = &self.inner;
+        let inner = py.detach(|| catch_panic(|| store.fork())).py()?;
+        Ok(KVStore { inner })
+    }
+
     /// New sequence ``i`` = copy of old sequence ``indices[i]`` (closed pages shared).
     fn select_seqs(&self, py: Python<'_>, indices: Vec<usize>) -> PyResult<()> {
         let store = &self.inner;

@@ -43,6 +43,9 @@ pub struct DiskTier {
     /// Bytes written (live and dead slots).
     pub bytes: u64,
     max_bytes: Option<u64>,
+    /// Where the private directory is made when `dir` is `None` (default: the system's temp
+    /// directory).
+    tmp_in: Option<PathBuf>,
     _tmp: Option<TempDir>,
 }
 
@@ -86,8 +89,39 @@ impl DiskTier {
             segments: Vec::new(),
             bytes: 0,
             max_bytes,
+            tmp_in: None,
             _tmp: None,
         })
+    }
+
+    /// A tier that reads every segment of this one (the files are shared, read-only: slots
+    /// are never rewritten, and an unlinked file stays readable through its open handle) and
+    /// writes new pages into a private directory of its own, made on first write inside this
+    /// tier's directory if the user chose it, else in the system's temp directory.
+    pub fn fork(&self) -> DiskTier {
+        DiskTier {
+            dir: None,
+            page_bytes: self.page_bytes,
+            slots_per_segment: self.slots_per_segment,
+            segments: self
+                .segments
+                .iter()
+                .map(|s| Segment {
+                    path: s.path.clone(),
+                    file: s.file.clone(),
+                    used: s.used,
+                    writable: false,
+                })
+                .collect(),
+            bytes: self.bytes,
+            max_bytes: self.max_bytes,
+            tmp_in: if self._tmp.is_none() {
+                self.dir.clone()
+            } else {
+                self.tmp_in.clone()
+            },
+            _tmp: None,
+        }
     }
 
     fn ensure_dir(&mut self) -> Result<PathBuf> {
@@ -96,16 +130,21 @@ impl DiskTier {
             // user's documents.
             let mut builder = tempfile::Builder::new();
             builder.prefix("ctxcore-offload-");
+            let parent = self.tmp_in.clone().unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&parent).map_err(io(format!(
+                "creating offload directory {}",
+                parent.display()
+            )))?;
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
                 builder.permissions(std::fs::Permissions::from_mode(0o700));
             }
             let base = builder
-                .tempdir()
+                .tempdir_in(&parent)
                 .map_err(io(format!(
                     "creating an offload directory in {}",
-                    std::env::temp_dir().display()
+                    parent.display()
                 )))?
                 .keep();
             self._tmp = Some(TempDir(base.clone()));

@@ -312,6 +312,7 @@ struct LayerState {
     open: Option<OpenPage>,
 }
 
+#[derive(Clone)]
 struct PageMeta {
     /// Page-table entries (over all sequences) naming this page; 0 = dead: not resident, its
     /// abstract dropped, the id never reused.
@@ -322,7 +323,7 @@ struct PageMeta {
     abstract_: Box<[u8]>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct RamTier {
     map: HashMap<u32, (Arc<Vec<u8>>, u64)>,
     order: BTreeMap<u64, u32>,
@@ -363,6 +364,7 @@ impl RamTier {
 /// Key and value centroids of every KV head, each Layout `(H, m, ksub, dsub)`.
 pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
 
+#[derive(Clone)]
 struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
@@ -683,6 +685,26 @@ impl KvStore {
             prefetch_tx: thread.as_ref().map(|_| tx),
             prefetch_thread: thread,
         }
+    }
+
+    /// An independent copy of the store, cheap: closed pages are shared copy-on-write (their
+    /// blobs in RAM by reference, their disk slots by sharing the segment files read-only),
+    /// while sinks, windows, open pages, page tables and codebooks are copied. Either store can
+    /// then append, crop, select and drop without affecting the other; the copy writes pages it
+    /// evicts into a private directory of its own.
+    pub fn fork(&self) -> Result<KvStore> {
+        let st = self.shared.lock()?;
+        let state = State {
+            books: st.books.clone(),
+            seqs: st.seqs.clone(),
+            pages: st.pages.clone(),
+            live: st.live,
+            ram: st.ram.clone(),
+            disk: st.disk.fork(),
+            inflight: HashSet::new(),
+        };
+        drop(st);
+        Ok(Self::from_parts(self.shared.cfg.clone(), state))
     }
 
     /// The configuration.

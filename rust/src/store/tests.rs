@@ -1083,3 +1083,51 @@ fn append_attend_equals_append_then_attend_per_sequence() {
         let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
     }
 }
+
+#[test]
+fn fork_is_independent_and_shares_pages() {
+    // Under a RAM budget, so that some shared pages live only on disk.
+    for own_dir in [false, true] {
+        let mut c = cfg(None, own_dir.then(|| tmpdir("fork")));
+        (c.head_dim, c.page_size, c.k_m, c.v_m) = (32, 16, 16, 32);
+        c.ram_budget = Some(3 * c.min_ram_budget());
+        let a = store(c.clone());
+        for step in 0..200 {
+            fill(&a, 9, step);
+            if a.stats().unwrap().evictions > 2 {
+                break;
+            }
+        }
+        assert!(a.stats().unwrap().disk_bytes > 0, "no page was offloaded");
+        let before = snapshot(&a, 0);
+        let ref_out = attend_all(&a, 0);
+        let b = a.fork().unwrap();
+        assert_eq!(
+            snapshot(&b, 0),
+            before,
+            "the copy reads what the original holds"
+        );
+        assert_eq!(attend_all(&b, 0), ref_out);
+        // Diverge: different tokens appended to each.
+        fill(&a, 40, 1000);
+        fill(&b, 40, 2000);
+        let (sa, sb) = (snapshot(&a, 0), snapshot(&b, 0));
+        assert_ne!(sa, sb);
+        // The old pages are the same in both and unchanged.
+        for l in 0..c.layers {
+            let n = before[l].3.len() - 1; // the open page changes: compare the closed ones
+            assert_eq!(sa[l].3[..n], before[l].3[..n]);
+            assert_eq!(sb[l].3[..n], before[l].3[..n]);
+        }
+        // Dropping the original (its offload directory goes) leaves the copy readable.
+        drop(a);
+        let again = b.fork().unwrap();
+        assert_eq!(snapshot(&again, 0), sb);
+        assert_eq!(snapshot(&b, 0), sb);
+        drop(again);
+        assert_eq!(attend_all(&b, 0).len(), 2 * c.layers);
+        if let Some(d) = c.offload_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
