@@ -59,6 +59,7 @@ def test_docstring_examples_run(module):
         pytest.importorskip("torch")
     mod = importlib.import_module(module)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{module} has no doctest examples to run"
     assert result.failed == 0
 
 

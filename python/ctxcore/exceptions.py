@@ -6,6 +6,16 @@ dtypes, ``OSError`` for I/O), so ``except ValueError`` keeps working.
 
 The Rust core maps its one ``Error`` enum to these classes in a single place
 (``rust/src/py/error.rs``); the class names are part of the public API.
+
+>>> import ctxcore
+>>> try:
+...     ctxcore.ProductQuantizer(dim=64, m=7)
+... except ctxcore.exceptions.ConfigError as e:
+...     print(type(e).__name__, isinstance(e, ValueError), isinstance(e, CtxcoreError))
+ConfigError True True
+
+Warnings: :class:`SlowPathWarning` (a :class:`CtxcoreWarning`) when ctxcore falls back to a
+correct but much slower path.
 """
 
 from __future__ import annotations
