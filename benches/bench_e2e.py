@@ -60,7 +60,9 @@ def single(model, ids: torch.Tensor, method: str, steps: int) -> dict:
     else:
         s = cache.memory_stats()
         tokens, kv = s["tokens"], s["compressed_bytes"]
-    return {"ttft_s": ttft, "tpot_s": tpot, "tokens": tokens, "kv_bytes_per_token": kv / tokens}
+        reused = cache.codebook_source.count("reused")
+    row = {"ttft_s": ttft, "tpot_s": tpot, "tokens": tokens, "kv_bytes_per_token": kv / tokens}
+    return row | ({} if method == "full" else {"reused_layers": reused})
 
 
 def batched(model, ids: torch.Tensor, method: str, steps: int) -> dict:
@@ -104,6 +106,8 @@ def main() -> None:
         row = {"tokens": n}
         for m, rs in runs.items():
             row[m] = {k: spread([r[k] for r in rs]) for k in ("ttft_s", "tpot_s", "kv_bytes_per_token")}
+            if m != "full":
+                row[m]["reused_layers"] = [r["reused_layers"] for r in rs]
         f, c, t = row["full"], row["ctxcore4"], row["ctxcore4-train"]
         row["ttft_ratio"] = c["ttft_s"]["median"] / f["ttft_s"]["median"]
         row["ttft_ratio_train"] = t["ttft_s"]["median"] / f["ttft_s"]["median"]
@@ -115,7 +119,8 @@ def main() -> None:
             f"({row['ttft_ratio']:.2f}x of full; first context, training: {t['ttft_s']['median']:.2f} s = "
             f"{row['ttft_ratio_train']:.2f}x); TPOT full {f['tpot_s']['median'] * 1e3:.1f} ms, ctxcore "
             f"{c['tpot_s']['median'] * 1e3:.1f} ms ({row['tpot_speedup']:.2f}x faster); KV "
-            f"{c['kv_bytes_per_token']['median']:.0f} B/token = {row['kv_vs_fp16']:.3f}x of fp16",
+            f"{c['kv_bytes_per_token']['median']:.0f} B/token = {row['kv_vs_fp16']:.3f}x of fp16; layers "
+            f"with reused codebooks {c['reused_layers']}",
             flush=True,
         )
     batch = run_batch(model, ids, args) if args.batch else None
