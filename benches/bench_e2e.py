@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +37,7 @@ import torch
 from transformers import DynamicCache
 
 import ctxcore
-from ctxcore.evaluation import time_decode
+from ctxcore.evaluation import publish_codebooks, time_decode
 
 
 def _cache(method: str, model):
@@ -92,10 +90,7 @@ def main() -> None:
     ids = torch.tensor(tok(Path(args.text).read_text()[:1_200_000])["input_ids"])
     # A private codebook cache, filled by one context of other text (what a user has after the
     # model's first context).
-    os.environ["CTXCORE_CACHE_DIR"] = tempfile.mkdtemp(prefix="ctxcore-bench-")
-    pub = ctxcore.CompressedCache(model.config, bits=4)
-    time_decode(model, pub, ids[None, 200_000 : 200_000 + 4096], 1)
-    assert pub.codebook_source == ["trained"] * pub.num_layers
+    publish_codebooks(model, ids[200_000 : 200_000 + 4096])
     single(model, ids[None, :256], "ctxcore4", 2)  # warm-up (allocator, thread pools)
     rows = []
     for n in args.lengths:

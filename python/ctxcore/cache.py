@@ -866,6 +866,7 @@ class CompressedCache(Cache):
         done = [lb for lb in self._trained if lb is not None]
         if len(done) < self.num_layers or min(lb.tokens for lb in done) < _books.MIN_PUBLISH_TOKENS:
             return
+        self._trained = [None] * self.num_layers  # the store holds them; this was for publishing
         if _books.read_set(path, self.model_id, self._codec()) is not None:
             return  # another cache published meanwhile
         try:

@@ -42,6 +42,7 @@ __all__ = [
     "make_cache",
     "passkey",
     "perplexity",
+    "publish_codebooks",
     "speed",
 ]
 
@@ -308,3 +309,20 @@ def speed(
         "kv_bytes": kv_bytes(cache, model),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+
+
+@torch.no_grad()
+def publish_codebooks(model: Any, ids: torch.Tensor) -> str:
+    """Point the codebook cache at a fresh private directory and fill it from one context
+    ``ids`` ``[T]`` (what a user has after the model's first context); returns the directory.
+    Benchmarks of the default then measure reuse of codebooks trained on other text."""
+    import os
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="ctxcore-bench-")
+    os.environ["CTXCORE_CACHE_DIR"] = d
+    cache = CompressedCache(model.config, bits=4)
+    time_decode(model, cache, ids.reshape(1, -1), 1)
+    if cache.codebook_source != ["trained"] * cache.num_layers:
+        raise RuntimeError(f"publishing context did not train every layer: {cache.codebook_source}")
+    return d
