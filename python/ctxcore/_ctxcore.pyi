@@ -55,6 +55,7 @@ class TokenChunk:
 def chunk_tokens(tokens: npt.NDArray[np.uint32], chunk_size: int, namespace: str) -> list[TokenChunk]: ...
 
 STORE_FORMAT_VERSION: int
+PARTS_FORMAT_VERSION: int
 
 class KVStore:
     def __init__(
@@ -121,6 +122,33 @@ class KVStore:
     def crop(self, n: int, targets: list[tuple[int, int]]) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def save(self, path: str, extra: bytes) -> None: ...
+    def export_books(self) -> bytes | None: ...
+    def export_sinks(self, seq: int) -> bytes: ...
+    def export_tail(self, seq: int) -> bytes: ...
+    def export_pages(self, seq: int, layer: int, idxs: list[int]) -> list[bytes]: ...
+    def truncate_to_pages(self, n_pages: int) -> None: ...
+    @staticmethod
+    def assemble(
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        window: int,
+        sinks: int,
+        k_m: int,
+        k_nbits: int,
+        v_m: int,
+        v_nbits: int,
+        keep_full_precision: bool,
+        ram_budget: int | None,
+        offload_dir: str | None,
+        max_disk_bytes: int | None,
+        model_id: str,
+        books: bytes | None,
+        sink_piece: bytes | None,
+        pages: list[list[bytes]],
+        tail: bytes | None,
+    ) -> KVStore: ...
     @staticmethod
     def load(
         path: str,

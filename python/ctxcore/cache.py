@@ -699,6 +699,9 @@ class CompressedCache(Cache):
         #: the codebook cache), "calibrated" (:meth:`calibrate`), "loaded" (a saved context), or
         #: None (not yet).
         self.codebook_source: list[str | None] = [None] * self.num_layers
+        #: After :meth:`load` with ``token_ids``: what matched (``source``: "context", "prefix",
+        #: "directory" or "none"; ``tokens``; ...). None otherwise.
+        self.load_info: dict | None = None
         self._trained: list[_books.LayerBooks | None] = [None] * self.num_layers
         self._store_kwargs = dict(
             layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, page_size=self.page_size,
@@ -1065,56 +1068,130 @@ class CompressedCache(Cache):
             "disk_bytes": int(s["disk_bytes"]),
         }
 
-    def save(self, path: str | os.PathLike, token_ids: Any = None, metadata: dict | None = None) -> None:
-        """Save the context (pages, window, sinks, codebooks, abstracts) to directory ``path``,
-        atomically. ``token_ids`` (``[T]`` or ``[B, T]``) are saved with it so a later prompt can
-        be matched (:attr:`token_ids`). Ends a calibration warm-up first."""
+    def _settle_all(self) -> None:
+        """Move every held token into the store (ends a calibration warm-up)."""
         self._flush()
         for lay in self.layers:
             lay.settle()
-        meta = {
-            "ctxcore_cache": {
-                "bits": self.bits, "window": self.window, "sinks": self.sinks,
-                "page_size": self.page_size, "select": self.select, "prefill_block": self.prefill_block,
-                "kv_dtype": str(self._kv_dtype).replace("torch.", "") if self._kv_dtype else None,
-                "layers_committed": [lay._committed for lay in self.layers],
-            }
+
+    def _settings(self) -> dict:
+        """What a loaded context needs besides the store's own configuration."""
+        return {
+            "bits": self.bits, "window": self.window, "sinks": self.sinks, "page_size": self.page_size,
+            "select": self.select, "prefill_block": self.prefill_block,
+            "kv_dtype": str(self._kv_dtype).replace("torch.", "") if self._kv_dtype else None,
         }  # fmt: skip
+
+    def save(
+        self,
+        target: str | os.PathLike,
+        token_ids: Any = None,
+        metadata: dict | None = None,
+        *,
+        namespace: str | None = None,
+    ) -> dict | None:
+        """Save the context (pages, window, sinks, codebooks, abstracts). Ends a calibration
+        warm-up first.
+
+        ``target``: a directory (written atomically; ``token_ids`` ``[T]`` or ``[B, T]`` are
+        optional and saved with it so a later prompt can be matched, :attr:`token_ids`), or a
+        shared store ``"redis://host:port/db"`` (also ``rediss://`` for TLS, ``unix://``; see
+        :mod:`ctxcore.shared`): then ``token_ids`` ``[T]`` are required, pages are keyed by
+        content and only those the store lacks are written, and a dict of what was written is
+        returned. ``namespace``: the shared store's key prefix (default ``?namespace=`` in the
+        URL, else ``"ctxcore"``)."""
+        from . import shared
+
+        if shared.is_url(target):
+            return shared.save(self, str(target), token_ids, metadata, namespace=namespace)
+        self._settle_all()
+        meta = {"ctxcore_cache": {**self._settings(), "layers_committed": [lay._committed for lay in self.layers]}}
         if metadata:
             meta["user"] = metadata
         if token_ids is not None:
             token_ids = torch.as_tensor(token_ids)
             token_ids = token_ids.tolist() if token_ids.dim() == 2 else [token_ids.tolist()]
-        self.store.save(path, token_ids=token_ids, metadata=meta)
+        self.store.save(target, token_ids=token_ids, metadata=meta)
+        return None
 
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike,
+        target: str | os.PathLike,
         config: Any,
         *,
+        token_ids: Any = None,
         ram_budget: int | str | None = None,
         offload_dir: str | os.PathLike | None = None,
         model_id: str | None = None,
         select: int | float | None = ...,  # type: ignore[assignment]
+        namespace: str | None = None,
+        **settings: Any,
     ) -> CompressedCache:
-        """Load a context saved by :meth:`save` for the model of ``config``. Pages are read
-        lazily. A context saved for another model shape raises
-        :class:`~ctxcore.exceptions.ContextMismatchError` naming both."""
+        """Load a context saved by :meth:`save` for the model of ``config``.
+
+        From a directory, pages are read lazily; a context saved for another model shape raises
+        :class:`~ctxcore.exceptions.ContextMismatchError` naming both. With ``token_ids`` (the
+        prompt, ``[T]``) the cache holds the longest prefix of it the save holds: all of it when
+        the saved tokens start the prompt, else the page-aligned prefix the two share (maybe 0
+        tokens), and always at most ``T - 1`` tokens, so ``generate(token_ids,
+        past_key_values=cache)`` prefills only the rest.
+
+        From a shared store (``"redis://..."``, see :mod:`ctxcore.shared`) ``token_ids`` are
+        required and the cache holds the longest prefix of them any saved context holds, exact
+        up to a saved context's last token, or page-aligned (maybe 0 tokens; then a new cache).
+        ``settings`` (``bits``, ``window``, ``sinks``, ``page_size``, ...) must equal the saver's
+        for its contexts to match; they default to the constructor's. :attr:`load_info` says
+        what matched. Errors before any prefill: ConfigError for a bad URL,
+        StoreConnectionError for an unreachable server or wrong password."""
+        from . import shared
+
+        if shared.is_url(target):
+            kw = dict(settings, ram_budget=ram_budget, offload_dir=offload_dir, model_id=model_id)
+            if select is not ...:
+                kw["select"] = select
+            return shared.load(cls, str(target), config, token_ids, namespace=namespace, **kw)
+        if settings:
+            raise ConfigError(
+                f"{sorted(settings)}: a directory context keeps the settings it was saved with; "
+                "these apply to shared stores only"
+            )
         cfg = check_supported(config)
         layers, _, hkv, d = _shape(cfg)
         mid = model_id if model_id is not None else model_fingerprint(config)
         store = KVStore.load(
-            path, ram_budget=ram_budget, offload_dir=offload_dir, model_id=mid, layers=layers, kv_heads=hkv,
+            target, ram_budget=ram_budget, offload_dir=offload_dir, model_id=mid, layers=layers, kv_heads=hkv,
             head_dim=d,
         )  # fmt: skip
         info = store.metadata.get("ctxcore_cache", {})
+        kw = dict(ram_budget=ram_budget, offload_dir=offload_dir, model_id=mid)
+        if select is not ...:
+            kw["select"] = select
+        if token_ids is not None:
+            held = _dir_prefix(store, token_ids)
+            if held == 0:
+                c = store.config
+                fresh = cls(
+                    config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"],
+                    page_size=c["page_size"], **kw,
+                )  # fmt: skip
+                fresh.load_info = {"source": "none", "tokens": 0, "pages": 0}
+                return fresh
+        cache = cls._adopt(config, store, info, kw)
+        if token_ids is not None:
+            cache.load_info = {"source": "directory", "tokens": cache.get_seq_length(), "pages": None}
+        return cache
+
+    @classmethod
+    def _adopt(cls, config: Any, store: KVStore, info: dict, kw: dict) -> CompressedCache:
+        """A cache around a loaded ``store``; ``info``: the saved :meth:`_settings`, ``kw``:
+        the caller's ``ram_budget`` / ``offload_dir`` / ``model_id`` / ``select``."""
         c = store.config
+        select = kw.get("select", info.get("select"))
         cache = cls(
             config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"], page_size=c["page_size"],
-            ram_budget=ram_budget, offload_dir=offload_dir,
-            select=info.get("select") if select is ... else select,
-            prefill_block=info.get("prefill_block"), model_id=mid, _store=store,
+            ram_budget=kw.get("ram_budget"), offload_dir=kw.get("offload_dir"), select=select,
+            prefill_block=info.get("prefill_block"), model_id=kw.get("model_id"), _store=store,
         )  # fmt: skip
         if cache.select is not None and not c["keep_full_precision"]:
             raise ConfigError("this context was saved without fp16 page copies; load it with select=None")
@@ -1142,6 +1219,39 @@ class CompressedCache(Cache):
         """User metadata saved with a loaded context."""
         return self.store.metadata.get("user", {})
 
+
+
+def _dir_prefix(store: KVStore, token_ids: Any) -> int:
+    """Cut a directory-loaded ``store`` to the longest prefix of ``token_ids`` it holds (at most
+    ``len - 1`` tokens); the tokens it then holds (0: nothing usable)."""
+    from .shared import _as_ids
+
+    ids = _as_ids(token_ids)
+    saved = store.metadata.get("token_ids")
+    if not saved:
+        raise ConfigError("this context was saved without token_ids; load it without token_ids")
+    if store.batch != 1:
+        raise ConfigError(f"token_ids matching needs a context of one sequence, this one holds {store.batch}")
+    sv = np.asarray(saved[0], dtype=np.int64)
+    n = min(len(sv), len(ids))
+    diff = np.nonzero(sv[:n] != ids[:n])[0]
+    common = int(diff[0]) if diff.size else n
+    held = store.num_tokens(0)
+    want = min(common, len(ids) - 1)
+    if want >= held:
+        return held
+    try:
+        store.crop(held - want)  # only the window's tokens differ
+    except ConfigError:
+        c = store.config
+        pages = max(0, (want - c["sinks"]) // c["page_size"])
+        if pages == 0:
+            return 0
+        store.truncate_to_pages(pages)
+    n_held = store.num_tokens(0)
+    store.metadata["token_ids"] = [list(saved[0][:n_held])]
+    store.metadata.pop("chunk_hashes", None)
+    return n_held
 
 def _training_sample(x: np.ndarray, ksub: int, seed: int) -> np.ndarray:
     """At most :data:`CALIBRATION_SAMPLES` rows of ``x`` ``[n, D]``; with fewer rows than

@@ -32,6 +32,7 @@ __all__ = [
     "FormatVersionError",
     "DeviceError",
     "CtxcoreIOError",
+    "StoreConnectionError",
     "RamBudgetError",
     "ContextMismatchError",
     "InternalError",
@@ -83,6 +84,12 @@ class DeviceError(CtxcoreError, ValueError):
 
 class CtxcoreIOError(CtxcoreError, OSError):
     """Reading or writing a file failed; the message names the file."""
+
+
+class StoreConnectionError(CtxcoreIOError):
+    """A shared store (e.g. ``redis://...``) could not be reached, refused the credentials, or
+    dropped the connection mid-operation; the message names the server (never the password).
+    A save it interrupts leaves nothing findable, and what was saved before stays intact."""
 
 
 class RamBudgetError(CtxcoreError, MemoryError):

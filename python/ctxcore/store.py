@@ -555,6 +555,20 @@ class KVStore:
             raise ConfigError(f"seq and layer must be >= 0, got seq={seq}, layer={layer}")
         self._s.crop(int(n), [(s, lay) for s in seqs for lay in layers])
 
+    def truncate_to_pages(self, n_pages: int) -> None:
+        """Keep only the sinks and the first ``n_pages`` closed pages of every sequence and
+        layer (window and open page dropped): the page-aligned prefix of ``sinks + n_pages *
+        page_size`` tokens, e.g. the part of a loaded context a new prompt shares. ConfigError
+        (nothing changed) if some layer has fewer closed pages."""
+        if int(n_pages) < 0:
+            raise ConfigError(f"n_pages must be >= 0, got {n_pages}")
+        self._s.truncate_to_pages(int(n_pages))
+        n = self.num_tokens(0) if self.batch == 1 else None
+        ids = self.metadata.get("token_ids")
+        if n is not None and isinstance(ids, list) and ids:
+            self.metadata["token_ids"] = [list(ids[0][:n])]
+        self.metadata.pop("chunk_hashes", None)
+
     def stats(self) -> dict:
         """Counters (hits, misses, prefetched, prefetch_requested, evictions, bytes_read,
         bytes_written) and

@@ -64,6 +64,7 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda::cuda_page_gather, m)?)?;
     m.add_function(wrap_pyfunction!(cuda::cuda_pq_encode, m)?)?;
     m.add("STORE_FORMAT_VERSION", crate::store::STORE_FORMAT_VERSION)?;
+    m.add("PARTS_FORMAT_VERSION", crate::store::PARTS_FORMAT_VERSION)?;
     m.add_function(wrap_pyfunction!(chunk::chunk_tokens, m)?)?;
     m.add_class::<chunk::TokenChunk>()?;
     Ok(())

@@ -8,6 +8,7 @@ use numpy::{
     PyUntypedArrayMethods,
 };
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict};
 
 use super::error::IntoPy;
@@ -417,6 +418,110 @@ impl KVStore {
     fn save(&self, py: Python<'_>, path: PathBuf, extra: &[u8]) -> PyResult<()> {
         let store = &self.inner;
         py.detach(|| catch_panic(|| store.save(&path, extra))).py()
+    }
+
+    /// The codebooks of every layer as one self-checking piece, or None before any.
+    fn export_books<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let b = self.inner.export_books().py()?;
+        Ok(b.map(|b| PyBytes::new(py, &b)))
+    }
+
+    /// The sink tokens of every layer of ``seq`` as one self-checking piece.
+    fn export_sinks<'py>(&self, py: Python<'py>, seq: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.export_sinks(seq).py()?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Everything of ``seq`` but its closed pages (counts, sinks, window, open page).
+    fn export_tail<'py>(&self, py: Python<'py>, seq: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.inner.export_tail(seq).py()?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Closed pages ``idxs`` of ``(seq, layer)``, each one self-checking piece.
+    fn export_pages<'py>(
+        &self,
+        py: Python<'py>,
+        seq: usize,
+        layer: usize,
+        idxs: Vec<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let store = &self.inner;
+        let pages = py
+            .detach(|| catch_panic(|| store.export_pages(seq, layer, &idxs)))
+            .py()?;
+        Ok(pages.iter().map(|p| PyBytes::new(py, p)).collect())
+    }
+
+    /// Keep the sinks and the first ``n_pages`` closed pages of every sequence and layer.
+    fn truncate_to_pages(&self, n_pages: usize) -> PyResult<()> {
+        self.inner.truncate_to_pages(n_pages).py()
+    }
+
+    /// A one-sequence store rebuilt from pieces (see ``ctxcore.shared``), every piece verified.
+    #[staticmethod]
+    #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
+                        keep_full_precision, ram_budget, offload_dir, max_disk_bytes, model_id,
+                        books, sink_piece, pages, tail))]
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        py: Python<'_>,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        page_size: usize,
+        window: usize,
+        sinks: usize,
+        k_m: usize,
+        k_nbits: u32,
+        v_m: usize,
+        v_nbits: u32,
+        keep_full_precision: bool,
+        ram_budget: Option<u64>,
+        offload_dir: Option<PathBuf>,
+        max_disk_bytes: Option<u64>,
+        model_id: String,
+        books: Option<PyBackedBytes>,
+        sink_piece: Option<PyBackedBytes>,
+        pages: Vec<Vec<PyBackedBytes>>,
+        tail: Option<PyBackedBytes>,
+    ) -> PyResult<KVStore> {
+        let cfg = StoreConfig {
+            layers,
+            kv_heads,
+            head_dim,
+            page_size,
+            window,
+            sinks,
+            k_m,
+            k_nbits,
+            v_m,
+            v_nbits,
+            keep_full_precision,
+            batch: 1,
+            ram_budget,
+            offload_dir,
+            max_disk_bytes,
+            model_id,
+        };
+        let inner = py
+            .detach(|| {
+                catch_panic(|| {
+                    let pages: Vec<Vec<&[u8]>> = pages
+                        .iter()
+                        .map(|l| l.iter().map(|p| p.as_ref()).collect())
+                        .collect();
+                    KvStore::assemble(
+                        cfg,
+                        books.as_deref(),
+                        sink_piece.as_deref(),
+                        &pages,
+                        tail.as_deref(),
+                    )
+                })
+            })
+            .py()?;
+        Ok(KVStore { inner })
     }
 
     /// Load a saved context; returns ``(store, extra)``.

@@ -24,6 +24,7 @@
 
 mod attend;
 mod disk;
+mod parts;
 mod persist;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -40,6 +41,7 @@ use crate::pq::ProductQuantizer;
 pub use attend::{Attended, Queries, Step};
 pub use disk::Slot;
 use disk::{read_at, DiskTier};
+pub use parts::PARTS_FORMAT_VERSION;
 pub use persist::{check_compatible, LoadOptions, STORE_FORMAT_VERSION};
 
 /// Configuration of a [`KvStore`].

@@ -30,29 +30,29 @@ const MAGIC: &[u8; 8] = b"CTXCKV\0\0";
 const META: &str = "meta.ctxkv";
 
 #[derive(Default)]
-struct W(Vec<u8>);
+pub(super) struct W(pub(super) Vec<u8>);
 
 impl W {
-    fn u8(&mut self, v: u8) {
+    pub(super) fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
-    fn u32(&mut self, v: u32) {
+    pub(super) fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn u64(&mut self, v: u64) {
+    pub(super) fn u64(&mut self, v: u64) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
-    fn bytes(&mut self, b: &[u8]) {
+    pub(super) fn bytes(&mut self, b: &[u8]) {
         self.u64(b.len() as u64);
         self.0.extend_from_slice(b);
     }
-    fn f32s(&mut self, v: &[f32]) {
+    pub(super) fn f32s(&mut self, v: &[f32]) {
         self.u64(v.len() as u64);
         for x in v {
             self.0.extend_from_slice(&x.to_le_bytes());
         }
     }
-    fn f64s(&mut self, v: &[f64]) {
+    pub(super) fn f64s(&mut self, v: &[f64]) {
         self.u64(v.len() as u64);
         for x in v {
             self.0.extend_from_slice(&x.to_le_bytes());
@@ -60,14 +60,14 @@ impl W {
     }
 }
 
-struct R<'a> {
-    b: &'a [u8],
-    pos: usize,
-    file: String,
+pub(super) struct R<'a> {
+    pub(super) b: &'a [u8],
+    pub(super) pos: usize,
+    pub(super) file: String,
 }
 
 impl<'a> R<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if n > self.b.len() - self.pos {
             return Err(Error::corrupt(
                 self.file.clone(),
@@ -78,20 +78,20 @@ impl<'a> R<'a> {
         self.pos += n;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8> {
+    pub(super) fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Result<u32> {
+    pub(super) fn u32(&mut self) -> Result<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
     }
-    fn u64(&mut self) -> Result<u64> {
+    pub(super) fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
     }
-    fn usize(&mut self) -> Result<usize> {
+    pub(super) fn usize(&mut self) -> Result<usize> {
         usize::try_from(self.u64()?)
             .map_err(|_| Error::corrupt(self.file.clone(), "size out of range"))
     }
-    fn len(&mut self, elem: usize) -> Result<usize> {
+    pub(super) fn len(&mut self, elem: usize) -> Result<usize> {
         let n = self.usize()?;
         if n.checked_mul(elem)
             .is_none_or(|t| t > self.b.len() - self.pos)
@@ -103,11 +103,11 @@ impl<'a> R<'a> {
         }
         Ok(n)
     }
-    fn bytes(&mut self) -> Result<&'a [u8]> {
+    pub(super) fn bytes(&mut self) -> Result<&'a [u8]> {
         let n = self.len(1)?;
         self.take(n)
     }
-    fn f32s(&mut self) -> Result<Vec<f32>> {
+    pub(super) fn f32s(&mut self) -> Result<Vec<f32>> {
         let n = self.len(4)?;
         Ok(self
             .take(4 * n)?
@@ -115,7 +115,7 @@ impl<'a> R<'a> {
             .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
             .collect())
     }
-    fn f64s(&mut self) -> Result<Vec<f64>> {
+    pub(super) fn f64s(&mut self) -> Result<Vec<f64>> {
         let n = self.len(8)?;
         Ok(self
             .take(8 * n)?
