@@ -1105,7 +1105,9 @@ class CompressedCache(Cache):
         if shared.is_url(target):
             return shared.save(self, str(target), token_ids, metadata, namespace=namespace)
         self._settle_all()
-        meta = {"ctxcore_cache": {**self._settings(), "layers_committed": [lay._committed for lay in self.layers]}}
+        meta = {
+            "ctxcore_cache": {**self._settings(), "layers_committed": [lay._committed for lay in self.layers]}
+        }
         if metadata:
             meta["user"] = metadata
         if token_ids is not None:
@@ -1220,7 +1222,6 @@ class CompressedCache(Cache):
         return self.store.metadata.get("user", {})
 
 
-
 def _dir_prefix(store: KVStore, token_ids: Any) -> int:
     """Cut a directory-loaded ``store`` to the longest prefix of ``token_ids`` it holds (at most
     ``len - 1`` tokens); the tokens it then holds (0: nothing usable)."""
@@ -1252,6 +1253,7 @@ def _dir_prefix(store: KVStore, token_ids: Any) -> int:
     store.metadata["token_ids"] = [list(saved[0][:n_held])]
     store.metadata.pop("chunk_hashes", None)
     return n_held
+
 
 def _training_sample(x: np.ndarray, ksub: int, seed: int) -> np.ndarray:
     """At most :data:`CALIBRATION_SAMPLES` rows of ``x`` ``[n, D]``; with fewer rows than

@@ -90,10 +90,9 @@ class _Conn:
 
 
 def _redact(url: str) -> str:
+    """``url`` without credentials or query, for messages."""
     u = urlsplit(url)
-    host = u.hostname or ""
-    port = f":{u.port}" if u.port else ""
-    return urlunsplit((u.scheme, f"{host}{port}", u.path, "", ""))
+    return urlunsplit((u.scheme, u.netloc.rpartition("@")[2], u.path, "", ""))
 
 
 @contextmanager
@@ -144,8 +143,15 @@ def connect(url: str, namespace: str | None = None, *, check: bool = True) -> _C
             'saving to or loading from redis:// needs the redis client: pip install "ctxcore[redis]"'
         ) from e
     if not is_url(url):
-        raise ConfigError(f"not a redis URL: {url!r} (expected redis://host:port/db, rediss://... or unix://...)")
+        raise ConfigError(
+            f"not a redis URL: {url!r} (expected redis://host:port/db, rediss://... or unix://...)"
+        )
+    where = _redact(url)
     u = urlsplit(url)
+    try:
+        _ = u.port
+    except ValueError as e:
+        raise ConfigError(f"bad redis URL {where!r}: {e}") from e
     query = parse_qsl(u.query, keep_blank_values=True)
     ns = namespace
     rest = []
@@ -156,11 +162,19 @@ def connect(url: str, namespace: str | None = None, *, check: bool = True) -> _C
             rest.append((k, v))
     ns = DEFAULT_NAMESPACE if ns is None else str(ns)
     if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,128}", ns):
-        raise ConfigError(f"namespace must be 1-128 characters of letters, digits, '_', '.', '-', '/', got {ns!r}")
+        raise ConfigError(
+            f"namespace must be 1-128 characters of letters, digits, '_', '.', '-', '/', got {ns!r}"
+        )
     clean = urlunsplit((u.scheme, u.netloc, u.path, urlencode(rest), u.fragment))
-    where = _redact(url)
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
     try:
-        client = redis.Redis.from_url(clean, socket_connect_timeout=10, socket_timeout=60)
+        # A dropped connection is retried twice, briefly; a dead server fails within a second.
+        client = redis.Redis.from_url(
+            clean, socket_connect_timeout=10, socket_timeout=60,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+        )  # fmt: skip
     except (ValueError, TypeError) as e:
         raise ConfigError(f"bad redis URL {where!r}: {e}") from e
     conn = _Conn(client, ns, where)
@@ -308,7 +322,9 @@ def save(
     hs = _hashes(ids, codec, [*ends, min(t, sinks), last, t])
     info = json.dumps(cache._settings())
 
-    page_keys = [(layer, j, keys.page(b, layer, hs[e])) for layer in range(layers) for j, e in enumerate(ends)]
+    page_keys = [
+        (layer, j, keys.page(b, layer, hs[e])) for layer in range(layers) for j, e in enumerate(ends)
+    ]
     extra_keys = []
     if books is not None:
         extra_keys.append((keys.books(b), lambda: books))
@@ -354,7 +370,11 @@ def save(
         pipe = r.pipeline(transaction=True)
         for e in ends:
             pipe.hset(keys.prefix(hs[e]), b, info)
-        pipe.hset(keys.end(hs[last]), f"{b}:{t}", json.dumps({"settings": json.loads(info), "user": json.loads(meta_json)}))
+        pipe.hset(
+            keys.end(hs[last]),
+            f"{b}:{t}",
+            json.dumps({"settings": json.loads(info), "user": json.loads(meta_json)}),
+        )
         pipe.execute()
     return {
         "tokens": t, "pages": n * layers, "pages_written": written, "bytes_written": bytes_written,
@@ -453,7 +473,9 @@ def load(
     ``ram_budget``, ``offload_dir``, ``model_id``, ...); only contexts saved with the same
     codec settings match."""
     if token_ids is None:
-        raise ConfigError("loading from a shared store needs token_ids: the prompt to match saved prefixes against")
+        raise ConfigError(
+            "loading from a shared store needs token_ids: the prompt to match saved prefixes against"
+        )
     ids = _as_ids(token_ids)
     conn = connect(url, namespace)  # fails here, before any prefill
     fresh = cls(config, **cache_kwargs)
@@ -484,7 +506,11 @@ def load(
             except ConfigError:
                 continue
             held = cand.tokens
-        store.metadata = {"token_ids": [ids[:held].tolist()], "ctxcore_cache": cand.settings, "user": cand.user}
+        store.metadata = {
+            "token_ids": [ids[:held].tolist()],
+            "ctxcore_cache": cand.settings,
+            "user": cand.user,
+        }
         cache = cls._adopt(config, store, cand.settings, cache_kwargs)
         cache.load_info = {
             "source": "context" if tail is not None else "prefix", "tokens": held, "codebooks": cand.books,
@@ -496,7 +522,14 @@ def load(
 
 
 def _fetch(
-    conn: _Conn, keys: _Keys, codec: str, ids: np.ndarray, cand: _Candidate, layers: int, page: int, sinks: int
+    conn: _Conn,
+    keys: _Keys,
+    codec: str,
+    ids: np.ndarray,
+    cand: _Candidate,
+    layers: int,
+    page: int,
+    sinks: int,
 ) -> tuple[bytes | None, bytes | None, list[list[bytes]], bytes | None] | None:
     """The pieces of ``cand``, or of the longest prefix of it still complete; None if nothing."""
     b = cand.books

@@ -1131,3 +1131,763 @@ fn fork_is_independent_and_shares_pages() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shared-context pieces (parts.rs): export_books / export_sinks / export_tail / export_pages,
+// KvStore::assemble and KvStore::truncate_to_pages.
+// ---------------------------------------------------------------------------------------------
+mod parts_tests {
+    use super::*;
+
+    /// Three layers, 2 sinks, window 3, pages of 4 tokens.
+    fn pcfg() -> StoreConfig {
+        StoreConfig {
+            layers: 3,
+            ..cfg(None, None)
+        }
+    }
+
+    /// Keys and values of `t` tokens for every layer, each Layout `(H, t, D)`.
+    fn tokens(c: &StoreConfig, t: usize, seed: u64) -> Vec<(Vec<f32>, Vec<f32>)> {
+        (0..c.layers)
+            .map(|l| {
+                let n = c.kv_heads * t * c.head_dim;
+                (
+                    rand(n, seed + 7 * l as u64),
+                    rand(n, seed + 1000 + 7 * l as u64),
+                )
+            })
+            .collect()
+    }
+
+    /// Tokens `a..b` of `x` Layout `(H, t, D)`, as Layout `(H, b - a, D)`.
+    fn span(c: &StoreConfig, x: &[f32], t: usize, a: usize, b: usize) -> Vec<f32> {
+        let d = c.head_dim;
+        (0..c.kv_heads)
+            .flat_map(|h| x[(h * t + a) * d..(h * t + b) * d].iter().copied())
+            .collect()
+    }
+
+    /// Append tokens `a..b` of `kv` (each `t` tokens long) to every layer of sequence 0.
+    fn feed(s: &KvStore, kv: &[(Vec<f32>, Vec<f32>)], t: usize, a: usize, b: usize) {
+        let c = s.config().clone();
+        for (l, (k, v)) in kv.iter().enumerate() {
+            s.append(0, l, &span(&c, k, t, a, b), &span(&c, v, t, a, b), b - a)
+                .unwrap();
+        }
+    }
+
+    /// Every piece of sequence 0: books, sinks, tail and all closed pages per layer.
+    struct Pieces {
+        books: Option<Vec<u8>>,
+        sinks: Vec<u8>,
+        tail: Vec<u8>,
+        pages: Vec<Vec<Vec<u8>>>,
+    }
+
+    fn closed_pages(s: &KvStore, layer: usize) -> usize {
+        s.paged_tokens(0, layer).unwrap() / s.config().page_size
+    }
+
+    fn pieces(s: &KvStore) -> Pieces {
+        Pieces {
+            books: s.export_books().unwrap(),
+            sinks: s.export_sinks(0).unwrap(),
+            tail: s.export_tail(0).unwrap(),
+            pages: (0..s.config().layers)
+                .map(|l| {
+                    let idxs: Vec<usize> = (0..closed_pages(s, l)).collect();
+                    s.export_pages(0, l, &idxs).unwrap()
+                })
+                .collect(),
+        }
+    }
+
+    /// The first `n[l]` pages of every layer `l`, as the slices `assemble` takes.
+    fn first(pages: &[Vec<Vec<u8>>], n: impl Fn(usize) -> usize) -> Vec<Vec<&[u8]>> {
+        pages
+            .iter()
+            .enumerate()
+            .map(|(l, p)| p[..n(l)].iter().map(|x| &x[..]).collect())
+            .collect()
+    }
+
+    fn all(pages: &[Vec<Vec<u8>>]) -> Vec<Vec<&[u8]>> {
+        first(pages, |l| pages[l].len())
+    }
+
+    /// `assemble` that must fail: its error, with a panic reported as a test failure.
+    fn assemble_err(
+        c: &StoreConfig,
+        books: Option<&[u8]>,
+        sinks: Option<&[u8]>,
+        pages: &[Vec<&[u8]>],
+        tail: Option<&[u8]>,
+        what: &str,
+    ) -> Error {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            KvStore::assemble(c.clone(), books, sinks, pages, tail)
+        }));
+        match r {
+            Err(_) => panic!("{what}: assemble panicked"),
+            Ok(Ok(_)) => panic!("{what}: assemble accepted it"),
+            Ok(Err(e)) => e,
+        }
+    }
+
+    fn assert_corrupt(e: Error, what: &str) {
+        assert!(matches!(e, Error::Corrupt { .. }), "{what}: {e:?}");
+    }
+
+    /// Recompute the trailing CRC-32 of a piece (to get past the checksum to later checks).
+    fn reseal(p: &mut [u8]) {
+        let n = p.len() - 4;
+        let crc = crc32fast::hash(&p[..n]);
+        p[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Dense and Quest attention (output and log-sum-exp) of every layer of sequence 0 for one
+    /// fixed, non-causal, grouped query of two tokens.
+    fn attention(s: &KvStore) -> Vec<Attended> {
+        let c = s.config();
+        let (hq, tq) = (2 * c.kv_heads, 2);
+        let q: Vec<f32> = rand(hq * tq * c.head_dim, 77)
+            .iter()
+            .map(|x| x * 2.0)
+            .collect();
+        let qs = Queries {
+            q: &q,
+            hq,
+            tq,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            causal: false,
+            start: 0,
+        };
+        (0..c.layers)
+            .flat_map(|l| {
+                [
+                    s.attend_dense(0, l, &qs).unwrap(),
+                    s.attend_quest(0, l, &qs, 2).unwrap(),
+                ]
+            })
+            .collect()
+    }
+
+    /// Per layer: token count, pages (with the open one), paged tokens, abstracts.
+    fn counts(s: &KvStore) -> Vec<(usize, usize, usize, (Vec<f32>, usize))> {
+        (0..s.config().layers)
+            .map(|l| {
+                (
+                    s.num_tokens(0, l).unwrap(),
+                    s.num_pages(0, l).unwrap(),
+                    s.paged_tokens(0, l).unwrap(),
+                    s.abstracts(0, l).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// A store of `pcfg()` with 5 closed pages, an open page of 2 tokens and a full window in
+    /// layers 0 and 1, and one more closed page in layer 2 (27 and 31 tokens).
+    fn source() -> KvStore {
+        let c = pcfg();
+        let s = store(c.clone());
+        fill(&s, 27, 11);
+        let (h, d) = (c.kv_heads, c.head_dim);
+        s.append(0, 2, &rand(h * 4 * d, 12), &rand(h * 4 * d, 13), 4)
+            .unwrap();
+        for l in 0..2 {
+            assert_eq!(closed_pages(&s, l), 5);
+            assert_eq!(s.num_pages(0, l).unwrap(), 6, "5 closed + the open page");
+            assert_eq!(s.full_precision(0, l, Region::Window).unwrap().2, c.window);
+        }
+        assert_eq!(closed_pages(&s, 2), 6);
+        s
+    }
+
+    #[test]
+    fn parts_round_trip_with_tail_rebuilds_the_store() {
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        assert!(p.books.is_some());
+        let a = KvStore::assemble(
+            c.clone(),
+            p.books.as_deref(),
+            None,
+            &all(&p.pages),
+            Some(&p.tail),
+        )
+        .unwrap();
+        assert_eq!(counts(&a), counts(&s));
+        // Token counts, sinks, window and every page blob (the open one included) are equal.
+        assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
+        for l in 0..c.layers {
+            for which in [Region::Sinks, Region::Window] {
+                assert_eq!(
+                    a.full_precision(0, l, which).unwrap(),
+                    s.full_precision(0, l, which).unwrap()
+                );
+            }
+            let (ka, va) = a.codebooks(l).unwrap().unwrap();
+            let (ks, vs) = s.codebooks(l).unwrap().unwrap();
+            for (x, y) in ka.iter().chain(&va).zip(ks.iter().chain(&vs)) {
+                assert_eq!(x.to_bytes(), y.to_bytes(), "codebooks of layer {l}");
+            }
+        }
+        assert_eq!(a.stats().unwrap().pages, s.stats().unwrap().pages);
+        // Same attention, bit for bit.
+        assert_eq!(attention(&a), attention(&s));
+        // Re-exporting gives the same bytes: pieces are content-addressable.
+        let q = pieces(&a);
+        assert_eq!(q.books, p.books);
+        assert_eq!(q.sinks, p.sinks);
+        assert_eq!(q.tail, p.tail);
+        assert_eq!(q.pages, p.pages);
+        // Both continue identically: the open page's codes and key statistics survived.
+        fill(&a, 9, 21);
+        fill(&s, 9, 21);
+        assert_eq!(counts(&a), counts(&s));
+        assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
+        assert_eq!(attention(&a), attention(&s));
+    }
+
+    #[test]
+    fn parts_round_trip_of_short_contexts_without_pages() {
+        // Fewer tokens than sinks + window: no codebooks needed, no pages, no books piece.
+        let c = pcfg();
+        let s = KvStore::new(c.clone()).unwrap();
+        assert_eq!(s.export_books().unwrap(), None);
+        fill(&s, 4, 3);
+        let p = pieces(&s);
+        assert!(p.pages.iter().all(|l| l.is_empty()));
+        let a = KvStore::assemble(c.clone(), None, None, &all(&p.pages), Some(&p.tail)).unwrap();
+        assert_eq!(counts(&a), counts(&s));
+        assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
+        assert_eq!(attention(&a), attention(&s));
+        // Sequence and page indices out of range are Config errors.
+        assert!(matches!(s.export_tail(1), Err(Error::Config(_))));
+        assert!(matches!(s.export_sinks(1), Err(Error::Config(_))));
+        assert!(matches!(s.export_pages(0, 0, &[0]), Err(Error::Config(_))));
+        assert!(matches!(s.export_pages(0, 3, &[]), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn parts_prefix_without_tail_equals_truncated_fork() {
+        let c = pcfg();
+        let s = source();
+        let before = snapshot(&s, 0);
+        let att = attention(&s);
+        let p = pieces(&s);
+        for j in 0..=5 {
+            let a = KvStore::assemble(
+                c.clone(),
+                p.books.as_deref(),
+                Some(&p.sinks),
+                &first(&p.pages, |_| j),
+                None,
+            )
+            .unwrap();
+            for l in 0..c.layers {
+                assert_eq!(a.num_tokens(0, l).unwrap(), c.sinks + j * c.page_size);
+                assert_eq!(a.num_pages(0, l).unwrap(), j);
+                assert_eq!(a.full_precision(0, l, Region::Window).unwrap().2, 0);
+                for i in 0..j {
+                    assert_eq!(a.page(0, l, i).unwrap().blob(), &before[l].3[i][..]);
+                }
+            }
+            let f = s.fork().unwrap();
+            f.truncate_to_pages(j).unwrap();
+            assert_eq!(counts(&a), counts(&f), "prefix of {j} pages");
+            assert_eq!(snapshot(&a, 0), snapshot(&f, 0), "prefix of {j} pages");
+            assert_eq!(attention(&a), attention(&f), "prefix of {j} pages");
+            // The prefix is exported as the same pieces again (a tail naming j pages now).
+            assert_eq!(pieces(&a).pages, pieces(&f).pages);
+            assert_eq!(a.export_tail(0).unwrap(), f.export_tail(0).unwrap());
+        }
+        // Truncating the forks left the original as it was.
+        assert_eq!(snapshot(&s, 0), before);
+        assert_eq!(attention(&s), att);
+        // A sinks-only prefix needs no codebooks; pages without codebooks are refused.
+        let a = KvStore::assemble(c.clone(), None, Some(&p.sinks), &first(&p.pages, |_| 0), None)
+            .unwrap();
+        assert_eq!(a.num_tokens(0, 0).unwrap(), c.sinks);
+        let e = assemble_err(
+            &c,
+            None,
+            Some(&p.sinks),
+            &first(&p.pages, |_| 1),
+            None,
+            "pages without books",
+        );
+        assert!(
+            matches!(&e, Error::Corrupt { what, .. } if what == "codebooks"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn parts_flipped_bytes_are_corrupt_and_never_panic() {
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        let books = p.books.clone().unwrap();
+        let pages = all(&p.pages);
+        // Flip every byte of a page piece, of the tail and of the sinks piece, and a spread of
+        // bytes of the (larger) books piece.
+        let expect = |i: usize, e: Error, what: &str| {
+            if (8..12).contains(&i) {
+                assert!(
+                    matches!(e, Error::Version { supported: PARTS_FORMAT_VERSION, .. }),
+                    "{what}, byte {i}: {e:?}"
+                );
+            } else {
+                assert_corrupt(e, &format!("{what}, byte {i}"));
+            }
+        };
+        let page = p.pages[1][2].clone();
+        for i in 0..page.len() {
+            let mut bad = page.clone();
+            bad[i] ^= 0x5a;
+            let mut pg = pages.clone();
+            pg[1][2] = &bad;
+            let e = assemble_err(&c, Some(&books), None, &pg, Some(&p.tail), "page");
+            expect(i, e, "page");
+        }
+        for i in 0..p.tail.len() {
+            let mut bad = p.tail.clone();
+            bad[i] ^= 0x01;
+            let e = assemble_err(&c, Some(&books), None, &pages, Some(&bad), "tail");
+            expect(i, e, "tail");
+        }
+        for i in 0..p.sinks.len() {
+            let mut bad = p.sinks.clone();
+            bad[i] ^= 0x80;
+            let pg = first(&p.pages, |_| 3);
+            let e = assemble_err(&c, Some(&books), Some(&bad), &pg, None, "sinks");
+            expect(i, e, "sinks");
+        }
+        let stride = (books.len() / 400).max(1);
+        for i in (0..books.len()).step_by(stride).chain(books.len() - 8..books.len()) {
+            let mut bad = books.clone();
+            bad[i] ^= 0xff;
+            let e = assemble_err(&c, Some(&bad), None, &pages, Some(&p.tail), "books");
+            expect(i, e, "books");
+        }
+    }
+
+    #[test]
+    fn parts_wrong_version_truncated_and_misplaced_pieces() {
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        let books = p.books.clone().unwrap();
+        let pages = all(&p.pages);
+        let page = p.pages[0][0].clone();
+        // Which piece to replace, in an otherwise valid call (books + tail + pages, or for the
+        // sinks piece books + sinks + pages).
+        let call = |kind: &str, piece: &[u8]| -> Error {
+            let mut pg = pages.clone();
+            let (mut b, mut t, mut sk): (&[u8], Option<&[u8]>, Option<&[u8]>) =
+                (&books[..], Some(&p.tail[..]), None);
+            match kind {
+                "books" => b = piece,
+                "tail" => t = Some(piece),
+                "sinks" => (t, sk) = (None, Some(piece)),
+                "page" => pg[0][0] = piece,
+                _ => unreachable!(),
+            }
+            assemble_err(&c, Some(b), sk, &pg, t, kind)
+        };
+        let all_kinds: [(&str, &Vec<u8>); 4] = [
+            ("books", &books),
+            ("tail", &p.tail),
+            ("sinks", &p.sinks),
+            ("page", &page),
+        ];
+        for (kind, piece) in all_kinds {
+            // A version this build does not read, with and without a valid checksum.
+            for resealed in [false, true] {
+                let mut bad = piece.clone();
+                bad[8..12].copy_from_slice(&(PARTS_FORMAT_VERSION + 1).to_le_bytes());
+                if resealed {
+                    reseal(&mut bad);
+                }
+                match call(kind, &bad) {
+                    Error::Version {
+                        found, supported, ..
+                    } => assert_eq!(
+                        (found, supported),
+                        (PARTS_FORMAT_VERSION + 1, PARTS_FORMAT_VERSION)
+                    ),
+                    e => panic!("{kind}: {e:?}"),
+                }
+            }
+            // Truncated pieces.
+            for n in [0, 1, 10, 12, 15, 16, 17, piece.len() / 2, piece.len() - 4, piece.len() - 1]
+            {
+                assert_corrupt(call(kind, &piece[..n]), &format!("{kind} cut to {n} bytes"));
+            }
+            // Trailing garbage, with the checksum made valid again: still refused.
+            let mut long = piece.clone();
+            long.splice(piece.len() - 4..piece.len() - 4, [0u8; 8]);
+            reseal(&mut long);
+            assert_corrupt(call(kind, &long), &format!("{kind} with trailing bytes"));
+            // Another kind of piece in its place: bad magic.
+            for (other, o) in all_kinds {
+                if other != kind {
+                    let e = call(kind, o);
+                    assert!(
+                        matches!(&e, Error::Corrupt { detail, .. } if detail.contains("magic")),
+                        "{other} given as {kind}: {e:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_resealed_mutations_never_panic() {
+        // Past the checksum (a piece rewritten with a valid CRC), every single-byte change to a
+        // length, count or size field must still be an error, never a panic or an internal
+        // error; a change to the data itself may be accepted, and the store must then work.
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        let books = p.books.clone().unwrap();
+        let pages = all(&p.pages);
+        let page = p.pages[2][5].clone();
+        let check = |what: String, r: std::thread::Result<Result<KvStore>>| match r {
+            Err(_) => panic!("{what}: assemble panicked"),
+            Ok(Err(Error::Internal(m))) => panic!("{what}: internal error {m}"),
+            Ok(Err(_)) => {}
+            Ok(Ok(a)) => {
+                // Errors are allowed here (e.g. a non-finite value), panics are not.
+                let used = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let cf = a.config().clone();
+                    let (h, d) = (cf.kv_heads, cf.head_dim);
+                    let q = rand(2 * h * d, 3);
+                    let qs = Queries {
+                        q: &q,
+                        hq: 2 * h,
+                        tq: 1,
+                        scale: 0.3,
+                        causal: true,
+                        start: 0,
+                    };
+                    for l in 0..cf.layers {
+                        for i in 0..a.num_pages(0, l).unwrap_or(0) {
+                            let _ = a.page(0, l, i);
+                        }
+                        let _ = a.abstracts(0, l);
+                        let _ = a.attend_dense(0, l, &qs);
+                        let _ = a.attend_quest(0, l, &qs, 2);
+                        let _ = a.append(0, l, &rand(h * 9 * d, 1), &rand(h * 9 * d, 2), 9);
+                        let _ = a.attend_quest(0, l, &qs, 2);
+                    }
+                    let _ = a.export_tail(0);
+                }));
+                assert!(used.is_ok(), "{what}: the accepted store panicked in use");
+            }
+        };
+        for i in 12..page.len() - 4 {
+            let mut bad = page.clone();
+            bad[i] ^= 0xff;
+            reseal(&mut bad);
+            let mut pg = pages.clone();
+            pg[2][5] = &bad;
+            check(
+                format!("page byte {i}"),
+                std::panic::catch_unwind(|| {
+                    KvStore::assemble(c.clone(), Some(&books), None, &pg, Some(&p.tail))
+                }),
+            );
+        }
+        for i in 12..p.tail.len() - 4 {
+            let mut bad = p.tail.clone();
+            bad[i] ^= 0xff;
+            reseal(&mut bad);
+            check(
+                format!("tail byte {i}"),
+                std::panic::catch_unwind(|| {
+                    KvStore::assemble(c.clone(), Some(&books), None, &pages, Some(&bad))
+                }),
+            );
+        }
+        for i in 12..p.sinks.len() - 4 {
+            let mut bad = p.sinks.clone();
+            bad[i] ^= 0xff;
+            reseal(&mut bad);
+            let pg = first(&p.pages, |_| 2);
+            check(
+                format!("sinks byte {i}"),
+                std::panic::catch_unwind(|| {
+                    KvStore::assemble(c.clone(), Some(&books), Some(&bad), &pg, None)
+                }),
+            );
+        }
+        // The books piece: its header and each quantizer's header (the first bytes of every
+        // length-prefixed entry), plus a spread of centroid bytes.
+        let stride = (books.len() / 300).max(1);
+        for i in (12..60).chain((60..books.len() - 4).step_by(stride)) {
+            let mut bad = books.clone();
+            bad[i] ^= 0xff;
+            reseal(&mut bad);
+            check(
+                format!("books byte {i}"),
+                std::panic::catch_unwind(|| {
+                    KvStore::assemble(c.clone(), Some(&bad), None, &pages, Some(&p.tail))
+                }),
+            );
+        }
+    }
+
+    #[test]
+    fn parts_mismatched_pieces_are_rejected() {
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        let books = p.books.clone().unwrap();
+        let pages = all(&p.pages);
+        // A tail whose page count disagrees with the pages given: one fewer, one more.
+        let fewer = first(&p.pages, |l| p.pages[l].len() - usize::from(l == 1));
+        let e = assemble_err(&c, Some(&books), None, &fewer, Some(&p.tail), "fewer");
+        assert!(
+            matches!(&e, Error::Corrupt { what, detail } if what == "tail" && detail.contains("layer 1")),
+            "{e:?}"
+        );
+        let mut more = pages.clone();
+        more[0].push(&p.pages[0][0]);
+        assert_corrupt(
+            assemble_err(&c, Some(&books), None, &more, Some(&p.tail), "more"),
+            "one page more than the tail counts",
+        );
+        // Page pieces of a store with another page size.
+        let c8 = StoreConfig {
+            page_size: 8,
+            ..pcfg()
+        };
+        let o = store(c8.clone());
+        fill(&o, 27, 11);
+        let op = pieces(&o);
+        assert_ne!(c8.page_bytes(), c.page_bytes());
+        let mut pg = pages.clone();
+        pg[0][0] = &op.pages[0][0];
+        let e = assemble_err(&c, Some(&books), None, &pg, Some(&p.tail), "page size, tail");
+        assert!(
+            matches!(&e, Error::Corrupt { detail, .. } if detail.contains("wrong size")),
+            "{e:?}"
+        );
+        let e = assemble_err(
+            &c,
+            Some(&books),
+            Some(&p.sinks),
+            &first(&op.pages, |_| 2),
+            None,
+            "page size, sinks",
+        );
+        assert!(
+            matches!(&e, Error::Corrupt { detail, .. } if detail.contains("wrong size")),
+            "{e:?}"
+        );
+        // The tail of the page-8 store (its counts are of pages of 8 tokens) with our pages.
+        assert_corrupt(
+            assemble_err(&c, Some(&books), None, &first(&p.pages, |_| 2), Some(&op.tail), "tail 8"),
+            "tail of another page size",
+        );
+        // No tail and no sinks.
+        assert!(matches!(
+            assemble_err(&c, Some(&books), None, &pages, None, "neither"),
+            Error::Config(_)
+        ));
+        // Pages for another number of layers; a batch other than 1.
+        assert!(matches!(
+            assemble_err(&c, Some(&books), None, &pages[..2], Some(&p.tail), "layers"),
+            Error::Config(_)
+        ));
+        let c2 = StoreConfig { batch: 2, ..pcfg() };
+        assert!(matches!(
+            assemble_err(&c2, Some(&books), None, &pages, Some(&p.tail), "batch"),
+            Error::Config(_)
+        ));
+        // Pieces of a store with another number of layers.
+        let c4 = StoreConfig { layers: 4, ..pcfg() };
+        let four = store(c4.clone());
+        fill(&four, 27, 11);
+        let fp = pieces(&four);
+        let e = assemble_err(&c, fp.books.as_deref(), None, &pages, Some(&p.tail), "books 4");
+        assert!(matches!(e, Error::Mismatch { .. }), "{e:?}");
+        for (what, t, sk) in [
+            ("tail of 4 layers", Some(&fp.tail[..]), None),
+            ("sinks of 4 layers", None, Some(&fp.sinks[..])),
+        ] {
+            let pg = if t.is_some() { pages.clone() } else { first(&p.pages, |_| 1) };
+            assert_corrupt(assemble_err(&c, Some(&books), sk, &pg, t, what), what);
+        }
+        // Codebooks of another code size (k_m = 2): refused as corrupt codebooks.
+        let cm = StoreConfig { k_m: 2, ..pcfg() };
+        let m2 = store(cm);
+        let e = assemble_err(
+            &c,
+            m2.export_books().unwrap().as_deref(),
+            None,
+            &pages,
+            Some(&p.tail),
+            "k_m",
+        );
+        assert!(
+            matches!(&e, Error::Corrupt { what, .. } if what == "codebooks"),
+            "{e:?}"
+        );
+        // A tail for a configuration with a smaller window or fewer sinks.
+        for small in [
+            StoreConfig { window: 2, ..pcfg() },
+            StoreConfig { sinks: 1, ..pcfg() },
+        ] {
+            assert_corrupt(
+                assemble_err(&small, Some(&books), None, &pages, Some(&p.tail), "small"),
+                &format!("window={}, sinks={}", small.window, small.sinks),
+            );
+        }
+    }
+
+    #[test]
+    fn truncate_to_pages_keeps_a_page_aligned_prefix() {
+        let c = pcfg();
+        let (h, d, ps) = (c.kv_heads, c.head_dim, c.page_size);
+        let kv = tokens(&c, 27, 5);
+        let s = store(c.clone());
+        feed(&s, &kv, 27, 0, 27);
+        let orig = snapshot(&s, 0);
+        let f = s.fork().unwrap();
+        // More pages than held: a Config error, nothing changed.
+        let st0 = f.stats().unwrap();
+        match f.truncate_to_pages(6) {
+            Err(Error::Config(m)) => assert!(m.contains("5 closed pages"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.stats().unwrap(), st0);
+        assert_eq!(snapshot(&f, 0), orig);
+        // Keep 2 of 5 pages: the window, the open page and 3 pages per layer go.
+        f.truncate_to_pages(2).unwrap();
+        for l in 0..c.layers {
+            assert_eq!(f.num_tokens(0, l).unwrap(), c.sinks + 2 * ps);
+            assert_eq!(f.num_pages(0, l).unwrap(), 2);
+            assert_eq!(f.paged_tokens(0, l).unwrap(), 2 * ps);
+            assert_eq!(f.full_precision(0, l, Region::Window).unwrap().2, 0);
+            assert_eq!(f.abstracts(0, l).unwrap().1, 2);
+            assert_eq!(snapshot(&f, 0)[l].1, orig[l].1, "sinks kept");
+            assert_eq!(snapshot(&f, 0)[l].3[..], orig[l].3[..2]);
+        }
+        let st1 = f.stats().unwrap();
+        assert_eq!(st1.pages, 2 * c.layers as u64);
+        assert_eq!(
+            st1.ram_page_bytes,
+            st0.ram_page_bytes - (3 * c.layers * c.page_bytes()) as u64
+        );
+        assert!(st1.ram_bytes < st0.ram_bytes);
+        assert_eq!(snapshot(&s, 0), orig, "the original is untouched");
+        assert_eq!(s.stats().unwrap().pages, 5 * c.layers as u64);
+        // Appending continues at position sinks + 2 pages and closes new pages: exactly as a
+        // store that was only ever given those 10 tokens and then the new ones.
+        let new = tokens(&c, 9, 99);
+        feed(&f, &new, 9, 0, 9);
+        let fresh = store(c.clone());
+        feed(&fresh, &kv, 27, 0, c.sinks + 2 * ps);
+        feed(&fresh, &new, 9, 0, 9);
+        for l in 0..c.layers {
+            assert_eq!(f.num_tokens(0, l).unwrap(), 19);
+            assert_eq!(closed_pages(&f, l), 3, "a new page closed");
+            assert_eq!(f.num_pages(0, l).unwrap(), 4);
+        }
+        assert_eq!(snapshot(&f, 0), snapshot(&fresh, 0));
+        assert_eq!(counts(&f), counts(&fresh));
+        assert_eq!(attention(&f), attention(&fresh));
+        assert_eq!(f.stats().unwrap().pages, 3 * c.layers as u64);
+        // To the sinks alone, then refilled.
+        f.truncate_to_pages(0).unwrap();
+        assert_eq!(f.num_tokens(0, 0).unwrap(), c.sinks);
+        assert_eq!(f.stats().unwrap().ram_page_bytes, 0);
+        assert_eq!(f.stats().unwrap().pages, 0);
+        f.append(0, 0, &rand(h * 9 * d, 1), &rand(h * 9 * d, 2), 9)
+            .unwrap();
+        assert_eq!(f.num_tokens(0, 0).unwrap(), c.sinks + 9);
+        assert_eq!(closed_pages(&f, 0), 1);
+        // Pages shared between sequences (select_seqs): dropped from RAM only when no
+        // sequence keeps them.
+        let b = s.fork().unwrap();
+        b.select_seqs(&[0, 0]).unwrap();
+        let ram0 = b.stats().unwrap().ram_page_bytes;
+        b.truncate_to_pages(4).unwrap();
+        let st = b.stats().unwrap();
+        assert_eq!(st.pages, 4 * c.layers as u64);
+        assert_eq!(ram0 - st.ram_page_bytes, (c.layers * c.page_bytes()) as u64);
+        for seq in 0..2 {
+            for l in 0..c.layers {
+                assert_eq!(b.num_tokens(seq, l).unwrap(), c.sinks + 4 * ps);
+                for i in 0..4 {
+                    assert_eq!(b.page(seq, l, i).unwrap().blob(), &orig[l].3[i][..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_assemble_under_a_small_ram_budget_spills_to_disk() {
+        let c = pcfg();
+        let s = store(c.clone());
+        fill(&s, c.sinks + 12 * c.page_size + 1 + c.window, 8);
+        let p = pieces(&s);
+        let n_pages: usize = p.pages.iter().map(|l| l.len()).sum();
+        assert_eq!(n_pages, 12 * c.layers);
+        // Room for the fixed part, every page's abstract and metadata, and 3 page blobs.
+        let dir = tmpdir("assemble-budget");
+        let budget = c.min_ram_budget()
+            + (3 * c.page_bytes()) as u64
+            + (n_pages * (c.abstract_bytes() + std::mem::size_of::<PageMeta>())) as u64;
+        assert!(budget < c.min_ram_budget() + (n_pages * c.page_bytes()) as u64);
+        let cb = StoreConfig {
+            ram_budget: Some(budget),
+            offload_dir: Some(dir.clone()),
+            ..c.clone()
+        };
+        let a = KvStore::assemble(
+            cb.clone(),
+            p.books.as_deref(),
+            None,
+            &all(&p.pages),
+            Some(&p.tail),
+        )
+        .unwrap();
+        let st = a.stats().unwrap();
+        assert!(st.disk_bytes > 0 && st.evictions > 0, "{st:?}");
+        assert!(st.ram_bytes <= budget, "{} > {budget}", st.ram_bytes);
+        assert!(st.ram_page_bytes < (n_pages * c.page_bytes()) as u64);
+        assert_eq!(st.pages, n_pages as u64);
+        // Pages read back from disk are the same blobs; attention is the same.
+        assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
+        assert_eq!(attention(&a), attention(&s));
+        assert!(a.stats().unwrap().misses > 0);
+        assert!(a.stats().unwrap().ram_bytes <= budget);
+        // Exporting from the spilled store gives the same pieces again.
+        let q = pieces(&a);
+        assert_eq!(q.pages, p.pages);
+        assert_eq!(q.tail, p.tail);
+        // A budget that cannot hold even the abstracts of every page is a Budget error.
+        let tight = StoreConfig {
+            ram_budget: Some(c.min_ram_budget()),
+            ..cb
+        };
+        let e = assemble_err(
+            &tight,
+            p.books.as_deref(),
+            None,
+            &all(&p.pages),
+            Some(&p.tail),
+            "tight",
+        );
+        assert!(matches!(e, Error::Budget(_)), "{e:?}");
+        drop(a);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
