@@ -249,8 +249,9 @@ def test_two_writers_saving_one_prefix_at_once_give_one_copy(model, shared_redis
 
 
 @pytest.mark.model
-def test_real_model_answer_loaded_in_another_process_equals_the_prefilling_one(tmp_path, shared_redis,
-                                                                                shakespeare_text):  # fmt: skip
+def test_real_model_answer_loaded_in_another_process_equals_the_prefilling_one(
+    tmp_path, shared_redis, shakespeare_text
+):
     pytest.importorskip("gguf")
     url, ns = shared_redis
     script = tmp_path / "real.py"
@@ -362,7 +363,7 @@ def test_eviction_under_maxmemory_never_leaves_a_hole(model, redis_server):
     r = redis_server.client()
     docs = [rand_ids(500, 30 + i) for i in range(3)]
     caches = [prefilled(model, d) for d in docs]
-    for c, d in zip(caches, docs):
+    for c, d in zip(caches, docs, strict=True):
         c.save(redis_server.url, token_ids=d)
     used = r.info("memory")["used_memory"]
     r.config_set("maxmemory-policy", "allkeys-random")
@@ -370,7 +371,7 @@ def test_eviction_under_maxmemory_never_leaves_a_hole(model, redis_server):
     for i in range(200):  # other users' data pushes ours out
         r.set(f"filler:{i}", b"x" * 4096)
     assert r.info("stats")["evicted_keys"] > 0
-    for c, d in zip(caches, docs):
+    for c, d in zip(caches, docs, strict=True):
         prompt = torch.cat([d, rand_ids(4, 40)], 1)
         got = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
         n = got.get_seq_length()

@@ -340,9 +340,9 @@ def save(
             for k in all_keys[i : i + _BATCH * 4]:
                 pipe.exists(k)
             have.extend(pipe.execute())
-        missing_pages = [pk for pk, h in zip(page_keys, have) if not h]
+        missing_pages = [pk for pk, h in zip(page_keys, have[: len(page_keys)], strict=True) if not h]
         pipe = r.pipeline(transaction=False)
-        for (k, piece), h in zip(extra_keys, have[len(page_keys) :]):
+        for (k, piece), h in zip(extra_keys, have[len(page_keys) :], strict=True):
             if not h:
                 blob = piece()
                 pipe.set(k, blob, nx=True)
@@ -356,7 +356,7 @@ def save(
                 by_layer.setdefault(layer, []).append((j, k))
             for layer, items in by_layer.items():
                 pieces = store._s.export_pages(0, layer, [j for j, _ in items])
-                for (_, k), blob in zip(items, pieces):
+                for (_, k), blob in zip(items, pieces, strict=True):
                     pipe.set(k, blob, nx=True)
                     bytes_written += len(blob)
             pipe.execute()
@@ -431,7 +431,7 @@ def find(conn: _Conn, codec: str, ids: np.ndarray, sinks: int, page: int, window
         cands.append(_Candidate(sinks + pages * page, b, pages, None, settings, {}))
     # Whole saved contexts: exact tails, verified by the hash of all their tokens.
     tails = []
-    for e, hit in zip([*small, *ends], end_hits):
+    for e, hit in zip([*small, *ends], end_hits, strict=True):
         for field, val in hit.items():
             b, _, t = field.decode().rpartition(":")
             t = int(t)
@@ -446,7 +446,7 @@ def find(conn: _Conn, codec: str, ids: np.ndarray, sinks: int, page: int, window
             for t, b, *_ in tails:
                 pipe.exists(keys.tail(b, th[t]))
             exist = pipe.execute()
-        for (t, b, pages, val), ok in zip(tails, exist):
+        for (t, b, pages, val), ok in zip(tails, exist, strict=True):
             if not ok:
                 continue
             # The prompt must keep one token to prefill: a whole match gives up its last token
