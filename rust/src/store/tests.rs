@@ -1274,7 +1274,9 @@ mod parts_tests {
     }
 
     /// Per layer: token count, pages (with the open one), paged tokens, abstracts.
-    fn counts(s: &KvStore) -> Vec<(usize, usize, usize, (Vec<f32>, usize))> {
+    type Counts = Vec<(usize, usize, usize, (Vec<f32>, usize))>;
+
+    fn counts(s: &KvStore) -> Counts {
         (0..s.config().layers)
             .map(|l| {
                 (
@@ -1388,12 +1390,12 @@ mod parts_tests {
                 None,
             )
             .unwrap();
-            for l in 0..c.layers {
+            for (l, (_, _, _, blobs)) in before.iter().enumerate() {
                 assert_eq!(a.num_tokens(0, l).unwrap(), c.sinks + j * c.page_size);
                 assert_eq!(a.num_pages(0, l).unwrap(), j);
                 assert_eq!(a.full_precision(0, l, Region::Window).unwrap().2, 0);
-                for i in 0..j {
-                    assert_eq!(a.page(0, l, i).unwrap().blob(), &before[l].3[i][..]);
+                for (i, blob) in blobs[..j].iter().enumerate() {
+                    assert_eq!(a.page(0, l, i).unwrap().blob(), &blob[..]);
                 }
             }
             let f = s.fork().unwrap();
@@ -1409,8 +1411,14 @@ mod parts_tests {
         assert_eq!(snapshot(&s, 0), before);
         assert_eq!(attention(&s), att);
         // A sinks-only prefix needs no codebooks; pages without codebooks are refused.
-        let a = KvStore::assemble(c.clone(), None, Some(&p.sinks), &first(&p.pages, |_| 0), None)
-            .unwrap();
+        let a = KvStore::assemble(
+            c.clone(),
+            None,
+            Some(&p.sinks),
+            &first(&p.pages, |_| 0),
+            None,
+        )
+        .unwrap();
         assert_eq!(a.num_tokens(0, 0).unwrap(), c.sinks);
         let e = assemble_err(
             &c,
@@ -1438,7 +1446,13 @@ mod parts_tests {
         let expect = |i: usize, e: Error, what: &str| {
             if (8..12).contains(&i) {
                 assert!(
-                    matches!(e, Error::Version { supported: PARTS_FORMAT_VERSION, .. }),
+                    matches!(
+                        e,
+                        Error::Version {
+                            supported: PARTS_FORMAT_VERSION,
+                            ..
+                        }
+                    ),
                     "{what}, byte {i}: {e:?}"
                 );
             } else {
@@ -1468,7 +1482,10 @@ mod parts_tests {
             expect(i, e, "sinks");
         }
         let stride = (books.len() / 400).max(1);
-        for i in (0..books.len()).step_by(stride).chain(books.len() - 8..books.len()) {
+        for i in (0..books.len())
+            .step_by(stride)
+            .chain(books.len() - 8..books.len())
+        {
             let mut bad = books.clone();
             bad[i] ^= 0xff;
             let e = assemble_err(&c, Some(&bad), None, &pages, Some(&p.tail), "books");
@@ -1524,8 +1541,18 @@ mod parts_tests {
                 }
             }
             // Truncated pieces.
-            for n in [0, 1, 10, 12, 15, 16, 17, piece.len() / 2, piece.len() - 4, piece.len() - 1]
-            {
+            for n in [
+                0,
+                1,
+                10,
+                12,
+                15,
+                16,
+                17,
+                piece.len() / 2,
+                piece.len() - 4,
+                piece.len() - 1,
+            ] {
                 assert_corrupt(call(kind, &piece[..n]), &format!("{kind} cut to {n} bytes"));
             }
             // Trailing garbage, with the checksum made valid again: still refused.
@@ -1562,6 +1589,18 @@ mod parts_tests {
             Ok(Err(Error::Internal(m))) => panic!("{what}: internal error {m}"),
             Ok(Err(_)) => {}
             Ok(Ok(a)) => {
+                // Accepted: then its counts are consistent (sinks + paged + window).
+                for l in 0..a.config().layers {
+                    let ns = a.full_precision(0, l, Region::Sinks).unwrap().2;
+                    let nw = a.full_precision(0, l, Region::Window).unwrap().2;
+                    let np = a.paged_tokens(0, l).unwrap();
+                    assert_eq!(
+                        a.num_tokens(0, l).unwrap(),
+                        ns + np + nw,
+                        "{what}: layer {l} accepted with inconsistent counts"
+                    );
+                    assert!(ns <= c.sinks && nw <= c.window, "{what}: layer {l}");
+                }
                 // Errors are allowed here (e.g. a non-finite value), panics are not.
                 let used = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let cf = a.config().clone();
@@ -1662,6 +1701,21 @@ mod parts_tests {
             assemble_err(&c, Some(&books), None, &more, Some(&p.tail), "more"),
             "one page more than the tail counts",
         );
+        // A tail with a valid checksum whose token count disagrees with what it holds.
+        let mut bad = p.tail.clone();
+        let n0 = u64::from_le_bytes(bad[20..28].try_into().unwrap());
+        assert_eq!(
+            n0,
+            s.num_tokens(0, 0).unwrap() as u64,
+            "layer 0's token count"
+        );
+        bad[20..28].copy_from_slice(&(n0 + 1).to_le_bytes());
+        reseal(&mut bad);
+        let e = assemble_err(&c, Some(&books), None, &pages, Some(&bad), "n_tokens");
+        assert!(
+            matches!(&e, Error::Corrupt { what, detail } if what == "tail" && detail.contains("tokens")),
+            "{e:?}"
+        );
         // Page pieces of a store with another page size.
         let c8 = StoreConfig {
             page_size: 8,
@@ -1673,7 +1727,14 @@ mod parts_tests {
         assert_ne!(c8.page_bytes(), c.page_bytes());
         let mut pg = pages.clone();
         pg[0][0] = &op.pages[0][0];
-        let e = assemble_err(&c, Some(&books), None, &pg, Some(&p.tail), "page size, tail");
+        let e = assemble_err(
+            &c,
+            Some(&books),
+            None,
+            &pg,
+            Some(&p.tail),
+            "page size, tail",
+        );
         assert!(
             matches!(&e, Error::Corrupt { detail, .. } if detail.contains("wrong size")),
             "{e:?}"
@@ -1692,7 +1753,14 @@ mod parts_tests {
         );
         // The tail of the page-8 store (its counts are of pages of 8 tokens) with our pages.
         assert_corrupt(
-            assemble_err(&c, Some(&books), None, &first(&p.pages, |_| 2), Some(&op.tail), "tail 8"),
+            assemble_err(
+                &c,
+                Some(&books),
+                None,
+                &first(&p.pages, |_| 2),
+                Some(&op.tail),
+                "tail 8",
+            ),
             "tail of another page size",
         );
         // No tail and no sinks.
@@ -1711,17 +1779,31 @@ mod parts_tests {
             Error::Config(_)
         ));
         // Pieces of a store with another number of layers.
-        let c4 = StoreConfig { layers: 4, ..pcfg() };
+        let c4 = StoreConfig {
+            layers: 4,
+            ..pcfg()
+        };
         let four = store(c4.clone());
         fill(&four, 27, 11);
         let fp = pieces(&four);
-        let e = assemble_err(&c, fp.books.as_deref(), None, &pages, Some(&p.tail), "books 4");
+        let e = assemble_err(
+            &c,
+            fp.books.as_deref(),
+            None,
+            &pages,
+            Some(&p.tail),
+            "books 4",
+        );
         assert!(matches!(e, Error::Mismatch { .. }), "{e:?}");
         for (what, t, sk) in [
             ("tail of 4 layers", Some(&fp.tail[..]), None),
             ("sinks of 4 layers", None, Some(&fp.sinks[..])),
         ] {
-            let pg = if t.is_some() { pages.clone() } else { first(&p.pages, |_| 1) };
+            let pg = if t.is_some() {
+                pages.clone()
+            } else {
+                first(&p.pages, |_| 1)
+            };
             assert_corrupt(assemble_err(&c, Some(&books), sk, &pg, t, what), what);
         }
         // Codebooks of another code size (k_m = 2): refused as corrupt codebooks.
@@ -1741,7 +1823,10 @@ mod parts_tests {
         );
         // A tail for a configuration with a smaller window or fewer sinks.
         for small in [
-            StoreConfig { window: 2, ..pcfg() },
+            StoreConfig {
+                window: 2,
+                ..pcfg()
+            },
             StoreConfig { sinks: 1, ..pcfg() },
         ] {
             assert_corrupt(
@@ -1770,14 +1855,15 @@ mod parts_tests {
         assert_eq!(snapshot(&f, 0), orig);
         // Keep 2 of 5 pages: the window, the open page and 3 pages per layer go.
         f.truncate_to_pages(2).unwrap();
-        for l in 0..c.layers {
+        let kept = snapshot(&f, 0);
+        for (l, (o, k)) in orig.iter().zip(&kept).enumerate() {
             assert_eq!(f.num_tokens(0, l).unwrap(), c.sinks + 2 * ps);
             assert_eq!(f.num_pages(0, l).unwrap(), 2);
             assert_eq!(f.paged_tokens(0, l).unwrap(), 2 * ps);
             assert_eq!(f.full_precision(0, l, Region::Window).unwrap().2, 0);
             assert_eq!(f.abstracts(0, l).unwrap().1, 2);
-            assert_eq!(snapshot(&f, 0)[l].1, orig[l].1, "sinks kept");
-            assert_eq!(snapshot(&f, 0)[l].3[..], orig[l].3[..2]);
+            assert_eq!(k.1, o.1, "sinks kept");
+            assert_eq!(k.3[..], o.3[..2], "first pages kept");
         }
         let st1 = f.stats().unwrap();
         assert_eq!(st1.pages, 2 * c.layers as u64);
@@ -1823,10 +1909,10 @@ mod parts_tests {
         assert_eq!(st.pages, 4 * c.layers as u64);
         assert_eq!(ram0 - st.ram_page_bytes, (c.layers * c.page_bytes()) as u64);
         for seq in 0..2 {
-            for l in 0..c.layers {
+            for (l, (_, _, _, blobs)) in orig.iter().enumerate() {
                 assert_eq!(b.num_tokens(seq, l).unwrap(), c.sinks + 4 * ps);
-                for i in 0..4 {
-                    assert_eq!(b.page(seq, l, i).unwrap().blob(), &orig[l].3[i][..]);
+                for (i, blob) in blobs[..4].iter().enumerate() {
+                    assert_eq!(b.page(seq, l, i).unwrap().blob(), &blob[..]);
                 }
             }
         }
