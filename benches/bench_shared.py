@@ -126,6 +126,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     ctxcore.set_num_threads(args.threads)
     model, tok = ctxcore.load_default_model()
+    ctxcore.enable(model)
     doc = torch.load(args.doc_file)
     qs = [tok(q, return_tensors="pt").input_ids for q in json.loads(args.worker)]
     print("ready", flush=True)
@@ -148,8 +149,20 @@ def throughput(args, url: str, doc_file: str, n_workers: int) -> dict:
     procs = []
     for w in range(n_workers):
         qs = [QUESTIONS[(w * per + i) % len(QUESTIONS)] for i in range(per)]
-        cmd = [sys.executable, __file__, "--worker", json.dumps(qs), "--url", url, "--doc-file", doc_file,
-               "--threads", str(max(1, args.threads // n_workers)), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            json.dumps(qs),
+            "--url",
+            url,
+            "--doc-file",
+            doc_file,
+            "--threads",
+            str(max(1, args.threads // n_workers)),
+            "--new-tokens",
+            str(args.new_tokens),
+        ]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     for p in procs:
         while p.stdout.readline().strip() != "ready":
@@ -162,8 +175,13 @@ def throughput(args, url: str, doc_file: str, n_workers: int) -> dict:
     wall = time.perf_counter() - t0
     for p in procs:
         p.wait()
-    return {"workers": n_workers, "questions": n_workers * per, "wall_s": wall,
-            "questions_per_s": n_workers * per / wall, "sample_answer": results[0]["answers"][0]}  # fmt: skip
+    return {
+        "workers": n_workers,
+        "questions": n_workers * per,
+        "wall_s": wall,
+        "questions_per_s": n_workers * per / wall,
+        "sample_answer": results[0]["answers"][0],
+    }
 
 
 def main() -> None:
@@ -196,6 +214,7 @@ def main() -> None:
 
         r = redis.Redis.from_url(url)
         model, tok = ctxcore.load_default_model()
+        ctxcore.enable(model)
         ids = torch.tensor(tok(Path(args.text).read_text()[:1_500_000])["input_ids"])[None]
         # The model's codebooks, published once from other text (what a user has after the first context).
         publish_codebooks(model, ids[0, 300_000 : 300_000 + 4096])
@@ -228,11 +247,15 @@ def main() -> None:
             ttft[k]["vs_fresh"] = ttft[k]["median"] / fresh
             ttft[k]["matched_tokens"] = matched[k]
         ttft["dynamic"]["vs_fresh"] = ttft["dynamic"]["median"] / fresh
-        print(f"TTFT at {prompt.shape[1]} tokens: fresh {fresh:.2f} s (DynamicCache {ttft['dynamic']['median']:.2f} s); "
-              f"redis {ttft['redis']['median']:.3f} s = {ttft['redis']['vs_fresh']:.3f}x of fresh; directory "
-              f"{ttft['directory']['median']:.3f} s = {ttft['directory']['vs_fresh']:.3f}x; prefix hit of "
-              f"{matched['prefix']} tokens + {prefix_prompt.shape[1] - matched['prefix']} prefilled "
-              f"{ttft['prefix']['median']:.2f} s = {ttft['prefix']['vs_fresh']:.3f}x", flush=True)  # fmt: skip
+        print(
+            f"TTFT at {prompt.shape[1]} tokens: fresh {fresh:.2f} s "
+            f"(DynamicCache {ttft['dynamic']['median']:.2f} s); "
+            f"redis {ttft['redis']['median']:.3f} s = {ttft['redis']['vs_fresh']:.3f}x of fresh; directory "
+            f"{ttft['directory']['median']:.3f} s = {ttft['directory']['vs_fresh']:.3f}x; prefix hit of "
+            f"{matched['prefix']} tokens + {prefix_prompt.shape[1] - matched['prefix']} prefilled "
+            f"{ttft['prefix']['median']:.2f} s = {ttft['prefix']['vs_fresh']:.3f}x",
+            flush=True,
+        )
 
         # Bytes for documents that share a prefix.
         before = r.info("memory")["used_memory"]
@@ -240,24 +263,39 @@ def main() -> None:
         dedup_bytes = 0
         separate_bytes = 0
         for i in range(args.docs):
-            own = ids[:, 400_000 + i * 20_000 : 400_000 + i * 20_000 + args.own]
+            start = 210_000 + i * 8_000
+            own = ids[:, start : start + args.own]
+            if own.shape[1] != args.own:
+                raise SystemExit(f"--text is too short for {args.docs} documents")
             d = torch.cat([shared_tail, own], 1)
             cache, rep = save_context(model, d, url, "docs")
             dedup_bytes += rep["bytes_written"]
             cache.save(tmp / f"doc{i}", token_ids=d)
             separate_bytes += dir_bytes(tmp / f"doc{i}")
         server_bytes = r.info("memory")["used_memory"] - before
-        docs = {"documents": args.docs, "shared_tokens": args.shared, "own_tokens": args.own,
-                "redis_bytes_written": dedup_bytes, "redis_used_memory_delta": server_bytes,
-                "separate_directory_bytes": separate_bytes, "ratio": dedup_bytes / separate_bytes}  # fmt: skip
-        print(f"{args.docs} documents sharing {args.shared} tokens: redis {dedup_bytes / 2**20:.1f} MiB written "
-              f"(server used_memory +{server_bytes / 2**20:.1f} MiB) vs {separate_bytes / 2**20:.1f} MiB in separate "
-              f"saves = {docs['ratio']:.3f}x", flush=True)  # fmt: skip
+        docs = {
+            "documents": args.docs,
+            "shared_tokens": args.shared,
+            "own_tokens": args.own,
+            "redis_bytes_written": dedup_bytes,
+            "redis_used_memory_delta": server_bytes,
+            "separate_directory_bytes": separate_bytes,
+            "ratio": dedup_bytes / separate_bytes,
+        }
+        print(
+            f"{args.docs} documents sharing {args.shared} tokens: redis {dedup_bytes / 2**20:.1f} MiB "
+            f"written (server used_memory +{server_bytes / 2**20:.1f} MiB) vs "
+            f"{separate_bytes / 2**20:.1f} MiB in separate saves = {docs['ratio']:.3f}x",
+            flush=True,
+        )
 
         qps = [throughput(args, url, doc_file, n) for n in args.workers]
         for row in qps:
-            print(f"{row['workers']} workers: {row['questions_per_s']:.2f} questions/s ({row['questions']} in "
-                  f"{row['wall_s']:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"{row['workers']} workers: {row['questions_per_s']:.2f} questions/s ({row['questions']} in "
+                f"{row['wall_s']:.1f} s)",
+                flush=True,
+            )
         result = {
             "bench": "shared",
             "date": time.strftime("%Y-%m-%d"),
@@ -270,7 +308,7 @@ def main() -> None:
                 "goal": 0.1,
                 "measured": ttft["redis"]["vs_fresh"],
                 "met": ttft["redis"]["vs_fresh"] <= 0.1,
-            },  # fmt: skip
+            },
             "shared_prefix_documents": docs,
             "throughput": qps,
         }

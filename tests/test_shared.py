@@ -261,6 +261,7 @@ def test_real_model_answer_loaded_in_another_process_equals_the_prefilling_one(
             import json, sys, torch, ctxcore
             url, ns, role, text = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
             model, tok = ctxcore.load_default_model()
+            ctxcore.enable(model)
             doc = tok(text, return_tensors="pt").input_ids[:, :900]
             q = tok("\\nQuestion: who speaks first in this scene? Answer:", return_tensors="pt").input_ids
             prompt = torch.cat([doc, q], 1)
@@ -421,3 +422,116 @@ def test_directory_load_with_token_ids_holds_the_shared_prefix(model, tmp_path):
     assert none.get_seq_length() == 0
     with pytest.raises(ConfigError, match="shared stores"):
         ctxcore.CompressedCache.load(tmp_path / "ctx", model.config, window=8)
+
+
+@pytest.mark.model
+def test_cli_ask_shared_prefills_once_and_then_loads(tmp_path, shared_redis, shakespeare_text):
+    pytest.importorskip("gguf")
+    url, ns = shared_redis
+    doc = tmp_path / "doc.txt"
+    doc.write_text(
+        shakespeare_text[:2500] + "\n\nThe secret passkey is 48213.\n\n" + shakespeare_text[2500:4000]
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+
+    def ask(*a: str) -> dict:
+        cmd = [sys.executable, "-m", "ctxcore", "ask", "--context", str(doc), "--json", *a]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout)
+
+    target = f"{url}?namespace={ns}"
+    first = ask("--question", "What is the secret passkey?", "--shared", target)
+    assert first["loaded_tokens"] == 0 and "48213" in first["answer"]
+    second = ask("--question", "What is the secret passkey?", "--shared", target)
+    assert second["loaded_tokens"] == second["context_tokens"] - 1
+    assert second["answer"] == first["answer"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "ctxcore", "ask", "--context", str(doc), "--question", "q", "--shared",
+         "redis://127.0.0.1:1/0"], capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--shared" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tls_rediss_url_with_the_servers_ca(model, tmp_path):
+    import shutil
+    import socket
+    import time
+
+    import redis
+
+    openssl, binary = shutil.which("openssl"), shutil.which("redis-server")
+    if openssl is None or binary is None:
+        pytest.skip("needs openssl and redis-server")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--tls-cert-file",
+            str(cert),
+            "--tls-key-file",
+            str(key),
+            "--tls-ca-cert-file",
+            str(cert),
+            "--tls-auth-clients",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+        for _ in range(200):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        doc = rand_ids(120, 50)
+        assert prefilled(model, doc).save(url, token_ids=doc)["pages_written"] > 0
+        got = ctxcore.CompressedCache.load(url, model.config, token_ids=torch.cat([doc, doc[:, :2]], 1), **KW)
+        assert got.get_seq_length() == 120
+        with pytest.raises(StoreConnectionError):  # TLS port, plain protocol
+            shared.connect(f"redis://127.0.0.1:{port}/0")
+        with pytest.raises(StoreConnectionError):  # a certificate nobody vouched for
+            shared.connect(f"rediss://127.0.0.1:{port}/0")
+    finally:
+        proc.kill()
+        proc.wait()

@@ -39,7 +39,10 @@ def add_parsers(sub: Any) -> None:
         help="answer a question about your own document with a compressed KV cache",
         description=(
             "Prefill --context into a CompressedCache and answer --question. --save DIR keeps the "
-            "compressed context; --load DIR answers a new question from it without a new prefill."
+            "compressed context; --load DIR answers a new question from it without a new prefill. "
+            "--shared redis://HOST:PORT/DB reuses the longest prefix of the document any process "
+            "saved there, prefills only the rest and saves the context back (pages are shared by "
+            "content)."
         ),
     )
     ask.add_argument("--context", metavar="FILE", help="UTF-8 text file with the document")
@@ -51,6 +54,10 @@ def add_parsers(sub: Any) -> None:
     group = ask.add_mutually_exclusive_group()
     group.add_argument("--save", metavar="DIR", help="save the compressed context to DIR")
     group.add_argument("--load", metavar="DIR", help="answer from a context saved with --save")
+    group.add_argument(
+        "--shared", metavar="URL", help="a Redis store (redis://[:PASSWORD@]HOST:PORT/DB[?namespace=NS]) to "
+        "load the document's context from and save it to"
+    )  # fmt: skip
     _common(ask)
 
 
@@ -212,6 +219,37 @@ def _make_compressed(model: Any, args: argparse.Namespace, select: Any, budget: 
     )  # fmt: skip
 
 
+def _from_shared(
+    model: Any, args: argparse.Namespace, ctx: Any, select: Any, budget: Any, model_id: str
+) -> Any:
+    """The context from the shared store: its longest saved prefix, the rest prefilled, saved back."""
+    from . import shared
+    from .cache import CompressedCache
+
+    where = shared._redact(args.shared)
+    t0 = time.perf_counter()
+    cache = CompressedCache.load(
+        args.shared, model.config, token_ids=ctx, bits=args.bits, window=args.window, select=select,
+        ram_budget=budget, offload_dir=args.offload_dir, model_id=model_id, prefill_block=256,
+    )  # fmt: skip
+    if cache.prefill_block is None:
+        cache.prefill_block = 256
+    n, total = cache.get_seq_length(), ctx.shape[1]
+    _step(f"loaded {n} of {total} context tokens from {where} ({cache.load_info['source']}) in "
+          f"{time.perf_counter() - t0:.2f} s")  # fmt: skip
+    t0 = time.perf_counter()
+    bar = _bar("prefill the rest", total - n)
+    cache.prefill(model, ctx[:, n:], progress=lambda done, _t: bar.update(done - bar.n))
+    bar.close()
+    cache.compress()
+    _step(f"prefill of the other {total - n} tokens in {time.perf_counter() - t0:.1f} s")
+    t0 = time.perf_counter()
+    rep = cache.save(args.shared, token_ids=ctx[0])
+    _step(f"saved to {where}: {rep['pages_written']} of {rep['pages']} pages new, "
+          f"{_fmt_bytes(rep['bytes_written'])} written in {time.perf_counter() - t0:.2f} s")  # fmt: skip
+    return cache
+
+
 def _report_memory(stats: dict[str, int]) -> None:
     dense = stats["dense_fp16_bytes"]
     comp = stats["compressed_bytes"]
@@ -348,6 +386,16 @@ def run_ask(args: argparse.Namespace) -> int:
     text = _read_text(args.context) if args.context is not None else None
     if args.save is not None:
         _check_writable_dir(args.save, "--save")
+    if args.shared is not None:
+        if args.context is None:
+            raise UserError("--shared needs --context FILE: the document is what is matched in the store")
+        from . import shared
+        from .exceptions import ConfigError, StoreConnectionError
+
+        try:
+            shared.connect(args.shared)  # a bad URL or password fails now, before the model loads
+        except (ConfigError, StoreConnectionError) as exc:
+            raise UserError(f"--shared: {exc}") from None
     if args.load is not None and not (Path(args.load) / "ctxcore.meta").exists():
         if not Path(args.load).is_dir():
             raise UserError(f"--load: no such directory: {args.load}")
@@ -396,7 +444,11 @@ def run_ask(args: argparse.Namespace) -> int:
             ctx_ids = head + ctx_ids[len(ctx_ids) - room + len(head) :]
         ctx = torch.tensor([ctx_ids])
         sess = QASession(model, tok, ctx, lambda: _make_compressed(model, args, select, budget, model_id))
-        cache = _prefill_with_bars(sess, "context", ctx.shape[1])
+        if args.shared is not None:
+            cache = _from_shared(model, args, ctx, select, budget, model_id)
+            sess.adopt(cache)
+        else:
+            cache = _prefill_with_bars(sess, "context", ctx.shape[1])
         if args.save is not None:
             t0 = time.perf_counter()
             cache.save(args.save, token_ids=ctx[0], metadata={"header": header, "model": name})
@@ -412,6 +464,7 @@ def run_ask(args: argparse.Namespace) -> int:
         out = {
             "answer": ans.text, "new_tokens": ans.tokens, "ttft_s": ans.ttft, "tpot_s": ans.tpot,
             "context_tokens": int(ctx.shape[1]), "memory": stats, "codebooks": _codebook_note(cache),
+            "loaded_tokens": (cache.load_info or {}).get("tokens"),
         }  # fmt: skip
         print(json.dumps(out, indent=1))
         return 0

@@ -364,8 +364,8 @@ def save(
             if _after_batch is not None:
                 _after_batch(written)
         tail = store._s.export_tail(0)
-        r.set(keys.tail(b, hs[t]), tail)
-        bytes_written += len(tail)
+        if r.set(keys.tail(b, hs[t]), tail, nx=True):  # the same tokens and codebooks: the same tail
+            bytes_written += len(tail)
         # Publication, last and all at once: the prefixes become findable together.
         pipe = r.pipeline(transaction=True)
         for e in ends:
