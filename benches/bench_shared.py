@@ -132,7 +132,7 @@ def worker(args) -> None:
     with torch.no_grad():  # one untimed question: a worker in its steady state
         warm = torch.cat([doc, qs[0]], 1)
         cache = ctxcore.CompressedCache.load(args.url, model.config, token_ids=warm, namespace="bench")
-        model.generate(warm, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        model.generate(warm, max_new_tokens=2, do_sample=False, **cache_kwargs(model, cache))
     print("ready", flush=True)
     sys.stdin.readline()  # start together
     t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def worker(args) -> None:
         with torch.no_grad():
             cache = ctxcore.CompressedCache.load(args.url, model.config, token_ids=prompt, namespace="bench")
             out = model.generate(
-                prompt, past_key_values=cache, max_new_tokens=args.new_tokens, do_sample=False
+                prompt, max_new_tokens=args.new_tokens, do_sample=False, **cache_kwargs(model, cache)
             )
         answers.append(tok.decode(out[0, prompt.shape[1] :]))
     print(json.dumps({"seconds": time.perf_counter() - t0, "answers": answers}), flush=True)

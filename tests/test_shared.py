@@ -21,6 +21,7 @@ pytest.importorskip("redis", reason='redis-py is not installed (pip install "ctx
 
 import ctxcore  # noqa: E402
 from ctxcore import shared  # noqa: E402
+from ctxcore.cache import cache_kwargs  # noqa: E402
 from ctxcore.exceptions import ConfigError, CorruptDataError, StoreConnectionError  # noqa: E402
 
 TINY = dict(
@@ -48,12 +49,12 @@ def rand_ids(n: int, seed: int) -> torch.Tensor:
 def prefilled(model, ids, codebooks="train", **kw):
     cache = ctxcore.CompressedCache(model.config, codebooks=codebooks, **{**KW, **kw})
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, use_cache=True, **cache_kwargs(model, cache))
     return cache
 
 
 def answer(model, ids, cache, n=6):
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=n, do_sample=False)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, **cache_kwargs(model, cache))
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -139,7 +140,7 @@ def test_second_document_with_a_shared_2k_prefix_adds_only_its_own_pages(model, 
     shared_pages = (2048 - KW["sinks"]) // KW["page_size"]
     assert cache.load_info["pages"] == shared_pages
     with torch.no_grad():
-        model(b[:, cache.get_seq_length() :], past_key_values=cache, use_cache=True)
+        model(b[:, cache.get_seq_length() :], use_cache=True, **cache_kwargs(model, cache))
     second = cache.save(url, token_ids=b, namespace=ns)
     own = second["pages"] - LAYERS * shared_pages
     assert second["pages_written"] == own and page_keys(r, ns) == keys_a + own
@@ -189,6 +190,7 @@ WORKER = textwrap.dedent(
     """
     import json, sys
     import torch, transformers, ctxcore
+    from ctxcore.cache import cache_kwargs
     torch.set_num_threads(1)
     args = json.loads(sys.argv[1])
     torch.manual_seed(0)
@@ -198,11 +200,11 @@ WORKER = textwrap.dedent(
                                          **args["kw"])
     if args.get("save"):
         with torch.no_grad():
-            model(prompt[:, cache.get_seq_length():], past_key_values=cache, use_cache=True)
+            model(prompt[:, cache.get_seq_length():], use_cache=True, **cache_kwargs(model, cache))
         cache.save(args["url"], token_ids=prompt, namespace=args["ns"])
         print(json.dumps({"tokens": cache.get_seq_length()}))
     else:
-        out = model.generate(prompt, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, **cache_kwargs(model, cache))
         print(json.dumps({"matched": cache.load_info["tokens"], "answer": out[0, prompt.shape[1]:].tolist()}))
     """
 )
@@ -259,6 +261,7 @@ def test_real_model_answer_loaded_in_another_process_equals_the_prefilling_one(
         textwrap.dedent(
             """
             import json, sys, torch, ctxcore
+            from ctxcore.cache import cache_kwargs
             url, ns, role, text = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
             model, tok = ctxcore.load_default_model()
             ctxcore.enable(model)
@@ -268,12 +271,12 @@ def test_real_model_answer_loaded_in_another_process_equals_the_prefilling_one(
             if role == "prefill":
                 cache = ctxcore.CompressedCache(model.config)
                 with torch.no_grad():
-                    model(doc, past_key_values=cache, use_cache=True)
+                    model(doc, use_cache=True, **cache_kwargs(model, cache))
                 cache.save(url, token_ids=doc, namespace=ns)
             else:
                 cache = ctxcore.CompressedCache.load(url, model.config, token_ids=prompt, namespace=ns)
                 assert cache.load_info["source"] == "context", cache.load_info
-            out = model.generate(prompt, past_key_values=cache, max_new_tokens=12, do_sample=False)
+            out = model.generate(prompt, max_new_tokens=12, do_sample=False, **cache_kwargs(model, cache))
             print(json.dumps(out[0, prompt.shape[1]:].tolist()))
             """
         )

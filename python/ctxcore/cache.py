@@ -1137,7 +1137,7 @@ class CompressedCache(Cache):
         prompt, ``[T]``) the cache holds the longest prefix of it the save holds: all of it when
         the saved tokens start the prompt, else the page-aligned prefix the two share (maybe 0
         tokens), and always at most ``T - 1`` tokens, so ``generate(token_ids,
-        past_key_values=cache)`` prefills only the rest.
+        cache=cache)`` prefills only the rest.
 
         From a shared store (``"redis://..."``, see :mod:`ctxcore.shared`) ``token_ids`` are
         required and the cache holds the longest prefix of them any saved context holds, exact

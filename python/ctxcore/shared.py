@@ -36,7 +36,8 @@ exists (a damaged piece raises :class:`~ctxcore.exceptions.CorruptDataError`); o
 budget, pages spill to the local disk tier as they would after a prefill. A piece evicted
 under ``maxmemory`` is a clean miss: the cache holds the longest prefix still complete (maybe
 0 tokens), never one with a hole. The cache always leaves at least one prompt token to
-prefill, so ``generate(ids, past_key_values=cache)`` runs the model on the unmatched suffix.
+prefill, so ``generate(ids, cache=cache)`` (``past_key_values=`` before transformers 5.24)
+runs the model on the unmatched suffix.
 
 Codebooks are part of every page's identity: a context trained on its own codebooks saves and
 loads but shares pages only with contexts that continue from it (a worker that loads a prefix
