@@ -538,3 +538,39 @@ def test_tls_rediss_url_with_the_servers_ca(model, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_multi_turn_chat_reuses_the_earlier_turns(model, shared_redis):
+    url, ns = shared_redis
+    turn1 = torch.cat([rand_ids(300, 60), rand_ids(10, 61)], 1)
+    cache = ctxcore.CompressedCache.load(url, model.config, token_ids=turn1, namespace=ns, **KW)
+    assert cache.get_seq_length() == 0
+    out = model.generate(turn1, max_new_tokens=8, do_sample=False, **cache_kwargs(model, cache))
+    held = cache.get_seq_length()  # the last generated token is not in the cache yet
+    assert held == out.shape[1] - 1
+    cache.save(url, token_ids=out[:, :held], namespace=ns)
+    turn2 = torch.cat([out, rand_ids(10, 62)], 1)
+    again = ctxcore.CompressedCache.load(url, model.config, token_ids=turn2, namespace=ns, **KW)
+    assert again.load_info["source"] == "context" and again.get_seq_length() == held
+    ref = answer(model, turn2, cache)  # the first process, continuing its own cache
+    assert answer(model, turn2, again) == ref
+
+
+def test_selective_and_budgeted_contexts_round_trip(model, shared_redis, tmp_path):
+    url, ns = shared_redis
+    doc = rand_ids(400, 63)
+    kw = dict(KW, select=0.5)
+    cache = prefilled(model, doc, **kw)
+    cache.save(url, token_ids=doc, namespace=ns)
+    prompt = torch.cat([doc, rand_ids(6, 64)], 1)
+    # With a RAM budget far below the context: pages spill to the local disk tier as they arrive.
+    got = ctxcore.CompressedCache.load(
+        url, model.config, token_ids=prompt, namespace=ns, ram_budget="200KB", offload_dir=tmp_path, **kw
+    )
+    assert got.load_info["source"] == "context" and got.select == 0.5
+    s = got.memory_stats()
+    assert s["disk_bytes"] > 0 and s["ram_bytes"] <= got.store.config["ram_budget"]
+    assert answer(model, prompt, got) == answer(model, prompt, cache)
+    # The same tokens under another codec (no fp16 page copies) share nothing.
+    plain = ctxcore.CompressedCache.load(url, model.config, token_ids=prompt, namespace=ns, **KW)
+    assert plain.get_seq_length() == 0
