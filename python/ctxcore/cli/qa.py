@@ -1,4 +1,4 @@
-"""``ctxcore demo`` and ``ctxcore ask``: question answering over long documents (see cli.py)."""
+"""``ctxcore demo`` and ``ctxcore ask``: question answering over long documents."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UserError", "add_parsers", "run_ask", "run_demo"]
+from ._common import BITS as _BITS
+from ._common import UsageError
+from ._common import fmt_bytes as _fmt_bytes
 
-_BITS = (1, 2, 4, 8)
-
-
-class UserError(Exception):
-    """A problem with the user's input (files, model, options): one line, exit code 2."""
+__all__ = ["add_parsers", "run_ask", "run_demo"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -85,14 +83,6 @@ def _step(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
 def _prefill_with_bars(sess: Any, name: str, n: int) -> Any:
     bars: dict[str, Any] = {}
 
@@ -115,24 +105,24 @@ def _prefill_with_bars(sess: Any, name: str, n: int) -> Any:
 
 
 def _check_options(args: argparse.Namespace) -> Any:
-    from .store import _parse_bytes
+    from ..store import _parse_bytes
 
     if args.bits not in _BITS:
-        raise UserError(f"--bits must be one of {', '.join(map(str, _BITS))} (got {args.bits})")
+        raise UsageError(f"--bits must be one of {', '.join(map(str, _BITS))} (got {args.bits})")
     if args.window < 1:
-        raise UserError(f"--window must be >= 1 (got {args.window})")
+        raise UsageError(f"--window must be >= 1 (got {args.window})")
     if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
+        raise UsageError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     select = None
     if args.select is not None:
         try:
             select = float(args.select) if "." in args.select else int(args.select)
         except ValueError:
-            raise UserError(f"--select: expected a token count or a fraction, got {args.select!r}") from None
+            raise UsageError(f"--select: expected a token count or a fraction, got {args.select!r}") from None
     try:
         budget = _parse_bytes(args.ram_budget, "--ram-budget")
     except Exception as exc:
-        raise UserError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if args.offload_dir is not None:
         _check_writable_dir(args.offload_dir, "--offload-dir")
     return select, budget
@@ -145,7 +135,7 @@ def _check_writable_dir(path: str, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=p, prefix=".ctxcore-write-test-"):
             pass
     except OSError as exc:
-        raise UserError(f"{what}: {path} is not a writable directory ({exc.strerror or exc})") from None
+        raise UsageError(f"{what}: {path} is not a writable directory ({exc.strerror or exc})") from None
 
 
 def _quiet_loading() -> None:
@@ -160,28 +150,28 @@ def _load_model(path: str | None) -> tuple[Any, Any, str]:
     """``(model, tokenizer, name)`` from a GGUF file, a model directory or the default."""
     import torch
 
-    from . import models
+    from .. import models
 
     if path is None:
         _step("loading SmolLM2-135M-Instruct (embedded default model) ...")
         try:
             model, tok = models.load_default_model()
         except Exception as exc:  # missing package: a ConfigError with the install hint
-            raise UserError(str(exc)) from None
+            raise UsageError(str(exc)) from None
         return model, tok, "SmolLM2-135M-Instruct"
     p = Path(path)
     if not p.exists():
-        raise UserError(f"--model: no such file or directory: {path}")
+        raise UsageError(f"--model: no such file or directory: {path}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise UserError(f"--model: {path} is not a .gguf file or a model directory")
+            raise UsageError(f"--model: {path} is not a .gguf file or a model directory")
         kw: dict[str, Any] = {"gguf_file": p.name}
         src = str(p.parent)
     else:
         if not (p / "config.json").is_file():
-            raise UserError(f"--model: {path} has no config.json; not a transformers model directory")
+            raise UsageError(f"--model: {path} has no config.json; not a transformers model directory")
         kw, src = {}, str(p)
     _step(f"loading {path} ...")
     try:
@@ -189,7 +179,7 @@ def _load_model(path: str | None) -> tuple[Any, Any, str]:
         model = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32, **kw)
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--model: cannot load {path} as a supported causal LM: {msg}") from None
+        raise UsageError(f"--model: cannot load {path} as a supported causal LM: {msg}") from None
     model.eval()
     return model, tok, p.name
 
@@ -198,20 +188,20 @@ def _read_text(path: str) -> str:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"--context: no such file: {path}") from None
+        raise UsageError(f"--context: no such file: {path}") from None
     except IsADirectoryError:
-        raise UserError(f"--context: {path} is a directory, not a text file") from None
+        raise UsageError(f"--context: {path} is a directory, not a text file") from None
     except UnicodeDecodeError:
-        raise UserError(f"--context: {path} is not UTF-8 text") from None
+        raise UsageError(f"--context: {path} is not UTF-8 text") from None
     except OSError as exc:
-        raise UserError(f"--context: cannot read {path}: {exc.strerror or exc}") from None
+        raise UsageError(f"--context: cannot read {path}: {exc.strerror or exc}") from None
     if not text.strip():
-        raise UserError(f"--context: {path} is empty")
+        raise UsageError(f"--context: {path} is empty")
     return text
 
 
 def _make_compressed(model: Any, args: argparse.Namespace, select: Any, budget: Any, model_id: str) -> Any:
-    from .cache import CompressedCache
+    from ..cache import CompressedCache
 
     return CompressedCache(
         model.config, bits=args.bits, window=args.window, select=select, ram_budget=budget,
@@ -223,8 +213,8 @@ def _from_shared(
     model: Any, args: argparse.Namespace, ctx: Any, select: Any, budget: Any, model_id: str
 ) -> Any:
     """The context from the shared store: its longest saved prefix, the rest prefilled, saved back."""
-    from . import shared
-    from .cache import CompressedCache
+    from .. import shared
+    from ..cache import CompressedCache
 
     where = shared._redact(args.shared)
     t0 = time.perf_counter()
@@ -264,19 +254,19 @@ def run_demo(args: argparse.Namespace) -> int:
     _quiet_loading()
     select, budget = _check_options(args)
     if args.tokens < 256:
-        raise UserError(f"--tokens must be at least 256 (got {args.tokens})")
+        raise UsageError(f"--tokens must be at least 256 (got {args.tokens})")
     import torch
     from transformers import DynamicCache
 
-    from .attention import enable
-    from .cache import model_fingerprint
-    from .models import SAMPLE_TEXT
-    from .qa import FACTS, QASession, build_document, chat_prefix, chat_question
+    from ..attention import enable
+    from ..cache import model_fingerprint
+    from ..models import SAMPLE_TEXT
+    from ..qa import FACTS, QASession, build_document, chat_prefix, chat_question
 
     model, tok, _ = _load_model(None)
     limit = int(getattr(model.config, "max_position_embeddings", 8192)) - 256
     if args.tokens > limit:
-        raise UserError(f"--tokens: the model has {limit + 256} positions; use at most {limit}")
+        raise UsageError(f"--tokens: the model has {limit + 256} positions; use at most {limit}")
     enable(model)
     doc = build_document(SAMPLE_TEXT, tok, args.tokens, FACTS)
     ctx = torch.tensor([tok(chat_prefix(tok, doc), add_special_tokens=False)["input_ids"]])
@@ -378,39 +368,39 @@ def run_ask(args: argparse.Namespace) -> int:
     _quiet_loading()
     select, budget = _check_options(args)
     if not args.question.strip():
-        raise UserError("--question is empty")
+        raise UsageError("--question is empty")
     if args.load is None and args.context is None:
-        raise UserError("give --context FILE (or --load DIR for a saved context)")
+        raise UsageError("give --context FILE (or --load DIR for a saved context)")
     if args.load is not None and args.context is not None:
-        raise UserError("--context and --load are exclusive: a saved context already holds its document")
+        raise UsageError("--context and --load are exclusive: a saved context already holds its document")
     text = _read_text(args.context) if args.context is not None else None
     if args.save is not None:
         _check_writable_dir(args.save, "--save")
     if args.shared is not None:
         if args.context is None:
-            raise UserError("--shared needs --context FILE: the document is what is matched in the store")
-        from . import shared
-        from .exceptions import ConfigError, StoreConnectionError
+            raise UsageError("--shared needs --context FILE: the document is what is matched in the store")
+        from .. import shared
+        from ..exceptions import ConfigError, StoreConnectionError
 
         try:
             shared.connect(args.shared)  # a bad URL or password fails now, before the model loads
         except (ConfigError, StoreConnectionError) as exc:
-            raise UserError(f"--shared: {exc}") from None
+            raise UsageError(f"--shared: {exc}") from None
     if args.load is not None and not (Path(args.load) / "ctxcore.meta").exists():
         if not Path(args.load).is_dir():
-            raise UserError(f"--load: no such directory: {args.load}")
+            raise UsageError(f"--load: no such directory: {args.load}")
     import torch
 
-    from .attention import enable
-    from .cache import CompressedCache, check_supported, model_fingerprint
-    from .exceptions import UnsupportedModelError
-    from .qa import QASession
+    from ..attention import enable
+    from ..cache import CompressedCache, check_supported, model_fingerprint
+    from ..exceptions import UnsupportedModelError
+    from ..qa import QASession
 
     model, tok, name = _load_model(args.model)
     try:
         check_supported(model.config)
     except UnsupportedModelError as exc:
-        raise UserError(f"--model: {exc}") from None
+        raise UsageError(f"--model: {exc}") from None
     enable(model)
     model_id = f"{name}|{model_fingerprint(model.config)}"
     q_text = f"{args.question.strip()}"
@@ -420,7 +410,7 @@ def run_ask(args: argparse.Namespace) -> int:
                                      model_id=model_id)  # fmt: skip
         ids = cache.token_ids
         if ids is None:
-            raise UserError(f"--load: {args.load} was saved without its token ids")
+            raise UsageError(f"--load: {args.load} was saved without its token ids")
         ctx = torch.tensor([ids])
         _step(f"loaded {ctx.shape[1]} context tokens from {args.load} in {time.perf_counter() - t0:.2f} s")
         sess = QASession(model, tok, ctx, lambda: None)

@@ -4,6 +4,11 @@
 full and with the compressed cache, and reports answers, KV memory and timings.
 ``ctxcore ask`` does the same for a user's document, question and model, and can save the
 compressed context and answer later questions from it without a new prefill.
+``ctxcore eval`` writes the evaluation report against the caches users have today.
+``ctxcore info`` prints versions and whether the CPU and CUDA kernels run here.
+
+One package: ``qa`` (demo, ask), ``evaluate`` (eval), this module (kv-report, info, the
+parser and :func:`main`), ``_common`` (the one usage-error class and shared helpers).
 ``ctxcore kv-report`` product-quantizes the real KV cache per layer and KV head and reports
 reconstruction error, attention fidelity, bytes and throughput next to faiss.
 """
@@ -23,8 +28,9 @@ import numpy as np
 
 __all__ = ["main"]
 
-#: ``--bits`` values: the codecs of ``ctxcore.bits_to_pq`` (as ``CompressedCache(bits=...)``).
-BITS = (1, 2, 4, 8)
+from ._common import BITS, UsageError, _Parser
+from ._common import fmt_bytes as _fmt_bytes
+
 DEFAULT_LAYERS = 6
 PROBES = 32
 
@@ -46,17 +52,8 @@ is unchanged, "out err" the relative error of the attention output with PQ keys 
 """
 
 
-class _UsageError(Exception):
-    """A bad command line; reported on one line, exit code 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog="ctxcore",
@@ -102,8 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_qa_parsers(sub: Any) -> None:
-    from ._cli_eval import add_parser
-    from ._cli_qa import add_parsers
+    from .evaluate import add_parser
+    from .qa import add_parsers
 
     add_parsers(sub)
     add_parser(sub)
@@ -120,9 +117,9 @@ def _parse_layers(spec: str | None, n_layers: int) -> list[int]:
         try:
             idx = int(part)
         except ValueError:
-            raise _UsageError(f"--layers: expected 'all' or comma-separated integers, got {spec!r}") from None
+            raise UsageError(f"--layers: expected 'all' or comma-separated integers, got {spec!r}") from None
         if not 0 <= idx < n_layers:
-            raise _UsageError(f"--layers: layer {idx} out of range, the model has layers 0..{n_layers - 1}")
+            raise UsageError(f"--layers: layer {idx} out of range, the model has layers 0..{n_layers - 1}")
         if idx not in out:
             out.append(idx)
     return out
@@ -143,14 +140,6 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
 def _run_demo(args: argparse.Namespace) -> int:
     if not sys.stderr.isatty():
         # No carriage-return progress bars in logs (transformers' GGUF loader uses tqdm directly;
@@ -158,17 +147,17 @@ def _run_demo(args: argparse.Namespace) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
     import ctxcore
 
-    from . import models
+    from .. import models
 
     progress = _Progress()
     if args.bits not in BITS:
-        raise _UsageError(f"--bits must be one of 1, 2, 4, 8 (got {args.bits})")
+        raise UsageError(f"--bits must be one of 1, 2, 4, 8 (got {args.bits})")
     if args.tokens < PROBES + 1:
-        raise _UsageError(f"--tokens must be at least {PROBES + 1} (got {args.tokens})")
+        raise UsageError(f"--tokens must be at least {PROBES + 1} (got {args.tokens})")
     if args.iters < 0:
-        raise _UsageError(f"--iters must be >= 0 (got {args.iters})")
+        raise UsageError(f"--iters must be >= 0 (got {args.iters})")
     if args.seed < 0:
-        raise _UsageError(f"--seed must be >= 0 (got {args.seed})")
+        raise UsageError(f"--seed must be >= 0 (got {args.seed})")
     if args.layers is not None:
         _parse_layers(args.layers, 10**9)  # syntax check before the slow model load
     if args.text is not None:
@@ -176,11 +165,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise _UsageError(f"--text: no such file: {args.text}") from None
+            raise UsageError(f"--text: no such file: {args.text}") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise _UsageError(f"--text: cannot read {args.text}: {exc}") from None
+            raise UsageError(f"--text: cannot read {args.text}: {exc}") from None
         if not text.strip():
-            raise _UsageError(f"--text: {args.text} is empty")
+            raise UsageError(f"--text: {args.text} is empty")
         source = str(path)
     else:
         text = models.SAMPLE_TEXT
@@ -217,7 +206,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     n_tok = kv["tokens"]
     progress(f"prefill of {n_tok} tokens ({source}) in {time.perf_counter() - t:.1f}s")
     if n_tok < PROBES + 1:
-        raise _UsageError(f"--text: only {n_tok} tokens, need at least {PROBES + 1}")
+        raise UsageError(f"--text: only {n_tok} tokens, need at least {PROBES + 1}")
     if n_tok < args.tokens:
         progress(f"note: the text has only {n_tok} tokens (asked for {args.tokens})")
     del model
@@ -412,8 +401,8 @@ def _info() -> dict[str, Any]:
     import importlib.metadata
     import platform
 
-    from . import __version__, _ctxcore, cpu_simd, get_num_threads
-    from .exceptions import DeviceError
+    from .. import __version__, _ctxcore, cpu_simd, get_num_threads
+    from ..exceptions import DeviceError
 
     def version(dist: str) -> str | None:
         try:
@@ -481,8 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Usage errors (bad arguments, a missing ``--text`` file, a missing model package) print one
     line to stderr and return 2.
     """
-    from ._cli_qa import UserError
-    from .exceptions import ConfigError, CtxcoreError
+    from ..exceptions import ConfigError, CtxcoreError
 
     parser = _build_parser()
     try:
@@ -495,27 +483,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return _run_info(args.json)
         if args.command == "demo":
-            from ._cli_qa import run_demo
+            from .qa import run_demo
 
             return run_demo(args)
         if args.command == "ask":
-            from ._cli_qa import run_ask
+            from .qa import run_ask
 
             return run_ask(args)
         if args.command == "eval":
-            from ._cli_eval import run_eval
+            from .evaluate import run_eval
 
             return run_eval(args)
-        raise _UsageError(f"unknown command {args.command!r}")  # pragma: no cover
+        raise UsageError(f"unknown command {args.command!r}")  # pragma: no cover
     except SystemExit as exc:  # --help / --version
         return exc.code if isinstance(exc.code, int) else 0
-    except _UsageError as exc:
-        print(f"ctxcore: error: {exc}", file=sys.stderr)
-        return 2
-    except UserError as exc:
-        print(f"ctxcore: error: {exc}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"ctxcore: error: {exc}", file=sys.stderr)
         return 2
     except CtxcoreError as exc:

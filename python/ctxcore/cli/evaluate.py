@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._cli_qa import UserError, _load_model, _quiet_loading, _read_text, _step
+from ._common import UsageError
+from .qa import _load_model, _quiet_loading, _read_text, _step
 
 __all__ = ["add_parser", "run_eval"]
 
@@ -67,17 +68,17 @@ def _bar(desc: str, total: int) -> Any:
 
 def run_eval(args: argparse.Namespace) -> int:
     _quiet_loading()
-    from . import evaluation as ev
+    from .. import evaluation as ev
 
     methods = ev.available_methods()
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         bad = [m for m in wanted if m not in ev.METHODS]
         if bad:
-            raise UserError(f"--methods: unknown {', '.join(bad)}; known: {', '.join(ev.METHODS)}")
+            raise UsageError(f"--methods: unknown {', '.join(bad)}; known: {', '.join(ev.METHODS)}")
         missing = [m for m in wanted if m not in methods]
         if missing:
-            raise UserError(
+            raise UsageError(
                 f"--methods: {', '.join(missing)} need packages that are not installed "
                 "(pip install optimum-quanto / hqq)"
             )
@@ -85,26 +86,26 @@ def run_eval(args: argparse.Namespace) -> int:
     try:
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
     except ValueError:
-        raise UserError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+        raise UsageError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
     if args.depths:
         try:
             args.depths = [float(d) for d in args.depths.split(",") if d.strip()]
         except ValueError:
-            raise UserError(f"--depths: expected numbers like 0,0.5,1, got {args.depths!r}") from None
+            raise UsageError(f"--depths: expected numbers like 0,0.5,1, got {args.depths!r}") from None
         if not args.depths or any(not 0.0 <= d <= 1.0 for d in args.depths):
-            raise UserError(f"--depths: each depth must be in [0, 1], got {args.depths}")
+            raise UsageError(f"--depths: each depth must be in [0, 1], got {args.depths}")
     if args.trials is not None and args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
+        raise UsageError(f"--trials must be at least 1, got {args.trials}")
     text = _read_text(args.text) if args.text else None
     out_dir = Path(args.out)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
+        raise UsageError(f"--out: cannot create {args.out}: {exc.strerror or exc}") from None
     import torch
 
-    from .attention import enable
-    from .models import SAMPLE_TEXT
+    from ..attention import enable
+    from ..models import SAMPLE_TEXT
 
     model, tok, name = _load_model(args.model)
     enable(model)
@@ -136,7 +137,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def _sink_window(ev: Any, model: Any, ctx_bytes: int, length: int) -> int:
     """Recent-window size whose fp16 K/V take ``ctx_bytes`` (ctxcore 2-bit's bytes at ``length``)."""
-    from .cache import _shape, _text_config
+    from ..cache import _shape, _text_config
 
     layers, _, hkv, d = _shape(_text_config(model.config))
     per_token = 2 * layers * hkv * d * 2
@@ -215,7 +216,7 @@ def _speed_lengths(args: argparse.Namespace, lengths: Any) -> list[int]:
 def _reps(args: argparse.Namespace) -> int:
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     if reps < 1:
-        raise UserError(f"--reps must be >= 1, got {reps}")
+        raise UsageError(f"--reps must be >= 1, got {reps}")
     return reps
 
 
@@ -273,7 +274,7 @@ def _speed_isolated(methods: list[str], args: argparse.Namespace, lengths: Any) 
             cmd += ["--model", args.model] if args.model else []
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
-                raise UserError(f"speed run of {m} at {length} tokens failed:\n{p.stderr[-2000:]}")
+                raise UsageError(f"speed run of {m} at {length} tokens failed:\n{p.stderr[-2000:]}")
             got = json.loads((Path(tmp) / "eval-speed.json").read_text())["results"]
             for r in got:
                 r["rep"] = rep
