@@ -54,7 +54,9 @@ def prefilled(model, ids, codebooks="train", **kw):
 
 
 def answer(model, ids, cache, n=6):
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, **cache_kwargs(model, cache))
+    out = model.generate(
+        ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **cache_kwargs(model, cache)
+    )
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -204,7 +206,8 @@ WORKER = textwrap.dedent(
         cache.save(args["url"], token_ids=prompt, namespace=args["ns"])
         print(json.dumps({"tokens": cache.get_seq_length()}))
     else:
-        out = model.generate(prompt, max_new_tokens=6, do_sample=False, **cache_kwargs(model, cache))
+        out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             **cache_kwargs(model, cache))
         print(json.dumps({"matched": cache.load_info["tokens"], "answer": out[0, prompt.shape[1]:].tolist()}))
     """
 )
@@ -545,7 +548,9 @@ def test_multi_turn_chat_reuses_the_earlier_turns(model, shared_redis):
     turn1 = torch.cat([rand_ids(300, 60), rand_ids(10, 61)], 1)
     cache = ctxcore.CompressedCache.load(url, model.config, token_ids=turn1, namespace=ns, **KW)
     assert cache.get_seq_length() == 0
-    out = model.generate(turn1, max_new_tokens=8, do_sample=False, **cache_kwargs(model, cache))
+    out = model.generate(
+        turn1, max_new_tokens=8, min_new_tokens=8, do_sample=False, **cache_kwargs(model, cache)
+    )
     held = cache.get_seq_length()  # the last generated token is not in the cache yet
     assert held == out.shape[1] - 1
     cache.save(url, token_ids=out[:, :held], namespace=ns)

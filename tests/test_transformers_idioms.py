@@ -44,8 +44,11 @@ def test_import_registers_the_attention_implementation():
         "m2 = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation='ctxcore')\n"
         "assert m2.config._attn_implementation == 'ctxcore'\n"
         "c = ctxcore.CompressedCache(m.config, bits=8, window=16, sinks=2, page_size=8)\n"
-        "ids = torch.randint(0, 64, (1, 60))\n"
-        "out = m.generate(ids, max_new_tokens=4, do_sample=False, **ctxcore.cache.cache_kwargs(m, c))\n"
+        "ids = torch.randint(0, 64, (1, 60), generator=torch.Generator().manual_seed(0))\n"
+        # min_new_tokens: a random model may pick the config's EOS first and end before any decode
+        # step (which is what pages the calibration hold).
+        "out = m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False,\n"
+        "                 **ctxcore.cache.cache_kwargs(m, c))\n"
         "assert c.store.paged_tokens(0) > 0, 'pages were not used'\n"
         "print('ok')\n"
     )
