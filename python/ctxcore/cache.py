@@ -1225,7 +1225,7 @@ class CompressedCache(Cache):
 def _dir_prefix(store: KVStore, token_ids: Any) -> int:
     """Cut a directory-loaded ``store`` to the longest prefix of ``token_ids`` it holds (at most
     ``len - 1`` tokens); the tokens it then holds (0: nothing usable)."""
-    from .shared import _as_ids
+    from .shared import _as_ids, hold_at_most
 
     ids = _as_ids(token_ids)
     saved = store.metadata.get("token_ids")
@@ -1237,19 +1237,9 @@ def _dir_prefix(store: KVStore, token_ids: Any) -> int:
     n = min(len(sv), len(ids))
     diff = np.nonzero(sv[:n] != ids[:n])[0]
     common = int(diff[0]) if diff.size else n
-    held = store.num_tokens(0)
-    want = min(common, len(ids) - 1)
-    if want >= held:
-        return held
-    try:
-        store.crop(held - want)  # only the window's tokens differ
-    except ConfigError:
-        c = store.config
-        pages = max(0, (want - c["sinks"]) // c["page_size"])
-        if pages == 0:
-            return 0
-        store.truncate_to_pages(pages)
-    n_held = store.num_tokens(0)
+    n_held = hold_at_most(store, min(common, len(ids) - 1))
+    if n_held == 0:
+        return 0
     store.metadata["token_ids"] = [list(saved[0][:n_held])]
     store.metadata.pop("chunk_hashes", None)
     return n_held

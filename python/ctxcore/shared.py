@@ -395,6 +395,25 @@ class _Candidate:
     user: dict
 
 
+def hold_at_most(store: KVStore, want: int) -> int:
+    """Cut a one-sequence ``store`` to at most ``want`` tokens: the window's last tokens cropped
+    where that reaches, else a page-aligned prefix (:meth:`KVStore.truncate_to_pages`). Returns
+    the tokens it then holds; 0 when no page-aligned prefix fits (the store is then unusable)."""
+    held = store.num_tokens(0)
+    if want >= held:
+        return held
+    try:
+        store.crop(held - want)
+        return want
+    except ConfigError:
+        c = store.config
+        pages = (want - c["sinks"]) // c["page_size"] if want >= c["sinks"] else 0
+        if pages <= 0:
+            return 0
+        store.truncate_to_pages(pages)
+        return store.num_tokens(0)
+
+
 def _mget(r: Any, keys: list[str]) -> list[bytes | None]:
     out: list[bytes | None] = []
     for i in range(0, len(keys), _BATCH):
@@ -402,7 +421,7 @@ def _mget(r: Any, keys: list[str]) -> list[bytes | None]:
     return out
 
 
-def find(conn: _Conn, codec: str, ids: np.ndarray, sinks: int, page: int, window: int) -> list[_Candidate]:
+def find(conn: _Conn, codec: str, ids: np.ndarray, sinks: int, page: int) -> list[_Candidate]:
     """Saved contexts starting ``ids``, longest first (at most ``len(ids) - 1`` tokens each)."""
     n = len(ids)
     keys = _Keys(conn.ns, codec)
@@ -450,9 +469,8 @@ def find(conn: _Conn, codec: str, ids: np.ndarray, sinks: int, page: int, window
         for (t, b, pages, val), ok in zip(tails, exist, strict=True):
             if not ok:
                 continue
-            # The prompt must keep one token to prefill: a whole match gives up its last token
-            # (cropped from the window), or is not usable.
-            usable = t if t < n else (t - 1 if window > 0 and t - 1 >= sinks + pages * page else -1)
+            # The prompt must keep one token to prefill: a whole match gives up its last one.
+            usable = min(t, n - 1)
             if usable >= 1:
                 cands.append(_Candidate(usable, b, pages, t, val.get("settings", {}), val.get("user", {})))
     cands.sort(key=lambda c: (c.tokens, c.tail is not None), reverse=True)
@@ -484,7 +502,7 @@ def load(
     codec = _codec(c)
     keys = _Keys(conn.ns, codec)
     layers, page, sinks = c["layers"], c["page_size"], c["sinks"]
-    for cand in find(conn, codec, ids, sinks, page, c["window"]):
+    for cand in find(conn, codec, ids, sinks, page):
         got = _fetch(conn, keys, codec, ids, cand, layers, page, sinks)
         if got is None:
             continue
@@ -500,13 +518,9 @@ def load(
         except CorruptDataError as e:
             raise type(e)(f"{conn.where} (namespace {conn.ns!r}, codebooks {cand.books}): {e}") from e
         store = KVStore(0, 0, 0, _inner=inner)
-        held = store.num_tokens(0)
-        if held > cand.tokens:  # a whole-prompt match gives its last token back
-            try:
-                store.crop(held - cand.tokens)
-            except ConfigError:
-                continue
-            held = cand.tokens
+        held = hold_at_most(store, cand.tokens)
+        if held == 0:
+            continue
         store.metadata = {
             "token_ids": [ids[:held].tolist()],
             "ctxcore_cache": cand.settings,
@@ -514,8 +528,8 @@ def load(
         }
         cache = cls._adopt(config, store, cand.settings, cache_kwargs)
         cache.load_info = {
-            "source": "context" if tail is not None else "prefix", "tokens": held, "codebooks": cand.books,
-            "pages": len(pages[0]), "namespace": conn.ns,
+            "source": "context" if tail is not None and held == cand.tokens else "prefix", "tokens": held,
+            "codebooks": cand.books, "pages": store.paged_tokens(0) // page, "namespace": conn.ns,
         }  # fmt: skip
         return cache
     fresh.load_info = {"source": "none", "tokens": 0, "codebooks": None, "pages": 0, "namespace": conn.ns}

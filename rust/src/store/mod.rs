@@ -402,6 +402,22 @@ struct State {
     inflight: HashSet<u32>,
 }
 
+impl State {
+    /// A new closed page, resident in RAM with one reference; returns its id.
+    fn add_page(&mut self, blob: Vec<u8>, abstract_: Box<[u8]>) -> u32 {
+        let id = self.pages.len() as u32;
+        self.pages.push(PageMeta {
+            refs: 1,
+            crc: crc32fast::hash(&blob),
+            disk: None,
+            abstract_,
+        });
+        self.live += 1;
+        self.ram.insert(id, Arc::new(blob));
+        id
+    }
+}
+
 struct Shared {
     cfg: StoreConfig,
     state: Mutex<State>,
@@ -894,16 +910,8 @@ impl KvStore {
             let books = st.books[layer].as_ref().expect("checked above");
             let closed = encode_into_pages(cfg, books, &mut st.seqs[seq][layer], &leaving)?;
             for (blob, abs) in closed {
-                let id = st.pages.len() as u32;
-                st.pages.push(PageMeta {
-                    refs: 1,
-                    crc: crc32fast::hash(&blob),
-                    disk: None,
-                    abstract_: abs,
-                });
+                let id = st.add_page(blob, abs);
                 st.seqs[seq][layer].pages.push(id);
-                st.live += 1;
-                st.ram.insert(id, Arc::new(blob));
             }
         }
         self.shared.enforce_budget(st)

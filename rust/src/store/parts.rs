@@ -14,10 +14,8 @@
 //! pages shareable between contexts with a common prefix. [`KvStore::assemble`] rebuilds a
 //! store from pieces, checking every one before the store exists.
 
-use std::sync::Arc;
-
-use super::persist::{R, W};
-use super::{KvStore, LayerState, OpenPage, PageMeta, StoreConfig};
+use super::persist::{read_fp_part, write_fp_part, R, W};
+use super::{KvStore, LayerState, StoreConfig};
 use crate::error::{Error, Result};
 use crate::pq::ProductQuantizer;
 
@@ -83,44 +81,8 @@ fn done(r: &R) -> Result<()> {
     Ok(())
 }
 
-/// One layer of a tail piece.
-struct TailLayer {
-    n_tokens: usize,
-    n_pages: usize,
-    sinks: (Vec<f32>, Vec<f32>),
-    window: Vec<(Vec<f32>, Vec<f32>)>,
-    open: Option<OpenPage>,
-}
-
-fn read_open(r: &mut R, cfg: &StoreConfig) -> Result<Option<OpenPage>> {
-    if r.u8()? == 0 {
-        return Ok(None);
-    }
-    let filled = r.usize()?;
-    let blob = r.bytes()?.to_vec();
-    let (kmin, kmax, ksum) = (r.f32s()?, r.f32s()?, r.f64s()?);
-    let hd = cfg.kv_heads * cfg.head_dim;
-    if blob.len() != cfg.page_bytes()
-        || filled >= cfg.page_size
-        || kmin.len() != hd
-        || kmax.len() != hd
-        || ksum.len() != hd
-    {
-        return Err(Error::corrupt(
-            r.file.clone(),
-            "open page of the wrong size",
-        ));
-    }
-    Ok(Some(OpenPage {
-        blob,
-        filled,
-        kmin,
-        kmax,
-        ksum,
-    }))
-}
-
-fn read_tail(b: &[u8], cfg: &StoreConfig) -> Result<Vec<TailLayer>> {
+/// Per layer of a tail piece: its closed-page count and its state without the pages.
+fn read_tail(b: &[u8], cfg: &StoreConfig) -> Result<Vec<(usize, LayerState)>> {
     let mut r = open(b, TAIL, "tail")?;
     let layers = r.usize()?;
     if layers != cfg.layers {
@@ -129,28 +91,15 @@ fn read_tail(b: &[u8], cfg: &StoreConfig) -> Result<Vec<TailLayer>> {
             format!("{layers} layers, the store has {}", cfg.layers),
         ));
     }
-    let hd = cfg.kv_heads * cfg.head_dim;
     let mut out = Vec::with_capacity(layers);
     for _ in 0..layers {
-        let (n_tokens, n_pages) = (r.usize()?, r.usize()?);
-        let sinks = (r.f32s()?, r.f32s()?);
-        let nw = r.len(16)?;
-        let mut window = Vec::with_capacity(nw);
-        for _ in 0..nw {
-            let (k, v) = (r.f32s()?, r.f32s()?);
-            if k.len() != hd || v.len() != hd {
-                return Err(Error::corrupt("tail", "window token of the wrong size"));
-            }
-            window.push((k, v));
-        }
-        let open = read_open(&mut r, cfg)?;
-        out.push(TailLayer {
-            n_tokens,
-            n_pages,
-            sinks,
-            window,
-            open,
-        });
+        let mut ls = LayerState {
+            n_tokens: r.usize()?,
+            ..Default::default()
+        };
+        let n_pages = r.usize()?;
+        read_fp_part(&mut r, cfg, &mut ls)?;
+        out.push((n_pages, ls));
     }
     done(&r)?;
     Ok(out)
@@ -257,24 +206,7 @@ impl KvStore {
         for l in &st.seqs[seq] {
             w.u64(l.n_tokens as u64);
             w.u64(l.pages.len() as u64);
-            w.f32s(&l.sinks_k);
-            w.f32s(&l.sinks_v);
-            w.u64(l.window.len() as u64);
-            for (k, v) in &l.window {
-                w.f32s(k);
-                w.f32s(v);
-            }
-            match &l.open {
-                None => w.u8(0),
-                Some(o) => {
-                    w.u8(1);
-                    w.u64(o.filled as u64);
-                    w.bytes(&o.blob);
-                    w.f32s(&o.kmin);
-                    w.f32s(&o.kmax);
-                    w.f64s(&o.ksum);
-                }
-            }
+            write_fp_part(&mut w, l);
         }
         Ok(finish(w))
     }
@@ -394,34 +326,30 @@ impl KvStore {
         let mut guard = store.shared.lock()?;
         let st = &mut *guard;
         for (li, layer_pages) in pages.iter().enumerate() {
-            let mut ls = LayerState::default();
-            match tail.as_mut() {
+            let mut ls = match tail.as_mut() {
                 Some(t) => {
-                    let t = &mut t[li];
-                    if t.n_pages != layer_pages.len() {
+                    let (n_pages, ls) = std::mem::take(&mut t[li]);
+                    if n_pages != layer_pages.len() {
                         return Err(Error::corrupt(
                             "tail",
                             format!(
-                                "layer {li} has {} closed pages, its tail counts {}",
-                                layer_pages.len(),
-                                t.n_pages
+                                "layer {li} has {} closed pages, its tail counts {n_pages}",
+                                layer_pages.len()
                             ),
                         ));
                     }
-                    ls.n_tokens = t.n_tokens;
-                    (ls.sinks_k, ls.sinks_v) = std::mem::take(&mut t.sinks);
-                    ls.window = std::mem::take(&mut t.window)
-                        .into_iter()
-                        .map(|(k, v)| (k.into(), v.into()))
-                        .collect();
-                    ls.open = t.open.take();
+                    ls
                 }
                 None => {
-                    let s = &sinks.as_ref().expect("checked")[li];
-                    (ls.sinks_k, ls.sinks_v) = s.clone();
-                    ls.n_tokens = ls.sinks_k.len() / hd + layer_pages.len() * cfg.page_size;
+                    let (sinks_k, sinks_v) = sinks.as_ref().expect("checked")[li].clone();
+                    LayerState {
+                        n_tokens: sinks_k.len() / hd + layer_pages.len() * cfg.page_size,
+                        sinks_k,
+                        sinks_v,
+                        ..Default::default()
+                    }
                 }
-            }
+            };
             let n_sinks = ls.sinks_k.len() / hd;
             let paged = !layer_pages.is_empty() || ls.open.is_some();
             if ls.sinks_k.len() != n_sinks * hd
@@ -466,16 +394,7 @@ impl KvStore {
                         "page of the wrong size for this configuration",
                     ));
                 }
-                let id = st.pages.len() as u32;
-                st.pages.push(PageMeta {
-                    refs: 1,
-                    crc: crc32fast::hash(&blob),
-                    disk: None,
-                    abstract_: abs,
-                });
-                ls.pages.push(id);
-                st.live += 1;
-                st.ram.insert(id, Arc::new(blob));
+                ls.pages.push(st.add_page(blob, abs));
             }
             st.seqs[0][li] = ls;
         }

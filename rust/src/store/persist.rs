@@ -135,6 +135,72 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(io(format!("syncing directory {}", dir.display())))
 }
 
+/// Sinks, window and open page of a layer (its state outside closed pages), in the order the
+/// saved-context metadata and the shared-store tail piece ([`super::parts`]) both keep them.
+pub(super) fn write_fp_part(w: &mut W, l: &LayerState) {
+    w.f32s(&l.sinks_k);
+    w.f32s(&l.sinks_v);
+    w.u64(l.window.len() as u64);
+    for (k, v) in &l.window {
+        w.f32s(k);
+        w.f32s(v);
+    }
+    match &l.open {
+        None => w.u8(0),
+        Some(o) => {
+            w.u8(1);
+            w.u64(o.filled as u64);
+            w.bytes(&o.blob);
+            w.f32s(&o.kmin);
+            w.f32s(&o.kmax);
+            w.f64s(&o.ksum);
+        }
+    }
+}
+
+/// Read what [`write_fp_part`] wrote into `ls`, checking every size against `cfg`.
+pub(super) fn read_fp_part(r: &mut R, cfg: &StoreConfig, ls: &mut LayerState) -> Result<()> {
+    let hd = cfg.kv_heads * cfg.head_dim;
+    ls.sinks_k = r.f32s()?;
+    ls.sinks_v = r.f32s()?;
+    let nw = r.len(16)?;
+    for _ in 0..nw {
+        let (k, v) = (r.f32s()?, r.f32s()?);
+        if k.len() != hd || v.len() != hd {
+            return Err(Error::corrupt(
+                r.file.clone(),
+                "window token of the wrong size",
+            ));
+        }
+        ls.window.push_back((k.into(), v.into()));
+    }
+    ls.open = None;
+    if r.u8()? == 1 {
+        let filled = r.usize()?;
+        let blob = r.bytes()?.to_vec();
+        let (kmin, kmax, ksum) = (r.f32s()?, r.f32s()?, r.f64s()?);
+        if blob.len() != cfg.page_bytes()
+            || filled >= cfg.page_size
+            || kmin.len() != hd
+            || kmax.len() != hd
+            || ksum.len() != hd
+        {
+            return Err(Error::corrupt(
+                r.file.clone(),
+                "open page of the wrong size",
+            ));
+        }
+        ls.open = Some(OpenPage {
+            blob,
+            filled,
+            kmin,
+            kmax,
+            ksum,
+        });
+    }
+    Ok(())
+}
+
 impl KvStore {
     /// Save everything needed to answer new questions later without a new prefill.
     /// `extra` is caller metadata stored verbatim (e.g. token ids and chunk hashes).
@@ -245,24 +311,7 @@ impl KvStore {
         for seq in &st.seqs {
             for l in seq {
                 w.u64(l.n_tokens as u64);
-                w.f32s(&l.sinks_k);
-                w.f32s(&l.sinks_v);
-                w.u64(l.window.len() as u64);
-                for (k, v) in &l.window {
-                    w.f32s(k);
-                    w.f32s(v);
-                }
-                match &l.open {
-                    None => w.u8(0),
-                    Some(o) => {
-                        w.u8(1);
-                        w.u64(o.filled as u64);
-                        w.bytes(&o.blob);
-                        w.f32s(&o.kmin);
-                        w.f32s(&o.kmax);
-                        w.f64s(&o.ksum);
-                    }
-                }
+                write_fp_part(&mut w, l);
                 w.u64(l.pages.len() as u64);
                 for &id in &l.pages {
                     let m = &st.pages[id as usize];
@@ -412,38 +461,7 @@ impl KvStore {
                     n_tokens: r.usize()?,
                     ..Default::default()
                 };
-                ls.sinks_k = r.f32s()?;
-                ls.sinks_v = r.f32s()?;
-                let nw = r.len(1)?;
-                for _ in 0..nw {
-                    let (k, v) = (r.f32s()?, r.f32s()?);
-                    if k.len() != h * d || v.len() != h * d {
-                        return Err(Error::corrupt(
-                            file.clone(),
-                            "window token of the wrong size",
-                        ));
-                    }
-                    ls.window.push_back((k.into(), v.into()));
-                }
-                if r.u8()? == 1 {
-                    let filled = r.usize()?;
-                    let blob = r.bytes()?.to_vec();
-                    let (kmin, kmax, ksum) = (r.f32s()?, r.f32s()?, r.f64s()?);
-                    if blob.len() != cfg.page_bytes()
-                        || filled >= page_size
-                        || kmin.len() != h * d
-                        || ksum.len() != h * d
-                    {
-                        return Err(Error::corrupt(file.clone(), "open page of the wrong size"));
-                    }
-                    ls.open = Some(OpenPage {
-                        blob,
-                        filled,
-                        kmin,
-                        kmax,
-                        ksum,
-                    });
-                }
+                read_fp_part(&mut r, &cfg, &mut ls)?;
                 let np = r.len(16)?;
                 for _ in 0..np {
                     let slot = r.u32()?;
