@@ -167,3 +167,12 @@ def test_cli_demo_answers_with_both_caches(smollm2):
     assert "full (DynamicCache)" in p.stdout and "ctxcore 4-bit" in p.stdout
     assert "KV memory" in p.stdout and "per output token" in p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_cli_demo_json_is_one_object_on_stdout(smollm2):
+    del smollm2
+    p = subprocess.run([*_cli(), "demo", "--tokens", "600", "--max-new-tokens", "8", "--json"],
+                       capture_output=True, text=True, timeout=900, env=_env())  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)  # nothing but the JSON object
+    assert out["document_tokens"] > 0 and set(out["caches"]) == {"full (DynamicCache)", "ctxcore 4-bit"}

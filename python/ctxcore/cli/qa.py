@@ -271,7 +271,9 @@ def run_demo(args: argparse.Namespace) -> int:
     doc = build_document(SAMPLE_TEXT, tok, args.tokens, FACTS)
     ctx = torch.tensor([tok(chat_prefix(tok, doc), add_special_tokens=False)["input_ids"]])
     n = ctx.shape[1]
-    print(f"document: {n} tokens with {len(FACTS)} hidden facts; model: SmolLM2-135M-Instruct (CPU)")
+    # With --json, stdout carries only the JSON object.
+    print(f"document: {n} tokens with {len(FACTS)} hidden facts; model: SmolLM2-135M-Instruct (CPU)",
+          file=sys.stderr if args.json else sys.stdout)  # fmt: skip
     sessions = {
         "full (DynamicCache)": QASession(model, tok, ctx, lambda: DynamicCache(config=model.config)),
         f"ctxcore {args.bits}-bit": QASession(
