@@ -29,5 +29,6 @@ mod cpu;
 mod values;
 
 pub use cpu::{
-    check_heads, exp_neg, page_scores, paged_attention, pq_attention, Pages, PqAttention,
+    check_heads, exp_neg, page_scores, paged_attention, pq_attention, pq_attention_paged, Pages,
+    PqAttention, Resident,
 };

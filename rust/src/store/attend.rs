@@ -6,7 +6,7 @@
 use half::f16;
 
 use super::{KvStore, Region};
-use crate::attention::{page_scores, pq_attention, PqAttention};
+use crate::attention::{page_scores, pq_attention, pq_attention_paged, PqAttention, Resident};
 use crate::error::{Error, Result};
 
 /// Output `(hq, tq, d)` and log-sum-exp `(hq, tq)`.
@@ -427,9 +427,9 @@ struct Snapshot {
     pages: Vec<Vec<(Arc<Vec<u8>>, usize)>>,
     /// Per sequence: `(sinks, window)` token counts.
     fp_counts: Vec<(usize, usize)>,
-    /// Full-precision part of every sequence, Layout `(batch, H, f, D)`: sinks then window.
-    fk: Vec<f32>,
-    fv: Vec<f32>,
+    /// Full-precision part of every sequence: sinks (copied, token-major `(t, H, D)`) and the
+    /// window's token rows (shared, not copied).
+    fp: Vec<(Vec<f32>, Vec<f32>, Vec<super::TokenKv>)>,
     f: usize,
 }
 
@@ -524,28 +524,40 @@ impl KvStore {
                 return Ok((out, lse));
             }
         };
-        let (ck, cv) = c.code_bytes();
         let counts: Vec<usize> = snap
             .pages
             .iter()
             .map(|ps| ps.iter().map(|p| p.1).sum())
             .collect();
         let n = counts.iter().copied().max().unwrap_or(0);
-        // Codes of every sequence, Layout (batch, H, n, c): one copy out of the page blobs.
-        let mut kc = vec![0u8; batch * h * n * ck];
-        let mut vc = vec![0u8; batch * h * n * cv];
-        for (b, ps) in snap.pages.iter().enumerate() {
-            let mut at = 0;
-            for (blob, t) in ps {
-                let view = self.shared.view(blob.clone(), *t);
-                for hh in 0..h {
-                    let row = (b * h + hh) * n + at;
-                    kc[row * ck..(row + t) * ck].copy_from_slice(view.k_codes(hh));
-                    vc[row * cv..(row + t) * cv].copy_from_slice(view.v_codes(hh));
-                }
-                at += t;
-            }
-        }
+        // The kernel reads every page's codes where they are (each task copies its own chunk).
+        let views: Vec<Vec<super::PageView>> = snap
+            .pages
+            .iter()
+            .map(|ps| {
+                ps.iter()
+                    .map(|(blob, t)| self.shared.view(blob.clone(), *t))
+                    .collect()
+            })
+            .collect();
+        let segs: Vec<Vec<(&[u8], &[u8])>> = (0..batch * h)
+            .map(|bh| {
+                views[bh / h]
+                    .iter()
+                    .map(|v| (v.k_codes(bh % h), v.v_codes(bh % h)))
+                    .collect()
+            })
+            .collect();
+        let fp: Vec<Vec<(&[f32], &[f32])>> = snap
+            .fp
+            .iter()
+            .map(|(sk, sv, win)| {
+                sk.chunks_exact(h * d)
+                    .zip(sv.chunks_exact(h * d))
+                    .chain(win.iter().map(|(k, v)| (&k[..], &v[..])))
+                    .collect()
+            })
+            .collect();
         let mut code_range = Vec::with_capacity(batch);
         let mut fp_range = Vec::with_capacity(batch);
         for ((&(ns, nw), &start), &n_all) in snap.fp_counts.iter().zip(s.starts).zip(&counts) {
@@ -554,30 +566,37 @@ impl KvStore {
             fp_range.push((fp_start, ns + nw));
         }
         let (kcent, vcent) = (&snap.books.0, &snap.books.1);
-        pq_attention(&PqAttention {
-            batch,
-            hq,
-            hkv: h,
-            tq,
-            d,
-            q: s.q,
-            n,
-            k_codes: &kc,
-            v_codes: &vc,
-            k_cent: kcent,
-            k_m: c.k_m,
-            k_nbits: c.k_nbits,
-            v_cent: vcent,
-            v_m: c.v_m,
-            v_nbits: c.v_nbits,
-            code_range: &code_range,
-            f: snap.f,
-            fp_k: &snap.fk,
-            fp_v: &snap.fv,
-            fp_range: &fp_range,
-            scale: s.scale,
-            causal: true,
-        })
+        pq_attention_paged(
+            &PqAttention {
+                batch,
+                hq,
+                hkv: h,
+                tq,
+                d,
+                q: s.q,
+                n,
+                k_codes: &[],
+                v_codes: &[],
+                k_cent: kcent,
+                k_m: c.k_m,
+                k_nbits: c.k_nbits,
+                v_cent: vcent,
+                v_m: c.v_m,
+                v_nbits: c.v_nbits,
+                code_range: &code_range,
+                f: snap.f,
+                fp_k: &[],
+                fp_v: &[],
+                fp_range: &fp_range,
+                scale: s.scale,
+                causal: true,
+            },
+            &Resident {
+                segs: &segs,
+                size: c.page_size,
+                fp: &fp,
+            },
+        )
     }
 
     /// The snapshot [`KvStore::append_attend`] reads, or None when a sequence of the layer
@@ -607,23 +626,15 @@ impl KvStore {
             fp_counts.push((l.sinks_k.len() / (h * d), l.window.len()));
         }
         let f = fp_counts.iter().map(|(a, b)| a + b).max().unwrap_or(0);
-        let mut fk = vec![0f32; batch * h * f * d];
-        let mut fv = vec![0f32; batch * h * f * d];
+        let mut fp = Vec::with_capacity(batch);
         let mut pages = Vec::with_capacity(batch);
         for b in 0..batch {
             let l = &st.seqs[b][layer];
-            let toks = l
-                .sinks_k
-                .chunks_exact(h * d)
-                .zip(l.sinks_v.chunks_exact(h * d))
-                .chain(l.window.iter().map(|(a, b)| (&a[..], &b[..])));
-            for (i, (tk, tv)) in toks.enumerate() {
-                for hh in 0..h {
-                    let dst = ((b * h + hh) * f + i) * d;
-                    fk[dst..dst + d].copy_from_slice(&tk[hh * d..(hh + 1) * d]);
-                    fv[dst..dst + d].copy_from_slice(&tv[hh * d..(hh + 1) * d]);
-                }
-            }
+            fp.push((
+                l.sinks_k.clone(),
+                l.sinks_v.clone(),
+                l.window.iter().cloned().collect(),
+            ));
             let ids = l.pages.clone();
             let open = l
                 .open
@@ -646,8 +657,7 @@ impl KvStore {
             books,
             pages,
             fp_counts,
-            fk,
-            fv,
+            fp,
             f,
         }))
     }

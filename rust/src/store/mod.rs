@@ -298,7 +298,8 @@ impl OpenPage {
 }
 
 /// One token's keys and values, each Layout `(H, D)`.
-type TokenKv = (Box<[f32]>, Box<[f32]>);
+/// Shared, not copied, by the snapshot a decode step attends over.
+pub(crate) type TokenKv = (Arc<[f32]>, Arc<[f32]>);
 /// A just-closed page: blob and quantized abstract.
 type ClosedPage = (Vec<u8>, Box<[u8]>);
 
@@ -880,7 +881,7 @@ impl KvStore {
                 what: "append beyond sinks + window (set_codebooks for this layer first)",
             });
         }
-        let tok = |x: &[f32], i: usize| -> Box<[f32]> {
+        let tok = |x: &[f32], i: usize| -> Arc<[f32]> {
             let mut b = vec![0f32; h * d];
             for hh in 0..h {
                 b[hh * d..(hh + 1) * d].copy_from_slice(&x[(hh * t + i) * d..(hh * t + i + 1) * d]);

@@ -189,8 +189,10 @@ pub(super) fn value_weights<const W: usize>(
 /// byte-table lookup per key code byte), one max and `exp` per query, then softmax weights summed
 /// per value code byte value, folded per codeword and multiplied with the value codebook once.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn codes_chunk(
     a: &PqAttention,
+    paged: Option<&Resident>,
     tables: &GroupTables,
     vt: &[f32],
     b: usize,
@@ -202,10 +204,23 @@ pub(super) fn codes_chunk(
     let nq = g * tq;
     let len = hi - lo;
     let (ck, cv) = (code_bytes(a.k_m, a.k_nbits), code_bytes(a.v_m, a.v_nbits));
-    let kbase = ((b * a.hkv + h) * a.n + lo) * ck;
-    let vbase = ((b * a.hkv + h) * a.n + lo) * cv;
-    let kc = &a.k_codes[kbase..kbase + len * ck];
-    let vc = &a.v_codes[vbase..vbase + len * cv];
+    let (mut kb, mut vb) = (Vec::new(), Vec::new());
+    let (kc, vc): (&[u8], &[u8]) = match paged {
+        Some(p) => {
+            kb.reserve_exact(len * ck);
+            vb.reserve_exact(len * cv);
+            p.gather(b * a.hkv + h, lo, hi, (ck, cv), &mut kb, &mut vb);
+            (&kb, &vb)
+        }
+        None => {
+            let kbase = ((b * a.hkv + h) * a.n + lo) * ck;
+            let vbase = ((b * a.hkv + h) * a.n + lo) * cv;
+            (
+                &a.k_codes[kbase..kbase + len * ck],
+                &a.v_codes[vbase..vbase + len * cv],
+            )
+        }
+    };
     // Pass 1: scores, Layout (nq, len), block by block so a block of codes is read once. (Fusing
     // the group's queries per code byte was measured slower: it loses the 4-token ILP.) 4-bit
     // keys on AVX2 use the shuffle scan with 24-bit tables, all queries per transposed block.

@@ -3,7 +3,14 @@ use super::*;
 
 /// Exact attention of the group's queries over fp tokens `[lo, hi)` of `(b, h)`.
 #[inline(always)]
-pub(super) fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize) -> Vec<Partial> {
+pub(super) fn fp_chunk(
+    a: &PqAttention,
+    at: Option<&Resident>,
+    b: usize,
+    h: usize,
+    lo: usize,
+    hi: usize,
+) -> Vec<Partial> {
     let (tq, d) = (a.tq, a.d);
     let nq = a.hq / a.hkv * tq;
     let (fs, fe) = a.fp_range[b];
@@ -20,10 +27,19 @@ pub(super) fn fp_chunk(a: &PqAttention, b: usize, h: usize, lo: usize, hi: usize
             visible.clamp(lo, hi) - lo
         })
         .collect();
-    let seg = (
-        &a.fp_k[base + lo * d..base + hi * d],
-        &a.fp_v[base + lo * d..base + hi * d],
-    );
+    let (mut kb, mut vb) = (Vec::new(), Vec::new());
+    let seg: (&[f32], &[f32]) = match at {
+        Some(r) => {
+            kb.reserve_exact((hi - lo) * d);
+            vb.reserve_exact((hi - lo) * d);
+            r.gather_fp(b, h, d, lo, hi, &mut kb, &mut vb);
+            (&kb, &vb)
+        }
+        None => (
+            &a.fp_k[base + lo * d..base + hi * d],
+            &a.fp_v[base + lo * d..base + hi * d],
+        ),
+    };
     exact_part(a, b, h, &[seg], &ends)
 }
 
