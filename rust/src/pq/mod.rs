@@ -52,11 +52,10 @@ pub struct ProductQuantizer {
 struct Codebooks {
     /// Layout: `(m, ksub, dsub)`.
     centroids: Vec<f32>,
-    /// Layout: `(m, dsub, ksub)` — transposed so kernels vectorize over centroids.
-    transposed: Vec<f32>,
-    /// Layout: `(m, ksub, dsub)` — `-2 * centroids`, for nearest-centroid search.
-    neg2: Vec<f32>,
-    /// Layout: `(m, ksub)` — squared norms of the centroids.
+    /// Layout: `(m, ksub)` — squared norms of the centroids. (Nothing else derived is kept: the
+    /// search scales the input by -2 instead of keeping `-2 * centroids`, and lookup tables
+    /// transpose the centroids per call, so a store of many quantizers holds little beyond
+    /// the centroids; see [`ProductQuantizer::held_bytes`].)
     norms: Vec<f32>,
     /// One-dimensional subspaces (`dsub = 1`): nearest-centroid search by comparisons with
     /// the midpoints between sorted centroid values.
@@ -126,28 +125,45 @@ impl ScalarCodes {
 
 impl Codebooks {
     fn new(centroids: Vec<f32>, m: usize, ksub: usize, dsub: usize) -> Self {
-        let mut transposed = vec![0f32; centroids.len()];
-        let mut neg2 = vec![0f32; centroids.len()];
-        let mut norms = vec![0f32; m * ksub];
-        let sz = ksub * dsub;
-        for j in 0..m {
-            kmeans::derived(
-                &centroids[j * sz..(j + 1) * sz],
-                ksub,
-                dsub,
-                &mut transposed[j * sz..(j + 1) * sz],
-                &mut neg2[j * sz..(j + 1) * sz],
-                &mut norms[j * ksub..(j + 1) * ksub],
-            );
-        }
+        let norms = centroids
+            .chunks_exact(dsub)
+            .map(|c| c.iter().map(|v| v * v).sum())
+            .collect();
+        debug_assert_eq!(centroids.len(), m * ksub * dsub);
         let scalar = (dsub == 1).then(|| ScalarCodes::new(&centroids, m, ksub));
         Codebooks {
             centroids,
-            transposed,
-            neg2,
             norms,
             scalar,
         }
+    }
+
+    /// Centroids transposed per subspace, Layout `(m, dsub, ksub)` (borrowed when `dsub == 1`).
+    fn transposed(&self, ksub: usize, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
+        if dsub == 1 {
+            return std::borrow::Cow::Borrowed(&self.centroids);
+        }
+        let mut t = vec![0f32; self.centroids.len()];
+        for (src, dst) in self
+            .centroids
+            .chunks_exact(ksub * dsub)
+            .zip(t.chunks_exact_mut(ksub * dsub))
+        {
+            for k in 0..ksub {
+                for d in 0..dsub {
+                    dst[d * ksub + k] = src[k * dsub + d];
+                }
+            }
+        }
+        std::borrow::Cow::Owned(t)
+    }
+
+    fn bytes(&self) -> usize {
+        4 * (self.centroids.len() + self.norms.len())
+            + self
+                .scalar
+                .as_ref()
+                .map_or(0, |s| 4 * s.mids.len() + s.order.len())
     }
 }
 
@@ -207,6 +223,23 @@ impl ProductQuantizer {
     pub fn code_bytes(&self) -> usize {
         code_bytes(self.m, self.nbits)
     }
+    /// [`ProductQuantizer::held_bytes`] of a trained quantizer of this shape (`dim % m == 0`).
+    pub fn held_bytes_for(dim: usize, m: usize, nbits: u32) -> usize {
+        let ksub = 1usize << nbits;
+        let scalar = if dim == m {
+            4 * (ksub - 1) * m + m * ksub
+        } else {
+            0
+        };
+        4 * (ksub * dim + m * ksub) + scalar
+    }
+
+    /// Bytes the trained codebooks hold in memory (centroids, their norms and, for 1-dim
+    /// subspaces, the sorted midpoints that encode by comparison); 0 untrained.
+    pub fn held_bytes(&self) -> usize {
+        self.trained.as_ref().map_or(0, Codebooks::bytes)
+    }
+
     /// Whether codebooks are trained.
     pub fn is_trained(&self) -> bool {
         self.trained.is_some()
@@ -409,8 +442,18 @@ impl ProductQuantizer {
         check_finite("queries", q, self.dim)?;
         let (dim, m, dsub, ksub) = (self.dim, self.m, self.dsub(), self.ksub());
         let mut out = vec![0f32; nq * m * ksub];
+        let ct = books.transposed(ksub, dsub);
         for (qi, t) in q.chunks_exact(dim).zip(out.chunks_exact_mut(m * ksub)) {
-            crate::dispatch!(build_tables(qi, books, m, dsub, ksub, metric, t));
+            crate::dispatch!(build_tables(
+                qi,
+                &ct,
+                &books.norms,
+                m,
+                dsub,
+                ksub,
+                metric,
+                t
+            ));
         }
         Ok(out)
     }
@@ -582,8 +625,12 @@ fn encode_block(
         sc.encode(x, codes, m, ksub, nbits);
         return;
     }
+    // The search takes `-2 * centroids` against `x`; `centroids` against `-2 * x` is the same
+    // arithmetic (scaling by 2 is exact), without a second copy of every codebook.
+    let xm2: Vec<f32> = x.iter().map(|v| -2.0 * v).collect();
+    let x = &xm2[..];
     for j in 0..m {
-        let cm2 = &books.neg2[j * ksub * dsub..(j + 1) * ksub * dsub];
+        let cm2 = &books.centroids[j * ksub * dsub..(j + 1) * ksub * dsub];
         let norms = &books.norms[j * ksub..(j + 1) * ksub];
         if nbits == 8 {
             nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {
@@ -602,9 +649,11 @@ fn encode_block(
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn build_tables(
     q: &[f32],
-    books: &Codebooks,
+    transposed: &[f32],
+    norms: &[f32],
     m: usize,
     dsub: usize,
     ksub: usize,
@@ -613,11 +662,11 @@ fn build_tables(
 ) {
     for j in 0..m {
         let qs = &q[j * dsub..(j + 1) * dsub];
-        let ct = &books.transposed[j * ksub * dsub..(j + 1) * ksub * dsub];
+        let ct = &transposed[j * ksub * dsub..(j + 1) * ksub * dsub];
         let o = &mut out[j * ksub..(j + 1) * ksub];
         match metric {
             Metric::InnerProduct => ip_table(qs, ct, ksub, o),
-            Metric::L2 => l2_table(qs, ct, &books.norms[j * ksub..(j + 1) * ksub], ksub, o),
+            Metric::L2 => l2_table(qs, ct, &norms[j * ksub..(j + 1) * ksub], ksub, o),
         }
     }
 }

@@ -608,7 +608,7 @@ impl KvStore {
         let mut st = self.shared.lock()?;
         let st = &mut *st;
         let books = match st.books[layer].as_ref() {
-            Some(b) => b.flat.clone(),
+            Some(b) => b.flat(),
             None => return Ok(None),
         };
         if st.seqs.len() != batch {

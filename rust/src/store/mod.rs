@@ -133,11 +133,13 @@ impl StoreConfig {
             }
     }
 
-    /// Bytes of the codebooks of all layers (float32).
+    /// Bytes the codebooks of all layers hold in RAM once trained: per KV head, each key and
+    /// value quantizer ([`ProductQuantizer::held_bytes_for`]: float32 centroids, their norms,
+    /// the midpoints of 1-dim subspaces).
     pub fn codebook_bytes(&self) -> usize {
-        // Per quantizer: 4 * m * 2^nbits * (head_dim / m) bytes.
-        let k = 4 * (1usize << self.k_nbits) * self.head_dim;
-        let v = 4 * (1usize << self.v_nbits) * self.head_dim;
+        let d = self.head_dim;
+        let k = ProductQuantizer::held_bytes_for(d, self.k_m, self.k_nbits);
+        let v = ProductQuantizer::held_bytes_for(d, self.v_m, self.v_nbits);
         self.layers * self.kv_heads * (k + v)
     }
 
@@ -367,29 +369,32 @@ impl RamTier {
 /// Key and value centroids of every KV head, each Layout `(H, m, ksub, dsub)`.
 pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
 
-#[derive(Clone)]
+/// One layer's quantizers (one per KV head), shared by the snapshots that read them.
 struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
-    /// The centroids of every KV head, flattened once for the attention kernels: Layout
-    /// `(H, m, ksub, dsub)` for keys and for values.
-    flat: FlatBooks,
 }
 
 impl LayerBooks {
-    fn new(k: Vec<ProductQuantizer>, v: Vec<ProductQuantizer>) -> Self {
+    fn new(k: Vec<ProductQuantizer>, v: Vec<ProductQuantizer>) -> Arc<Self> {
+        Arc::new(LayerBooks { k, v })
+    }
+
+    /// The centroids of every KV head flattened for the kernels, Layout `(H, m, ksub, dsub)`
+    /// for keys and for values: a copy per call (about the cost of the transposition the
+    /// kernel does per call anyway), so the store holds each codebook once.
+    fn flat(&self) -> FlatBooks {
         let cat = |qs: &[ProductQuantizer]| -> Vec<f32> {
             qs.iter()
                 .flat_map(|p| p.centroids().unwrap_or(&[]).iter().copied())
                 .collect()
         };
-        let flat = Arc::new((cat(&k), cat(&v)));
-        LayerBooks { k, v, flat }
+        Arc::new((cat(&self.k), cat(&self.v)))
     }
 }
 
 struct State {
-    books: Vec<Option<LayerBooks>>,
+    books: Vec<Option<Arc<LayerBooks>>>,
     /// [batch][layers]; `seqs.len()` is the current batch.
     seqs: Vec<Vec<LayerState>>,
     /// Indexed by page id.
@@ -828,11 +833,11 @@ impl KvStore {
         Ok(st.books[layer].as_ref().map(|b| (b.k.clone(), b.v.clone())))
     }
 
-    /// The centroids of `layer`'s codebooks flattened for the kernels (no copy), or None.
+    /// The centroids of `layer`'s codebooks flattened for the kernels, or None.
     pub(crate) fn flat_centroids(&self, layer: usize) -> Result<Option<FlatBooks>> {
         self.check_layer(layer)?;
         let st = self.shared.lock()?;
-        Ok(st.books[layer].as_ref().map(|b| b.flat.clone()))
+        Ok(st.books[layer].as_ref().map(|b| b.flat()))
     }
 
     /// Whether `layer` has codebooks.

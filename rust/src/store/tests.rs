@@ -1977,3 +1977,36 @@ mod parts_tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[test]
+fn codebook_bytes_are_what_the_books_hold() {
+    // The figure memory_stats reports for codebooks is the RAM they take (the quantizers'
+    // centroids, norms and scalar midpoints), for 8-bit vector and 4-bit scalar codes.
+    for (k_m, k_nbits, v_m, v_nbits) in [(4, 8, 8, 4), (4, 4, 8, 4), (2, 8, 2, 8), (8, 8, 8, 8)] {
+        let c = StoreConfig {
+            k_m,
+            k_nbits,
+            v_m,
+            v_nbits,
+            ..cfg(None, None)
+        };
+        let s = store(c.clone());
+        let st = s.shared.lock().unwrap();
+        let held: usize = st
+            .books
+            .iter()
+            .flatten()
+            .map(|b| {
+                b.k.iter()
+                    .chain(&b.v)
+                    .map(|q| q.held_bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        assert_eq!(
+            held,
+            c.codebook_bytes(),
+            "k {k_m}x{k_nbits}, v {v_m}x{v_nbits}"
+        );
+    }
+}

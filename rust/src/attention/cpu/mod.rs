@@ -167,6 +167,7 @@ impl Resident<'_> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Copy head `h`'s key and value rows of fp tokens `[lo, hi)` of sequence `b`.
     fn gather_fp(
         &self,
