@@ -371,3 +371,205 @@ unsafe fn value_block<const Q: usize, const TG: usize>(blk: Block, p: &[f32], ac
         }
     }
 }
+
+/// 8-bit key codes: a query's float byte tables (one 256-entry table per code byte) quantized
+/// to 24-bit integers in three byte planes, Layout `(3, cb, 256)`, so that one `vpermi2b` pair
+/// looks up 64 tokens of one plane at once (the scalar scan does one lookup per token and code
+/// byte). Each entry is off by at most half a step, `span / 2^25` (`span` = the widest table's
+/// range): a score is within `cb * span / 2^25` of the float sum (about 1e-6 of the span at
+/// 32 code bytes), float-exact for softmax attention, as the AVX2 4-bit scan.
+pub struct Lut8 {
+    tables: Vec<u8>,
+    cb: usize,
+    scale: f32,
+    bias: f32,
+}
+
+/// Code bytes up to which [`Lut8`] plane sums fit their 16-bit accumulators.
+pub const LUT8_MAX_BYTES: usize = 256;
+
+impl Lut8 {
+    /// Quantize `tables` (`cb` float tables of 256 entries; `cb <= LUT8_MAX_BYTES`). Written
+    /// as lane loops that vectorize where it is inlined (the table build, compiled per SIMD
+    /// level): a serial min/max chain per table cost as much as the scan it serves.
+    #[inline(always)]
+    pub fn new(tables: &[[f32; 256]]) -> Self {
+        let cb = tables.len();
+        debug_assert!(cb <= LUT8_MAX_BYTES);
+        let mut mins = Vec::with_capacity(cb);
+        let mut span = 0f32;
+        for t in tables {
+            let (mut lo, mut hi) = ([f32::INFINITY; 16], [f32::NEG_INFINITY; 16]);
+            for c in t.chunks_exact(16) {
+                for l in 0..16 {
+                    lo[l] = lo[l].min(c[l]);
+                    hi[l] = hi[l].max(c[l]);
+                }
+            }
+            let lo = lo.iter().copied().fold(f32::INFINITY, f32::min);
+            let hi = hi.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            mins.push(lo);
+            span = span.max(hi - lo);
+        }
+        // Steps of span / (2^24 - 1): entries are integers below 2^24, exact in f32.
+        let top = ((1u32 << 24) - 1) as f32;
+        let a = if span > 0.0 && span.is_finite() {
+            top / span
+        } else {
+            1.0
+        };
+        let mut q = vec![0u8; 3 * cb * 256];
+        let plane = cb * 256;
+        for (j, t) in tables.iter().enumerate() {
+            let mut v = [0u32; 256];
+            for (o, &x) in v.iter_mut().zip(t) {
+                // Round half up; `as` saturates, so the top entry cannot wrap.
+                *o = ((x - mins[j]) * a + 0.5).min(top) as u32;
+            }
+            for p in 0..3 {
+                let dst = &mut q[p * plane + j * 256..p * plane + (j + 1) * 256];
+                for (d, &x) in dst.iter_mut().zip(&v) {
+                    *d = (x >> (8 * p)) as u8;
+                }
+            }
+        }
+        Lut8 {
+            tables: q,
+            cb,
+            scale: 1.0 / a,
+            bias: mins.iter().map(|&v| v as f64).sum::<f64>() as f32,
+        }
+    }
+}
+
+/// Tokens per transposed block of [`key_scores8`]: the block's columns (`cb * 128` bytes) and
+/// one query's tables (`3 * cb * 256` bytes) stay in L1 together at 32 code bytes.
+const TB8: usize = 128;
+
+/// Key scores of 8-bit codes: `s[q * len + i] = bias_q + scale_q * sum_b T_q[b][code_i[b]]`.
+///
+/// `luts`: one per query; `kc`: Layout `(len, cb)`; `s`: Layout `(luts.len(), len)`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VBMI and AVX2.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2")]
+pub unsafe fn key_scores8(luts: &[Lut8], kc: &[u8], cb: usize, s: &mut [f32]) {
+    let len = kc.len() / cb.max(1);
+    assert!(kc.len() == len * cb && s.len() == luts.len() * len && cb <= LUT8_MAX_BYTES);
+    assert!(luts.iter().all(|l| l.cb == cb));
+    let mut cols = vec![0u8; cb * TB8];
+    for t0 in (0..len).step_by(TB8) {
+        let rows = (len - t0).min(TB8);
+        let rp = rows.div_ceil(64) * 64;
+        let cols = &mut cols[..cb * rp];
+        transpose(&kc[t0 * cb..(t0 + rows) * cb], rows, cb, cols, rp);
+        for (qi, lut) in luts.iter().enumerate() {
+            let out = &mut s[qi * len + t0..qi * len + t0 + rows];
+            for g0 in (0..rp).step_by(64) {
+                lut8_group(lut, cols, rp, g0, &mut out[g0..(g0 + 64).min(rows)]);
+            }
+        }
+    }
+}
+
+/// Scores of 64 tokens `g0..g0 + 64` of a transposed block (`cols`: Layout `(cb, rp)`) into
+/// `out` (its first `out.len() <= 64`).
+#[inline(always)]
+unsafe fn lut8_group(lut: &Lut8, cols: &[u8], rp: usize, g0: usize, out: &mut [f32]) {
+    let cb = lut.cb;
+    debug_assert!(cols.len() == cb * rp && g0 + 64 <= rp);
+    // Per plane, the sums of 64 tokens as two registers of 32 u16 lanes.
+    let mut acc = [[_mm512_setzero_si512(); 2]; 3];
+    let t = lut.tables.as_ptr();
+    for b in 0..cb {
+        // SAFETY: cols has rp >= g0 + 64 bytes per code byte; every table has 256 bytes.
+        let idx = _mm512_loadu_si512(cols.as_ptr().add(b * rp + g0) as *const _);
+        // Bit 7 picks the upper 128 entries; vpermi2b reads bits 0-6.
+        let upper = _mm512_movepi8_mask(idx);
+        for (p, a) in acc.iter_mut().enumerate() {
+            let tab = t.add((p * cb + b) * 256);
+            let t0 = _mm512_loadu_si512(tab as *const _);
+            let t1 = _mm512_loadu_si512(tab.add(64) as *const _);
+            let t2 = _mm512_loadu_si512(tab.add(128) as *const _);
+            let t3 = _mm512_loadu_si512(tab.add(192) as *const _);
+            let lo = _mm512_permutex2var_epi8(t0, idx, t1);
+            let hi = _mm512_permutex2var_epi8(t2, idx, t3);
+            let r = _mm512_mask_blend_epi8(upper, lo, hi);
+            a[0] = _mm512_add_epi16(a[0], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(r)));
+            a[1] = _mm512_add_epi16(
+                a[1],
+                _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(r)),
+            );
+        }
+    }
+    let (scale, bias) = (_mm512_set1_ps(lut.scale), _mm512_set1_ps(lut.bias));
+    for half in 0..2 {
+        for quarter in 0..2 {
+            let start = half * 32 + quarter * 16;
+            if start >= out.len() {
+                return;
+            }
+            let wide = |p: usize| -> __m512i {
+                let x = if quarter == 0 {
+                    _mm512_castsi512_si256(acc[p][half])
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(acc[p][half])
+                };
+                _mm512_cvtepu16_epi32(x)
+            };
+            // plane 2 * 2^16 + plane 1 * 2^8 + plane 0 <= cb * (2^24 - 1) < 2^32.
+            let total = _mm512_add_epi32(
+                _mm512_add_epi32(
+                    _mm512_slli_epi32::<16>(wide(2)),
+                    _mm512_slli_epi32::<8>(wide(1)),
+                ),
+                wide(0),
+            );
+            let v = _mm512_fmadd_ps(_mm512_cvtepu32_ps(total), scale, bias);
+            let n = (out.len() - start).min(16);
+            let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(start), mask, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pq::kernels::scan_bytes;
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn key_scores8_matches_the_float_byte_scan() {
+        if !crate::simd::has_avx512() {
+            return; // nothing to compare on this CPU; the scalar scan is the reference
+        }
+        let mut r = SplitMix64::new(7, 0);
+        for &cb in &[1usize, 3, 32, 64, 256] {
+            for &len in &[1usize, 63, 64, 65, 129, 300] {
+                let nq = 3;
+                let tables: Vec<[f32; 256]> = (0..nq * cb)
+                    .map(|_| std::array::from_fn(|_| (r.next_f64() as f32 - 0.5) * 8.0))
+                    .collect();
+                let codes: Vec<u8> = (0..len * cb).map(|_| r.next_u64() as u8).collect();
+                let luts: Vec<Lut8> = tables.chunks_exact(cb).map(Lut8::new).collect();
+                let mut got = vec![f32::NAN; nq * len];
+                // SAFETY: has_avx512 checked above.
+                unsafe { key_scores8(&luts, &codes, cb, &mut got) };
+                for qi in 0..nq {
+                    let mut want = vec![0f32; len];
+                    scan_bytes(&tables[qi * cb..(qi + 1) * cb], &codes, &mut want);
+                    // Quantization: at most cb half-steps of span / (2^24 - 1), span <= 8.
+                    let tol = cb as f32 * 8.0 / (1u32 << 24) as f32 + 1e-5 * cb as f32;
+                    for (i, (&g, &w)) in got[qi * len..(qi + 1) * len].iter().zip(&want).enumerate()
+                    {
+                        assert!(
+                            (g - w).abs() <= tol,
+                            "cb {cb} len {len} q {qi} token {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -52,7 +52,8 @@ pub struct ProductQuantizer {
 struct Codebooks {
     /// Layout: `(m, ksub, dsub)`.
     centroids: Vec<f32>,
-    /// Layout: `(m, ksub)` — squared norms of the centroids. (Nothing else derived is kept: the
+    /// Layout: `(m, ksub)` — squared norms of the centroids; empty for 1-dim subspaces, which
+    /// encode by comparisons (see [`Codebooks::norms`]). (Nothing else derived is kept: the
     /// search scales the input by -2 instead of keeping `-2 * centroids`, and lookup tables
     /// transpose the centroids per call, so a store of many quantizers holds little beyond
     /// the centroids; see [`ProductQuantizer::held_bytes`].)
@@ -125,10 +126,15 @@ impl ScalarCodes {
 
 impl Codebooks {
     fn new(centroids: Vec<f32>, m: usize, ksub: usize, dsub: usize) -> Self {
-        let norms = centroids
-            .chunks_exact(dsub)
-            .map(|c| c.iter().map(|v| v * v).sum())
-            .collect();
+        // 1-dim subspaces encode by comparisons (`scalar`) and need no norms.
+        let norms = if dsub == 1 {
+            Vec::new()
+        } else {
+            centroids
+                .chunks_exact(dsub)
+                .map(|c| c.iter().map(|v| v * v).sum())
+                .collect()
+        };
         debug_assert_eq!(centroids.len(), m * ksub * dsub);
         let scalar = (dsub == 1).then(|| ScalarCodes::new(&centroids, m, ksub));
         Codebooks {
@@ -156,6 +162,14 @@ impl Codebooks {
             }
         }
         std::borrow::Cow::Owned(t)
+    }
+
+    /// The centroids' squared norms, Layout `(m, ksub)` (computed for 1-dim subspaces).
+    fn norms(&self) -> std::borrow::Cow<'_, [f32]> {
+        if self.norms.is_empty() {
+            return std::borrow::Cow::Owned(self.centroids.iter().map(|c| c * c).collect());
+        }
+        std::borrow::Cow::Borrowed(&self.norms)
     }
 
     fn bytes(&self) -> usize {
@@ -226,15 +240,14 @@ impl ProductQuantizer {
     /// [`ProductQuantizer::held_bytes`] of a trained quantizer of this shape (`dim % m == 0`).
     pub fn held_bytes_for(dim: usize, m: usize, nbits: u32) -> usize {
         let ksub = 1usize << nbits;
-        let scalar = if dim == m {
-            4 * (ksub - 1) * m + m * ksub
-        } else {
-            0
-        };
-        4 * (ksub * dim + m * ksub) + scalar
+        if dim == m {
+            // Centroids, midpoints (float32) and rank bytes; no norms.
+            return 4 * ksub * dim + 4 * (ksub - 1) * m + m * ksub;
+        }
+        4 * (ksub * dim + m * ksub)
     }
 
-    /// Bytes the trained codebooks hold in memory (centroids, their norms and, for 1-dim
+    /// Bytes the trained codebooks hold in memory (centroids; their norms, or for 1-dim
     /// subspaces, the sorted midpoints that encode by comparison); 0 untrained.
     pub fn held_bytes(&self) -> usize {
         self.trained.as_ref().map_or(0, Codebooks::bytes)
@@ -442,18 +455,9 @@ impl ProductQuantizer {
         check_finite("queries", q, self.dim)?;
         let (dim, m, dsub, ksub) = (self.dim, self.m, self.dsub(), self.ksub());
         let mut out = vec![0f32; nq * m * ksub];
-        let ct = books.transposed(ksub, dsub);
+        let (ct, norms) = (books.transposed(ksub, dsub), books.norms());
         for (qi, t) in q.chunks_exact(dim).zip(out.chunks_exact_mut(m * ksub)) {
-            crate::dispatch!(build_tables(
-                qi,
-                &ct,
-                &books.norms,
-                m,
-                dsub,
-                ksub,
-                metric,
-                t
-            ));
+            crate::dispatch!(build_tables(qi, &ct, &norms, m, dsub, ksub, metric, t));
         }
         Ok(out)
     }

@@ -10,6 +10,35 @@ pub(super) struct GroupTables {
     /// scan of [`crate::pq::fastscan`] (scores within ~2e-6 of the table span: float-exact).
     /// When present, `k` is empty.
     kq: Vec<QuantLut>,
+    /// 8-bit keys on AVX-512 (VBMI): per query, the byte tables quantized to 24-bit planes for
+    /// [`crate::attention::avx512::key_scores8`]. When present, `k` is empty.
+    #[cfg(target_arch = "x86_64")]
+    k8: Vec<crate::attention::avx512::Lut8>,
+}
+
+impl GroupTables {
+    fn none() -> Self {
+        GroupTables {
+            k: Vec::new(),
+            kq: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
+            k8: Vec::new(),
+        }
+    }
+}
+
+/// Whether 8-bit key codes of `ck` bytes take [`crate::attention::avx512::key_scores8`].
+#[inline]
+pub(super) fn lookup8(nbits: u32, ck: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        nbits == 8 && ck <= crate::attention::avx512::LUT8_MAX_BYTES && crate::simd::has_avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (nbits, ck);
+        false
+    }
 }
 
 #[inline(always)]
@@ -23,10 +52,7 @@ pub(super) fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> G
     let ct = &kt[h * a.k_m * dsub * ksub..(h + 1) * a.k_m * dsub * ksub];
     if lookup512(a.k_nbits) {
         // The AVX-512 key path decodes with the centroids themselves: no per-query tables.
-        return GroupTables {
-            k: Vec::new(),
-            kq: Vec::new(),
-        };
+        return GroupTables::none();
     }
     let shuffle = a.k_nbits == 4 && crate::simd::has_avx2_fma() && ck <= 128;
     let mut k = vec![[0f32; 256]; if shuffle { 0 } else { g * tq * ck }];
@@ -52,6 +78,7 @@ pub(super) fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> G
             }
             continue;
         }
+        debug_assert!(a.k_nbits == 4);
         for j in 0..a.k_m {
             fill(j, &mut lut[j * ksub..(j + 1) * ksub]);
         }
@@ -61,7 +88,26 @@ pub(super) fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> G
         }
         pair_tables_4bit(&lut, a.k_m, &mut k[qi * ck..(qi + 1) * ck]);
     }
-    GroupTables { k, kq }
+    #[cfg(target_arch = "x86_64")]
+    if lookup8(a.k_nbits, ck) {
+        // A loop, not an iterator adapter: Lut8::new must inline into this function, which is
+        // compiled per SIMD level (in a `map` closure it ran at the baseline level, 2x slower).
+        let mut k8 = Vec::with_capacity(g * tq);
+        for t in k.chunks_exact(ck) {
+            k8.push(crate::attention::avx512::Lut8::new(t));
+        }
+        return GroupTables {
+            k: Vec::new(),
+            kq,
+            k8,
+        };
+    }
+    GroupTables {
+        k,
+        kq,
+        #[cfg(target_arch = "x86_64")]
+        k8: Vec::new(),
+    }
 }
 
 /// Whether codes of `nbits` take the AVX-512 lookup kernels of [`crate::attention::avx512`] (4-bit codes:
@@ -111,10 +157,7 @@ pub(super) fn tables_for(a: &PqAttention, kt: &[f32], bh: usize) -> GroupTables 
     let b = bh / a.hkv;
     let (cs, ce) = a.code_range[b];
     if cs == ce {
-        return GroupTables {
-            k: Vec::new(),
-            kq: Vec::new(),
-        };
+        return GroupTables::none();
     }
     build_tables(a, kt, b, bh % a.hkv)
 }
@@ -238,6 +281,12 @@ pub(super) fn codes_chunk(
                 )
             };
         }
+    } else if cfg!(target_arch = "x86_64") && lookup8(a.k_nbits, ck) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: lookup8 says the CPU has the AVX-512 level (F, BW, VBMI) and AVX2.
+        unsafe {
+            crate::attention::avx512::key_scores8(&tables.k8, kc, ck, &mut s)
+        };
     } else if !tables.kq.is_empty() {
         let mut rows: Vec<&mut [f32]> = s.chunks_exact_mut(len.max(1)).collect();
         rows.truncate(nq);
