@@ -20,23 +20,65 @@ fn floats(n: usize, seed: u64) -> Vec<f32> {
 pub fn decode_step(c: &mut Criterion) {
     let mut g = c.benchmark_group("pq_attention_decode");
     g.sample_size(10).measurement_time(Duration::from_secs(3));
-    // (name, hq, hkv, d, m) with 4-bit codes: m = d is 4 bits/element, m = d/2 is 2.
-    for (name, hq, hkv, d, m) in [
-        ("smollm2_4bit", 9, 3, 64, 64),
-        ("smollm2_2bit", 9, 3, 64, 32),
-        ("llama8b_4bit", 32, 8, 128, 128),
-    ] {
-        let n = 32_768;
+    // (name, (batch, tokens), (hq, hkv, d), (k_m, k_nbits), (v_m, v_nbits)): "default" rows are the
+    // `bits=4` layout (`bits_to_pq`: keys 8-bit over 2 dims, values 4-bit over 1 dim); "extra"
+    // rows are all-4-bit layouts that no `bits` setting gives.
+    type Row = (
+        &'static str,
+        (usize, usize),
+        (usize, usize, usize),
+        (usize, u32),
+        (usize, u32),
+    );
+    let rows: [Row; 5] = [
+        (
+            "smollm2_default_bits4",
+            (1, 32_768),
+            (9, 3, 64),
+            (32, 8),
+            (64, 4),
+        ),
+        (
+            "smollm2_default_bits4_batch8",
+            (8, 2_048),
+            (9, 3, 64),
+            (32, 8),
+            (64, 4),
+        ),
+        (
+            "smollm2_extra_k64x4_v64x4",
+            (1, 32_768),
+            (9, 3, 64),
+            (64, 4),
+            (64, 4),
+        ),
+        (
+            "smollm2_extra_k32x4_v32x4",
+            (1, 32_768),
+            (9, 3, 64),
+            (32, 4),
+            (32, 4),
+        ),
+        (
+            "llama8b_default_bits4",
+            (1, 32_768),
+            (32, 8, 128),
+            (64, 8),
+            (128, 4),
+        ),
+    ];
+    for (name, (batch, n), (hq, hkv, d), (km, kb), (vm, vb)) in rows {
         let f = 132;
-        let cb = m / 2;
-        let kc = bytes(hkv * n * cb, 1);
-        let vc = bytes(hkv * n * cb, 2);
-        let kcent = floats(hkv * 16 * d, 3);
-        let vcent = floats(hkv * 16 * d, 4);
-        let q = floats(hq * d, 5);
-        let fp = floats(hkv * f * d, 6);
+        let (ck, cv) = (km * kb as usize / 8, vm * vb as usize / 8);
+        let kc = bytes(batch * hkv * n * ck, 1);
+        let vc = bytes(batch * hkv * n * cv, 2);
+        let kcent = floats(hkv * (1 << kb) * d, 3);
+        let vcent = floats(hkv * (1 << vb) * d, 4);
+        let q = floats(batch * hq * d, 5);
+        let fp = floats(batch * hkv * f * d, 6);
+        let (code_range, fp_range) = (vec![(0, n); batch], vec![(0, f); batch]);
         let args = PqAttention {
-            batch: 1,
+            batch,
             hq,
             hkv,
             tq: 1,
@@ -46,21 +88,21 @@ pub fn decode_step(c: &mut Criterion) {
             k_codes: &kc,
             v_codes: &vc,
             k_cent: &kcent,
-            k_m: m,
-            k_nbits: 4,
+            k_m: km,
+            k_nbits: kb,
             v_cent: &vcent,
-            v_m: m,
-            v_nbits: 4,
-            code_range: &[(0, n)],
+            v_m: vm,
+            v_nbits: vb,
+            code_range: &code_range,
             f,
             fp_k: &fp,
             fp_v: &fp,
-            fp_range: &[(0, f)],
+            fp_range: &fp_range,
             scale: 1.0 / (d as f32).sqrt(),
             causal: true,
         };
-        g.throughput(Throughput::Elements((n * hq) as u64));
-        g.bench_function(BenchmarkId::new(name, "32k"), |b| {
+        g.throughput(Throughput::Elements((batch * n * hq) as u64));
+        g.bench_function(BenchmarkId::new(name, format!("{batch}x{n}")), |b| {
             b.iter(|| pq_attention(black_box(&args)).unwrap())
         });
     }

@@ -30,12 +30,12 @@ mapped to the key and value quantizers by :func:`ctxcore.bits_to_pq` (the same m
 :class:`ctxcore.KVStore`):
 
 ======  ===============================  ==============================  ======================
-bits    keys (head_dim 64)               values                          codebooks (f32, SmolLM2)
+bits    keys (head_dim 64)               values                          codebooks held (SmolLM2)
 ======  ===============================  ==============================  ======================
-8       64 x 8-bit (1 dim / code)        64 x 8-bit (1 dim / code)       11.25 MiB
-4       32 x 8-bit (2 dims / code)       64 x 4-bit (1 dim / code)       5.98 MiB
-2       16 x 8-bit (4 dims / code)       16 x 8-bit (4 dims / code)      11.25 MiB
-1       8 x 8-bit (8 dims / code)        8 x 8-bit (8 dims / code)       11.25 MiB
+8       64 x 8-bit (1 dim / code)        64 x 8-bit (1 dim / code)       25.27 MiB
+4       32 x 8-bit (2 dims / code)       64 x 4-bit (1 dim / code)       9.21 MiB
+2       16 x 8-bit (4 dims / code)       16 x 8-bit (4 dims / code)      14.06 MiB
+1       8 x 8-bit (8 dims / code)        8 x 8-bit (8 dims / code)       12.66 MiB
 ======  ===============================  ==============================  ======================
 
 Keys need vector codes (4-bit scalar keys cost perplexity), values do not (4-bit scalar values
