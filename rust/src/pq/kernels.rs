@@ -280,3 +280,20 @@ pub fn pair_tables_4bit(lut: &[f32], m: usize, out: &mut [[f32; 256]]) {
         }
     }
 }
+
+/// Centroids `(.., ksub, dsub)` transposed per block of `ksub * dsub` to `(.., dsub, ksub)` (one
+/// quantizer's subspaces, or every KV head's for the attention kernels).
+pub fn transpose_books(cent: &[f32], ksub: usize, dsub: usize) -> Vec<f32> {
+    let mut out = vec![0f32; cent.len()];
+    for (blk, dst) in cent
+        .chunks_exact(ksub * dsub)
+        .zip(out.chunks_exact_mut(ksub * dsub))
+    {
+        for c in 0..ksub {
+            for dd in 0..dsub {
+                dst[dd * ksub + c] = blk[c * dsub + dd];
+            }
+        }
+    }
+    out
+}

@@ -149,19 +149,7 @@ impl Codebooks {
         if dsub == 1 {
             return std::borrow::Cow::Borrowed(&self.centroids);
         }
-        let mut t = vec![0f32; self.centroids.len()];
-        for (src, dst) in self
-            .centroids
-            .chunks_exact(ksub * dsub)
-            .zip(t.chunks_exact_mut(ksub * dsub))
-        {
-            for k in 0..ksub {
-                for d in 0..dsub {
-                    dst[d * ksub + k] = src[k * dsub + d];
-                }
-            }
-        }
-        std::borrow::Cow::Owned(t)
+        std::borrow::Cow::Owned(kernels::transpose_books(&self.centroids, ksub, dsub))
     }
 
     /// The centroids' squared norms, Layout `(m, ksub)` (computed for 1-dim subspaces).

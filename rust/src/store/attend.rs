@@ -422,7 +422,7 @@ pub struct Step<'a> {
 /// the resident page blobs (shared, not copied), and sinks + window already in the kernel's
 /// layout.
 struct Snapshot {
-    books: super::FlatBooks,
+    books: Arc<super::LayerBooks>,
     /// Per sequence: closed pages then (a copy of) the open page, with their token counts.
     pages: Vec<Vec<(Arc<Vec<u8>>, usize)>>,
     /// Per sequence: `(sinks, window)` token counts.
@@ -565,7 +565,10 @@ impl KvStore {
             code_range.push((skip, n_all));
             fp_range.push((fp_start, ns + nw));
         }
-        let (kcent, vcent) = (&snap.books.0, &snap.books.1);
+        // Flattened here, not under the store lock (a copy about the size of the kernel's own
+        // per-call transposition).
+        let flat = snap.books.flat();
+        let (kcent, vcent) = (&flat.0, &flat.1);
         pq_attention_paged(
             &PqAttention {
                 batch,
@@ -608,7 +611,7 @@ impl KvStore {
         let mut st = self.shared.lock()?;
         let st = &mut *st;
         let books = match st.books[layer].as_ref() {
-            Some(b) => b.flat(),
+            Some(b) => b.clone(),
             None => return Ok(None),
         };
         if st.seqs.len() != batch {

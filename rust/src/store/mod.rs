@@ -370,7 +370,7 @@ impl RamTier {
 pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
 
 /// One layer's quantizers (one per KV head), shared by the snapshots that read them.
-struct LayerBooks {
+pub(crate) struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
 }
@@ -383,7 +383,7 @@ impl LayerBooks {
     /// The centroids of every KV head flattened for the kernels, Layout `(H, m, ksub, dsub)`
     /// for keys and for values: a copy per call (about the cost of the transposition the
     /// kernel does per call anyway), so the store holds each codebook once.
-    fn flat(&self) -> FlatBooks {
+    pub(crate) fn flat(&self) -> FlatBooks {
         let cat = |qs: &[ProductQuantizer]| -> Vec<f32> {
             qs.iter()
                 .flat_map(|p| p.centroids().unwrap_or(&[]).iter().copied())
@@ -836,8 +836,8 @@ impl KvStore {
     /// The centroids of `layer`'s codebooks flattened for the kernels, or None.
     pub(crate) fn flat_centroids(&self, layer: usize) -> Result<Option<FlatBooks>> {
         self.check_layer(layer)?;
-        let st = self.shared.lock()?;
-        Ok(st.books[layer].as_ref().map(|b| b.flat()))
+        let books = self.shared.lock()?.books[layer].clone();
+        Ok(books.map(|b| b.flat()))
     }
 
     /// Whether `layer` has codebooks.

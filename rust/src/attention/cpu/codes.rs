@@ -117,22 +117,6 @@ pub(super) fn lookup512(nbits: u32) -> bool {
     cfg!(target_arch = "x86_64") && nbits == 4 && crate::simd::has_avx512()
 }
 
-/// Centroids `(H, m, ksub, dsub)` transposed to `(H, m, dsub, ksub)`.
-pub(super) fn transpose_books(cent: &[f32], ksub: usize, dsub: usize) -> Vec<f32> {
-    let mut out = vec![0f32; cent.len()];
-    for (blk, dst) in cent
-        .chunks_exact(ksub * dsub)
-        .zip(out.chunks_exact_mut(ksub * dsub))
-    {
-        for c in 0..ksub {
-            for dd in 0..dsub {
-                dst[dd * ksub + c] = blk[c * dsub + dd];
-            }
-        }
-    }
-    out
-}
-
 /// `sum_i a[i] * b[i]` with eight independent accumulators (vectorizes).
 #[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {

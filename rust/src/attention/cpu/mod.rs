@@ -505,7 +505,8 @@ mod codes;
 mod exact;
 mod select;
 
-use codes::{codes_chunk, tables_for, transpose_books, GroupTables};
+use crate::pq::kernels::transpose_books;
+use codes::{codes_chunk, tables_for, GroupTables};
 use exact::{fp_chunk, pages_chunk};
 pub use select::page_scores;
 
