@@ -5,6 +5,7 @@ one compares greedy answers of the real default model across processes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -22,7 +23,12 @@ pytest.importorskip("redis", reason='redis-py is not installed (pip install "ctx
 import ctxcore  # noqa: E402
 from ctxcore import shared  # noqa: E402
 from ctxcore.cache import cache_kwargs  # noqa: E402
-from ctxcore.exceptions import ConfigError, CorruptDataError, StoreConnectionError  # noqa: E402
+from ctxcore.exceptions import (  # noqa: E402
+    ConfigError,
+    CorruptDataError,
+    PageEvictedError,
+    StoreConnectionError,
+)
 
 TINY = dict(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -338,8 +344,67 @@ def test_corrupted_bytes_raise_corrupt_data_error(model, redis_server, kind):
     val[len(val) // 2] ^= 0x40
     r.set(key, bytes(val))
     prompt = torch.cat([doc, rand_ids(4, 19)], 1)
+    if kind != "p":
+        with pytest.raises(CorruptDataError, match="checksum"):
+            ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+        return
+    # Pages are read, and verified, when a layer first needs them: the first forward fails.
+    cache = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
     with pytest.raises(CorruptDataError, match="checksum"):
-        ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+        answer(model, prompt, cache)
+
+
+def test_pages_are_read_on_first_use_a_layer_at_a_time(model, redis_server, tmp_path):
+    doc, q = rand_ids(300, 40), rand_ids(6, 41)
+    src = prefilled(model, doc)
+    src.save(redis_server.url, token_ids=doc)
+    prompt = torch.cat([doc, q], 1)
+    ref = answer(model, prompt, copy.deepcopy(src))
+    r = redis_server.client()
+    r.config_resetstat()
+    cache = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+    n = src.store.paged_tokens(0) // KW["page_size"]  # closed pages
+    assert n > 0 and cache.store.num_pages(0) == src.store.num_pages(0)
+    # load read the codebooks and the tail, and only checked that the pages exist.
+    assert all(len(cache.store._s.pending_pages(layer)) == n for layer in range(LAYERS))
+    assert cache.store.stats()["ram_page_bytes"] == 0
+    stats = r.info("commandstats")
+    assert stats["cmdstat_mget"]["calls"] == 1, stats["cmdstat_mget"]
+    # A copy taken before any page is read fetches its own; both answer as the prefilled cache.
+    twin = copy.deepcopy(cache)
+    # Reading one layer reads that layer (and the next one ahead of use), not the others.
+    cache.store.abstracts(0)
+    assert cache.store._s.pending_pages(0) == [] and len(cache.store._s.pending_pages(1)) == n
+    assert answer(model, prompt, cache) == ref
+    assert all(cache.store._s.pending_pages(layer) == [] for layer in range(LAYERS))
+    assert len(twin.store._s.pending_pages(0)) == n
+    assert answer(model, prompt, twin) == ref
+    # Saving a loaded context elsewhere reads what it has not read yet.
+    third = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+    third.save(tmp_path / "ctx", token_ids=doc)
+    back = ctxcore.CompressedCache.load(tmp_path / "ctx", model.config, token_ids=prompt)
+    assert back.get_seq_length() == 300 and answer(model, prompt, back) == ref
+
+
+def test_a_page_evicted_after_load_is_a_typed_error_then_a_clean_miss(model, redis_server):
+    doc = rand_ids(300, 42)
+    cache = prefilled(model, doc)
+    cache.save(redis_server.url, token_ids=doc)
+    prompt = torch.cat([doc, rand_ids(5, 43)], 1)
+    loaded = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+    assert loaded.get_seq_length() == 300
+    r = redis_server.client()
+    codec = shared._codec(cache.store.config)
+    h = shared._hashes(doc[0].numpy().astype("<i8"), codec, [2 + 8 * 11])[2 + 8 * 11]
+    (key,) = list(r.scan_iter(match=f"*:p:*:1:{h}"))  # layer 1, page 10
+    r.delete(key)
+    with pytest.raises(PageEvictedError, match="layer 1.*load the context again"):
+        answer(model, prompt, loaded)
+    # Loading again takes the longest prefix still complete, and answers like a fresh cache.
+    again = ctxcore.CompressedCache.load(redis_server.url, model.config, token_ids=prompt, **KW)
+    assert again.load_info["source"] == "prefix" and again.get_seq_length() == 2 + 10 * 8
+    ref = answer(model, prompt, prefilled(model, doc[:, : 2 + 10 * 8]))
+    assert answer(model, prompt, again) == ref
 
 
 def test_a_lost_page_is_a_clean_miss_to_the_longest_complete_prefix(model, redis_server):
@@ -573,9 +638,10 @@ def test_selective_and_budgeted_contexts_round_trip(model, shared_redis, tmp_pat
         url, model.config, token_ids=prompt, namespace=ns, ram_budget="200KB", offload_dir=tmp_path, **kw
     )
     assert got.load_info["source"] == "context" and got.select == 0.5
+    assert got.memory_stats()["disk_bytes"] == 0  # pages are read on first use
+    assert answer(model, prompt, got) == answer(model, prompt, cache)
     s = got.memory_stats()
     assert s["disk_bytes"] > 0 and s["ram_bytes"] <= got.store.config["ram_budget"]
-    assert answer(model, prompt, got) == answer(model, prompt, cache)
     # The same tokens under another codec (no fp16 page copies) share nothing.
     plain = ctxcore.CompressedCache.load(url, model.config, token_ids=prompt, namespace=ns, **KW)
     assert plain.get_seq_length() == 0

@@ -518,6 +518,8 @@ class CompressedLayer(CacheLayerMixin):
             # Decode (or a short causal chunk): one Rust call for the layer and every sequence
             # appends the new K/V and attends sinks + pages + window, the queries being the
             # window's last tokens.
+            if c.store._lazy is not None:
+                c.store._fetch(self.idx)
             out_np, _ = c.store._s.append_attend(
                 self.idx, _f32(q), _f32(k_new), _f32(v_new), float(scale), starts
             )  # fmt: skip

@@ -33,6 +33,7 @@ __all__ = [
     "DeviceError",
     "CtxcoreIOError",
     "StoreConnectionError",
+    "PageEvictedError",
     "RamBudgetError",
     "ContextMismatchError",
     "InternalError",
@@ -90,6 +91,12 @@ class StoreConnectionError(CtxcoreIOError):
     """A shared store (e.g. ``redis://...``) could not be reached, refused the credentials, or
     dropped the connection mid-operation; the message names the server (never the password).
     A save it interrupts leaves nothing findable, and what was saved before stays intact."""
+
+
+class PageEvictedError(CtxcoreIOError):
+    """A page of a shared context loaded from a store (e.g. Redis) was gone when it was first
+    read: the server evicted it after the context was loaded. Load the context again, which
+    takes the longest prefix still complete."""
 
 
 class RamBudgetError(CtxcoreError, MemoryError):

@@ -60,7 +60,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from . import _ctxcore
-from .exceptions import ConfigError, CorruptDataError, CtxcoreIOError, StoreConnectionError
+from .exceptions import ConfigError, CorruptDataError, CtxcoreIOError, PageEvictedError, StoreConnectionError
 from .store import KVStore
 
 if TYPE_CHECKING:
@@ -298,6 +298,7 @@ def save(
             "use a cache per sequence (or save to a directory)"
         )
     cache._settle_all()
+    store._fetch()  # pages of a loaded context not read yet
     t = cache.get_seq_length()
     if len(ids) != t:
         raise ConfigError(
@@ -503,17 +504,18 @@ def load(
     keys = _Keys(conn.ns, codec)
     layers, page, sinks = c["layers"], c["page_size"], c["sinks"]
     for cand in find(conn, codec, ids, sinks, page):
-        got = _fetch(conn, keys, codec, ids, cand, layers, page, sinks)
+        got = _probe(conn, keys, codec, ids, cand, layers, page, sinks)
         if got is None:
             continue
-        books, sink_piece, pages, tail = got
-        if tail is None and not pages[0]:
+        books, sink_piece, tail, page_keys = got
+        if tail is None and not page_keys[0]:
             continue
         try:
             inner = _ctxcore.KVStore.assemble(
                 c["layers"], c["kv_heads"], c["head_dim"], page, c["window"], sinks, c["k_m"], c["k_nbits"],
                 c["v_m"], c["v_nbits"], c["keep_full_precision"], c["ram_budget"], c["offload_dir"],
-                c["max_disk_bytes"], c["model_id"], books, sink_piece, pages, tail,
+                c["max_disk_bytes"], c["model_id"], books, sink_piece, [[] for _ in range(layers)], tail,
+                pending=[len(lk) for lk in page_keys],
             )  # fmt: skip
         except CorruptDataError as e:
             raise type(e)(f"{conn.where} (namespace {conn.ns!r}, codebooks {cand.books}): {e}") from e
@@ -521,6 +523,10 @@ def load(
         held = hold_at_most(store, cand.tokens)
         if held == 0:
             continue
+        # Pages are read when a layer first needs them; map each pending page to its key.
+        remote = [dict(zip(inner.pending_pages(li), lk, strict=False)) for li, lk in enumerate(page_keys)]
+        if any(remote):
+            store._lazy = _RemotePages(conn, cand.books, remote)
         store.metadata = {
             "token_ids": [ids[:held].tolist()],
             "ctxcore_cache": cand.settings,
@@ -536,7 +542,7 @@ def load(
     return fresh
 
 
-def _fetch(
+def _probe(
     conn: _Conn,
     keys: _Keys,
     codec: str,
@@ -545,8 +551,10 @@ def _fetch(
     layers: int,
     page: int,
     sinks: int,
-) -> tuple[bytes | None, bytes | None, list[list[bytes]], bytes | None] | None:
-    """The pieces of ``cand``, or of the longest prefix of it still complete; None if nothing."""
+) -> tuple[bytes | None, bytes | None, bytes | None, list[list[str]]] | None:
+    """The head pieces of ``cand`` (codebooks, sinks, tail) and the keys of its pages per layer,
+    cut to the longest prefix whose pages all exist now (then without the tail); None if
+    nothing of it is left. Pages are only checked for existence here, read on first use."""
     b = cand.books
     ends = _ends(sinks, page, cand.pages)
     pos = [sinks, *ends] + ([cand.tail] if cand.tail is not None else [])
@@ -554,28 +562,99 @@ def _fetch(
     head = [keys.books(b), keys.sinks(b, hs[sinks])]
     if cand.tail is not None:
         head.append(keys.tail(b, hs[cand.tail]))
-    page_keys = [keys.page(b, layer, hs[e]) for layer in range(layers) for e in ends]
+    page_keys = [[keys.page(b, layer, hs[e]) for e in ends] for layer in range(layers)]
     with _errors(conn.where, "reading a saved context"):
-        got = _mget(conn.client, head + page_keys)
+        got = _mget(conn.client, head)
+        exist: list[int] = []
+        flat = [k for lk in page_keys for k in lk]
+        for i in range(0, len(flat), _BATCH * 4):
+            pipe = conn.client.pipeline(transaction=False)
+            for k in flat[i : i + _BATCH * 4]:
+                pipe.exists(k)
+            exist.extend(pipe.execute())
     books, sink_piece = got[0], got[1]
     tail = got[2] if cand.tail is not None else None
-    flat = got[len(head) :]
-    per_layer = [flat[layer * cand.pages : (layer + 1) * cand.pages] for layer in range(layers)]
     complete = cand.pages
-    for lp in per_layer:
-        for j, v in enumerate(lp):
-            if v is None:
-                complete = min(complete, j)
-                break
+    for layer in range(layers):
+        row = exist[layer * cand.pages : (layer + 1) * cand.pages]
+        if 0 in row:
+            complete = min(complete, row.index(0))
     if books is None and b != "0":
         log.info("ctxcore: codebooks %s missing from %s (evicted?); skipping", b, conn.where)
         return None
     if complete == cand.pages and (cand.tail is None or tail is not None):
-        return books, sink_piece, [list(lp) for lp in per_layer], tail  # type: ignore[misc]
+        return books, sink_piece, tail, page_keys
     # Something was evicted: the longest page-aligned prefix still whole, without the tail.
     complete = min(complete, max(0, (len(ids) - 1 - sinks) // page))
     if complete == 0 or sink_piece is None:
         log.info("ctxcore: saved prefix in %s lost pages (evicted?); nothing complete left", conn.where)
         return None
     log.info("ctxcore: saved prefix in %s lost pages (evicted?); using its first %d", conn.where, complete)
-    return books, sink_piece, [list(lp[:complete]) for lp in per_layer], None  # type: ignore[misc]
+    return books, sink_piece, None, [lk[:complete] for lk in page_keys]
+
+
+class _RemotePages:
+    """The pages of a loaded shared context that are still in the store: read a layer at a time
+    when the store first needs that layer (pipelined ``MGET``, every piece verified before it is
+    installed), with the next layer read in the background meanwhile, as the model runs its
+    layers in order. Shared by a store and its forks (each fills its own copy)."""
+
+    def __init__(self, conn: _Conn, books: str, keys: list[dict[int, str]]) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.conn, self.books, self.keys = conn, books, keys
+        self._lock = threading.Lock()
+        self._ahead: dict[int, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxcore-redis")
+
+    def _read(self, layer: int, ids: list[int]) -> list[bytes | None]:
+        with _errors(self.conn.where, f"reading pages of layer {layer} of a shared context"):
+            return _mget(self.conn.client, [self.keys[layer][i] for i in ids])
+
+    def _read_ahead(self, layer: int, store: KVStore) -> None:
+        if layer >= len(self.keys):
+            return
+        with self._lock:
+            if layer in self._ahead:
+                return
+            ids = list(store._s.pending_pages(layer))
+            if ids:
+                self._ahead[layer] = (ids, self._pool.submit(self._read, layer, ids))
+
+    def fill(self, store: KVStore, layer: int | None) -> None:
+        """Install the pending pages of ``layer`` (None: every layer) into ``store``."""
+        done = store.__dict__.setdefault("_lazy_done", set())
+        for li in range(len(self.keys)) if layer is None else [int(layer)]:
+            if li in done:
+                continue
+            ids = list(store._s.pending_pages(li))
+            if ids:
+                with self._lock:
+                    ahead = self._ahead.pop(li, None)
+                if layer is not None:
+                    self._read_ahead(li + 1, store)
+                got: dict[int, bytes | None] = {}
+                if ahead is not None:
+                    got.update(zip(ahead[0], ahead[1].result(), strict=True))
+                rest = [i for i in ids if i not in got]
+                got.update(zip(rest, self._read(li, rest), strict=True))
+                pieces = [got[i] for i in ids]
+                if any(p is None for p in pieces):
+                    lost = sum(p is None for p in pieces)
+                    raise PageEvictedError(
+                        f"{self.conn.where} (namespace {self.conn.ns!r}): {lost} page(s) of layer {li} of "
+                        "a loaded shared context were evicted before they were read; load the "
+                        "context again (it then holds the longest prefix still complete), or give "
+                        "the server more maxmemory"
+                    )
+                try:
+                    store._s.fill_pages(ids, pieces)
+                except CorruptDataError as e:
+                    raise type(e)(
+                        f"{self.conn.where} (namespace {self.conn.ns!r}, codebooks {self.books}), "
+                        f"layer {li}: {e}"
+                    ) from e
+            done.add(li)
+        if len(done) == len(self.keys):
+            store._lazy = None

@@ -215,6 +215,9 @@ class KVStore:
         model_id: str = "",
         _inner: Any = None,
     ) -> None:
+        #: Where pages declared but not fetched yet come from (a shared context loaded from
+        #: Redis, see :mod:`ctxcore.shared`); None once every page is here.
+        self._lazy: Any = None
         if _inner is not None:
             self._s = _inner
             self.metadata: dict = {}
@@ -321,6 +324,7 @@ class KVStore:
         The arrays are views of one copy of the page's bytes (layout
         ``K codes [H, P, ck] | V codes [H, P, cv] | K fp16 [H, P, D] | V fp16 [H, P, D]``).
         """
+        self._fetch(layer)
         blob, t = self._s.page(int(seq), int(layer), int(idx))
         c = self._layout
         h, p, d, ck, cv = c
@@ -355,6 +359,7 @@ class KVStore:
 
     def abstracts(self, layer: int, seq: int = 0) -> np.ndarray:
         """Page abstracts float32 ``[pages, kv_heads, 3, head_dim]``: min, max, mean of the keys."""
+        self._fetch(layer)
         return self._s.abstracts(int(seq), int(layer))
 
     def attend(
@@ -416,6 +421,7 @@ class KVStore:
             pages = 0  # dense reads every page; no budget
         else:
             pages = self._quest_pages(layer, seq, start, budget)
+        self._fetch(layer)
         out, lse = self._s.attend(
             int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages), start
         )
@@ -455,6 +461,7 @@ class KVStore:
         if any(x < 0 for x in starts):
             raise ConfigError(f"starts must be >= 0, got {starts}")
         scale = 1.0 / np.sqrt(c["head_dim"]) if scale is None else float(scale)
+        self._fetch(layer)
         out, lse = self._s.append_attend(int(layer), qa, ka, va, scale, starts)
         if torch_in:
             import torch
@@ -485,7 +492,14 @@ class KVStore:
 
     def prefetch(self, layer: int, pages: list[int], seq: int = 0) -> None:
         """Load ``pages`` into RAM in the background, ahead of use."""
+        self._fetch(layer)
         self._s.prefetch(int(seq), int(layer), [int(p) for p in pages])
+
+    def _fetch(self, layer: int | None = None) -> None:
+        """Read the pages of ``layer`` (None: of every layer) that a shared context declared
+        but did not fetch yet; a no-op for every other store."""
+        if self._lazy is not None:
+            self._lazy.fill(self, layer)
 
     def evict_all(self) -> None:
         """Move every resident page to the disk tier (frees RAM; data stays readable)."""
@@ -498,6 +512,7 @@ class KVStore:
         ``copy.deepcopy(store)`` does the same."""
         obj = KVStore(0, 0, 0, _inner=self._s.fork())
         obj.metadata = copy.deepcopy(self.metadata)
+        obj._lazy = self._lazy  # the copy's pending pages are the same ids, fetched on its own
         return obj
 
     def __deepcopy__(self, memo: dict) -> KVStore:
@@ -601,6 +616,7 @@ class KVStore:
             blob = json.dumps(meta).encode()
         except TypeError as e:
             raise ConfigError(f"metadata must be JSON-serializable: {e}") from e
+        self._fetch()
         self._s.save(os.fspath(path), blob)
         self.metadata = meta
 

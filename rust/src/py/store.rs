@@ -453,6 +453,28 @@ impl KVStore {
         Ok(pages.iter().map(|p| PyBytes::new(py, p)).collect())
     }
 
+    /// Ids of ``layer``'s pages declared by ``assemble(pending=...)`` and not filled yet.
+    fn pending_pages(&self, layer: usize) -> PyResult<Vec<u32>> {
+        self.inner.pending_pages(layer).py()
+    }
+
+    /// Install the ``page`` pieces of pending pages ``ids`` (each verified first).
+    fn fill_pages(
+        &self,
+        py: Python<'_>,
+        ids: Vec<u32>,
+        pieces: Vec<PyBackedBytes>,
+    ) -> PyResult<()> {
+        let store = &self.inner;
+        py.detach(|| {
+            catch_panic(|| {
+                let p: Vec<&[u8]> = pieces.iter().map(|p| p.as_ref()).collect();
+                store.fill_pages(&ids, &p)
+            })
+        })
+        .py()
+    }
+
     /// Keep the sinks and the first ``n_pages`` closed pages of every sequence and layer.
     fn truncate_to_pages(&self, n_pages: usize) -> PyResult<()> {
         self.inner.truncate_to_pages(n_pages).py()
@@ -462,7 +484,7 @@ impl KVStore {
     #[staticmethod]
     #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
                         keep_full_precision, ram_budget, offload_dir, max_disk_bytes, model_id,
-                        books, sink_piece, pages, tail))]
+                        books, sink_piece, pages, tail, pending=None))]
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         py: Python<'_>,
@@ -485,7 +507,9 @@ impl KVStore {
         sink_piece: Option<PyBackedBytes>,
         pages: Vec<Vec<PyBackedBytes>>,
         tail: Option<PyBackedBytes>,
+        pending: Option<Vec<usize>>,
     ) -> PyResult<KVStore> {
+        let pending = pending.unwrap_or_else(|| vec![0; pages.len()]);
         let cfg = StoreConfig {
             layers,
             kv_heads,
@@ -511,11 +535,12 @@ impl KVStore {
                         .iter()
                         .map(|l| l.iter().map(|p| p.as_ref()).collect())
                         .collect();
-                    KvStore::assemble(
+                    KvStore::assemble_pending(
                         cfg,
                         books.as_deref(),
                         sink_piece.as_deref(),
                         &pages,
+                        &pending,
                         tail.as_deref(),
                     )
                 })

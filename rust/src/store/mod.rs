@@ -326,6 +326,9 @@ struct PageMeta {
     disk: Option<Slot>,
     /// Quantized abstract, see [`StoreConfig::abstract_bytes`] and [`quantize_abstract`].
     abstract_: Box<[u8]>,
+    /// Declared but not here yet: a page of a shared context that is fetched on first use
+    /// ([`KvStore::fill_pages`]); neither in RAM nor on disk, no abstract.
+    pending: bool,
 }
 
 #[derive(Clone, Default)]
@@ -417,11 +420,41 @@ impl State {
             crc: crc32fast::hash(&blob),
             disk: None,
             abstract_,
+            pending: false,
         });
         self.live += 1;
         self.ram.insert(id, Arc::new(blob));
         id
     }
+
+    /// A new closed page whose bytes come later ([`KvStore::fill_pages`]); returns its id.
+    fn add_pending(&mut self) -> u32 {
+        let id = self.pages.len() as u32;
+        self.pages.push(PageMeta {
+            refs: 1,
+            crc: 0,
+            disk: None,
+            abstract_: Box::default(),
+            pending: true,
+        });
+        self.live += 1;
+        id
+    }
+
+    /// A typed error if a page of `l` has not been fetched yet.
+    fn check_fetched(&self, l: &LayerState, seq: usize, layer: usize) -> Result<()> {
+        if l.pages.iter().any(|&id| self.pages[id as usize].pending) {
+            return Err(not_fetched(seq, layer));
+        }
+        Ok(())
+    }
+}
+
+fn not_fetched(seq: usize, layer: usize) -> Error {
+    Error::config(format!(
+        "sequence {seq}, layer {layer} has pages of a shared context that were not fetched yet: \
+         fill them first (KvStore::fill_pages; ctxcore's Python wrapper does it on first use)"
+    ))
 }
 
 struct Shared {
@@ -608,8 +641,13 @@ impl Shared {
             .pages
             .get(id as usize)
             .ok_or_else(|| Error::Internal(format!("unknown page {id}")))?;
-        if prefetch && meta.refs == 0 {
+        if prefetch && (meta.refs == 0 || meta.pending) {
             return Ok(Arc::new(Vec::new())); // dropped by select_seqs since it was queued
+        }
+        if meta.pending {
+            return Err(Error::config(format!(
+                "page {id} of a shared context was not fetched yet: fill it first (KvStore::fill_pages)"
+            )));
         }
         let slot = meta
             .disk
@@ -1038,6 +1076,7 @@ impl KvStore {
         let st = self.shared.lock()?;
         self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
+        st.check_fetched(l, seq, layer)?;
         let mut out = Vec::with_capacity((l.pages.len() + 1) * cfg.kv_heads * 3 * cfg.head_dim);
         for &id in &l.pages {
             dequantize_abstract(

@@ -149,7 +149,73 @@ fn read_books(b: &[u8], cfg: &StoreConfig) -> Result<Books> {
     Ok(out)
 }
 
+/// Blob and abstract of a `page` piece, verified against `cfg`.
+fn read_page(piece: &[u8], cfg: &StoreConfig, what: &str) -> Result<(Vec<u8>, Box<[u8]>)> {
+    let mut r = open(piece, PAGE, what)?;
+    let blob = r.bytes()?.to_vec();
+    let abs: Box<[u8]> = r.bytes()?.into();
+    done(&r)?;
+    if blob.len() != cfg.page_bytes() || abs.len() != cfg.abstract_bytes() {
+        return Err(Error::corrupt(
+            what,
+            "page of the wrong size for this configuration",
+        ));
+    }
+    Ok((blob, abs))
+}
+
 impl KvStore {
+    /// Ids of the pages of `layer` (over every sequence, each once, in page-table order) that
+    /// were declared pending by [`KvStore::assemble`] and not filled yet.
+    pub fn pending_pages(&self, layer: usize) -> Result<Vec<u32>> {
+        self.check_layer(layer)?;
+        let st = self.shared.lock()?;
+        let mut seen = std::collections::HashSet::new();
+        Ok(st
+            .seqs
+            .iter()
+            .flat_map(|seq| seq[layer].pages.iter().copied())
+            .filter(|&id| st.pages[id as usize].pending && seen.insert(id))
+            .collect())
+    }
+
+    /// Install the `page` pieces of pending pages `ids` (see [`KvStore::pending_pages`]).
+    /// Every piece is verified before any is installed; ids no longer pending (filled
+    /// meanwhile, or dropped) are skipped. Pages beyond the RAM budget spill to disk.
+    pub fn fill_pages(&self, ids: &[u32], pieces: &[&[u8]]) -> Result<()> {
+        if ids.len() != pieces.len() {
+            return Err(Error::config(format!(
+                "{} page ids but {} pieces",
+                ids.len(),
+                pieces.len()
+            )));
+        }
+        let cfg = &self.shared.cfg;
+        let pages = ids
+            .iter()
+            .zip(pieces)
+            .map(|(&id, p)| read_page(p, cfg, &format!("page {id}")))
+            .collect::<Result<Vec<_>>>()?;
+        let mut guard = self.shared.lock()?;
+        let st = &mut *guard;
+        for (&id, (blob, abs)) in ids.iter().zip(pages) {
+            let Some(m) = st.pages.get_mut(id as usize) else {
+                return Err(Error::config(format!(
+                    "page {id} out of range: the store has {} pages",
+                    st.pages.len()
+                )));
+            };
+            if !m.pending || m.refs == 0 {
+                continue;
+            }
+            m.pending = false;
+            m.crc = crc32fast::hash(&blob);
+            m.abstract_ = abs;
+            st.ram.insert(id, std::sync::Arc::new(blob));
+        }
+        self.shared.enforce_budget(st)
+    }
+
     fn check_one_seq(&self, seq: usize) -> Result<()> {
         let batch = self.batch()?;
         if seq >= batch {
@@ -280,12 +346,7 @@ impl KvStore {
         Ok(())
     }
 
-    /// Rebuild a one-sequence store from pieces: `books` (needed once any layer has a page),
-    /// `pages[layer]` (that layer's first closed pages, in order), and either a `tail` (the
-    /// exact state of a saved context whose closed pages are `pages`) or `sinks` (then the store
-    /// holds the page-aligned prefix `sinks + pages * page_size`). Every piece is verified
-    /// (magic, version, checksum, sizes, counts) before the store is returned; pages beyond the
-    /// RAM budget spill to the disk tier.
+    /// [`KvStore::assemble_pending`] with every page given.
     pub fn assemble(
         cfg: StoreConfig,
         books: Option<&[u8]>,
@@ -293,15 +354,35 @@ impl KvStore {
         pages: &[Vec<&[u8]>],
         tail: Option<&[u8]>,
     ) -> Result<KvStore> {
+        let none = vec![0; pages.len()];
+        Self::assemble_pending(cfg, books, sinks, pages, &none, tail)
+    }
+
+    /// Rebuild a one-sequence store from pieces: `books` (needed once any layer has a page),
+    /// `pages[layer]` (that layer's first closed pages, in order) followed by `pending[layer]`
+    /// pages whose pieces come later ([`KvStore::fill_pages`], before anything reads them), and
+    /// either a `tail` (the exact state of a saved context with those closed pages) or `sinks`
+    /// (then the store holds the page-aligned prefix `sinks + pages * page_size`). Every piece
+    /// given is verified (magic, version, checksum, sizes, counts) before the store is
+    /// returned; pages beyond the RAM budget spill to the disk tier.
+    pub fn assemble_pending(
+        cfg: StoreConfig,
+        books: Option<&[u8]>,
+        sinks: Option<&[u8]>,
+        pages: &[Vec<&[u8]>],
+        pending: &[usize],
+        tail: Option<&[u8]>,
+    ) -> Result<KvStore> {
         if cfg.batch != 1 {
             return Err(Error::config(
                 "assemble builds a store of one sequence (batch=1)",
             ));
         }
-        if pages.len() != cfg.layers {
+        if pages.len() != cfg.layers || pending.len() != cfg.layers {
             return Err(Error::config(format!(
-                "pages for {} layers, the store has {}",
+                "pages for {} layers and pending counts for {}, the store has {}",
                 pages.len(),
+                pending.len(),
                 cfg.layers
             )));
         }
@@ -329,12 +410,12 @@ impl KvStore {
             let mut ls = match tail.as_mut() {
                 Some(t) => {
                     let (n_pages, ls) = std::mem::take(&mut t[li]);
-                    if n_pages != layer_pages.len() {
+                    if n_pages != layer_pages.len() + pending[li] {
                         return Err(Error::corrupt(
                             "tail",
                             format!(
                                 "layer {li} has {} closed pages, its tail counts {n_pages}",
-                                layer_pages.len()
+                                layer_pages.len() + pending[li]
                             ),
                         ));
                     }
@@ -343,7 +424,8 @@ impl KvStore {
                 None => {
                     let (sinks_k, sinks_v) = sinks.as_ref().expect("checked")[li].clone();
                     LayerState {
-                        n_tokens: sinks_k.len() / hd + layer_pages.len() * cfg.page_size,
+                        n_tokens: sinks_k.len() / hd
+                            + (layer_pages.len() + pending[li]) * cfg.page_size,
                         sinks_k,
                         sinks_v,
                         ..Default::default()
@@ -351,7 +433,7 @@ impl KvStore {
                 }
             };
             let n_sinks = ls.sinks_k.len() / hd;
-            let paged = !layer_pages.is_empty() || ls.open.is_some();
+            let paged = !layer_pages.is_empty() || pending[li] > 0 || ls.open.is_some();
             if ls.sinks_k.len() != n_sinks * hd
                 || ls.sinks_v.len() != ls.sinks_k.len()
                 || n_sinks > cfg.sinks
@@ -371,7 +453,7 @@ impl KvStore {
             }
             let expect = n_sinks
                 + ls.window.len()
-                + layer_pages.len() * cfg.page_size
+                + (layer_pages.len() + pending[li]) * cfg.page_size
                 + ls.open.as_ref().map_or(0, |o| o.filled);
             if expect != ls.n_tokens {
                 return Err(Error::corrupt(
@@ -383,18 +465,11 @@ impl KvStore {
                 ));
             }
             for (j, piece) in layer_pages.iter().enumerate() {
-                let what = format!("page {j} of layer {li}");
-                let mut r = open(piece, PAGE, &what)?;
-                let blob = r.bytes()?.to_vec();
-                let abs: Box<[u8]> = r.bytes()?.into();
-                done(&r)?;
-                if blob.len() != cfg.page_bytes() || abs.len() != cfg.abstract_bytes() {
-                    return Err(Error::corrupt(
-                        what,
-                        "page of the wrong size for this configuration",
-                    ));
-                }
+                let (blob, abs) = read_page(piece, cfg, &format!("page {j} of layer {li}"))?;
                 ls.pages.push(st.add_page(blob, abs));
+            }
+            for _ in 0..pending[li] {
+                ls.pages.push(st.add_pending());
             }
             st.seqs[0][li] = ls;
         }

@@ -210,6 +210,11 @@ impl KvStore {
         std::fs::create_dir_all(dir)
             .map_err(io(format!("creating context directory {}", dir.display())))?;
         let st = sh.lock()?;
+        for (s, seq) in st.seqs.iter().enumerate() {
+            for (li, l) in seq.iter().enumerate() {
+                st.check_fetched(l, s, li)?;
+            }
+        }
         let gen = format!(
             "{:016x}",
             std::time::SystemTime::now()
@@ -493,6 +498,7 @@ impl KvStore {
                         crc,
                         disk: Some(Slot { segment: seg, slot }),
                         abstract_: abs,
+                        pending: false,
                     });
                 }
                 let expect = ls.sinks_k.len() / (h * d)

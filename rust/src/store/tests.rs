@@ -1308,6 +1308,73 @@ mod parts_tests {
     }
 
     #[test]
+    fn pending_pages_are_typed_errors_until_filled_then_equal_the_given_ones() {
+        let c = pcfg();
+        let s = source();
+        let p = pieces(&s);
+        let n: Vec<usize> = p.pages.iter().map(|l| l.len()).collect();
+        assert!(n.iter().all(|&k| k > 1));
+        let empty: Vec<Vec<&[u8]>> = (0..c.layers).map(|_| Vec::new()).collect();
+        let a = KvStore::assemble_pending(
+            c.clone(),
+            p.books.as_deref(),
+            None,
+            &empty,
+            &n,
+            Some(&p.tail),
+        )
+        .unwrap();
+        for l in 0..c.layers {
+            assert_eq!(a.num_tokens(0, l).unwrap(), s.num_tokens(0, l).unwrap());
+            assert_eq!(a.num_pages(0, l).unwrap(), s.num_pages(0, l).unwrap());
+        }
+        assert_eq!(a.stats().unwrap().ram_page_bytes, 0);
+        // Nothing reads a page that is not here: typed errors, never a panic or a zero page.
+        let ids: Vec<Vec<u32>> = (0..c.layers).map(|l| a.pending_pages(l).unwrap()).collect();
+        assert!(ids.iter().zip(&n).all(|(i, &k)| i.len() == k));
+        for r in [
+            a.page(0, 0, 0).map(|_| ()),
+            a.abstracts(0, 0).map(|_| ()),
+            a.export_pages(0, 0, &[0]).map(|_| ()),
+            a.save(&std::env::temp_dir().join("ctxcore-pending-never"), b"")
+                .map(|_| ()),
+        ] {
+            assert!(
+                matches!(r, Err(Error::Config(ref m)) if m.contains("not fetched")),
+                "{r:?}"
+            );
+        }
+        // A damaged piece, or a count mismatch, installs nothing.
+        let mut bad = p.pages[0][1].clone();
+        bad[20] ^= 1;
+        let pieces0: Vec<&[u8]> = p.pages[0].iter().map(|x| &x[..]).collect();
+        let mut with_bad = pieces0.clone();
+        with_bad[1] = &bad;
+        assert!(matches!(
+            a.fill_pages(&ids[0], &with_bad),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            a.fill_pages(&ids[0], &pieces0[1..]),
+            Err(Error::Config(_))
+        ));
+        assert_eq!(a.pending_pages(0).unwrap(), ids[0]);
+        // Filled (one layer, then the rest; a second fill is skipped), the store is the source.
+        a.fill_pages(&ids[0], &pieces0).unwrap();
+        assert!(a.pending_pages(0).unwrap().is_empty());
+        assert_eq!(a.pending_pages(1).unwrap(), ids[1]);
+        a.fill_pages(&ids[0], &pieces0).unwrap();
+        for l in 1..c.layers {
+            let pl: Vec<&[u8]> = p.pages[l].iter().map(|x| &x[..]).collect();
+            a.fill_pages(&ids[l], &pl).unwrap();
+        }
+        assert_eq!(counts(&a), counts(&s));
+        assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
+        assert_eq!(attention(&a), attention(&s));
+        assert_eq!(pieces(&a).pages, p.pages);
+    }
+
+    #[test]
     fn parts_round_trip_with_tail_rebuilds_the_store() {
         let c = pcfg();
         let s = source();
