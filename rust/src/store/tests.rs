@@ -1364,9 +1364,9 @@ mod parts_tests {
         assert!(a.pending_pages(0).unwrap().is_empty());
         assert_eq!(a.pending_pages(1).unwrap(), ids[1]);
         a.fill_pages(&ids[0], &pieces0).unwrap();
-        for l in 1..c.layers {
-            let pl: Vec<&[u8]> = p.pages[l].iter().map(|x| &x[..]).collect();
-            a.fill_pages(&ids[l], &pl).unwrap();
+        for (li, pl) in ids.iter().zip(&p.pages).skip(1) {
+            let pl: Vec<&[u8]> = pl.iter().map(|x| &x[..]).collect();
+            a.fill_pages(li, &pl).unwrap();
         }
         assert_eq!(counts(&a), counts(&s));
         assert_eq!(snapshot(&a, 0), snapshot(&s, 0));
