@@ -1,10 +1,14 @@
 """A transformers 5.x ``Cache`` whose K/V live PQ-compressed in a :class:`ctxcore.KVStore`.
 
-:class:`CompressedCache` is a drop-in ``past_key_values`` for Llama-family decoder models
-(Llama, SmolLM2, Qwen2, Mistral without a sliding window, ...). Per layer, sequence and KV head it
-keeps ``sinks`` leading tokens and the ``window`` most recent tokens in float32 and every token in
-between as PQ codes in pages of ``page_size`` tokens (see :class:`ctxcore.KVStore`). Keys are
-stored after RoPE, as the attention sees them.
+:class:`CompressedCache` is a drop-in ``past_key_values`` / ``cache`` for decoder models with
+softmax attention: Llama, SmolLM2, Qwen2/3, Mistral, Phi-3, OLMo2, and the sliding-window and
+hybrid families (Gemma 2/3, Cohere2, Mistral or Qwen with a window). Per full-attention layer,
+sequence and KV head it keeps ``sinks`` leading tokens and the ``window`` most recent tokens in
+float32 and every token in between as PQ codes in pages of ``page_size`` tokens (see
+:class:`ctxcore.KVStore`). Keys are stored after RoPE, as the attention sees them. Sliding-window
+and chunked layers hold at most their window anyway: they stay transformers' own exact
+``DynamicSlidingWindowLayer`` (see :func:`layer_windows`), counted in ``memory_stats`` and kept
+by ``save`` / ``load``, beam search, batching and ``deepcopy``.
 
 Two ways to run attention over it:
 
@@ -54,14 +58,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
 
 from . import codebooks as _books
 from .exceptions import ConfigError, DeviceError, ShapeError, SlowPathWarning, UnsupportedModelError
 from .pq import ProductQuantizer
 from .store import KVStore, _parse_bytes, check_budget
 
-__all__ = ["CompressedCache", "CompressedLayer", "cache_kwargs", "check_supported", "model_fingerprint"]
+__all__ = [
+    "CompressedCache", "CompressedLayer", "cache_kwargs", "check_supported", "layer_windows", "model_fingerprint",
+]  # fmt: skip
 
 #: Most tokens per KV head used to train one codebook (a strided subsample beyond that).
 CALIBRATION_SAMPLES = 4096
@@ -87,13 +93,28 @@ def _text_config(config: Any) -> Any:
     return get(decoder=True) if get is not None else config
 
 
+#: Layer types kept exact in transformers' own bounded layers, with the config field of their
+#: window: transformers' ``DynamicSlidingWindowLayer`` serves both (only the mask differs).
+_WINDOWED = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
+#: Config fields of state-space / linear-attention hybrids (Jamba, Zamba, Bamba, Falcon-H1,
+#: Qwen3-Next, ...), whose recurrent layers hold no per-token K/V to compress.
+_RECURRENT_FIELDS = (
+    "mamba_d_state", "mamba_d_conv", "mamba_expand", "ssm_state_size", "linear_conv_kernel_dim",
+    "linear_num_key_heads", "attn_layer_period", "layers_block_type", "hybrid_override_pattern",
+)  # fmt: skip
+
+
 def check_supported(config: Any) -> Any:
     """Check that a model config is one CompressedCache supports; return its text config.
 
-    Supported: decoder-only transformers whose every layer is full (global) causal attention
-    with rotary or absolute positions and grouped-query heads (Llama, SmolLM2, Qwen2, Mistral
-    with ``sliding_window=None``, ...). Raises :class:`~ctxcore.exceptions.UnsupportedModelError`
-    naming the architecture otherwise.
+    Supported: decoder-only transformers whose layers are causal softmax attention with rotary,
+    absolute or no positions and grouped-query heads. Full-attention layers are compressed;
+    sliding-window and chunked layers (Gemma 2/3, Mistral with a window, Cohere2, Qwen2/3 with
+    ``use_sliding_window``, ...) stay exact in transformers' own bounded layers (see
+    :func:`layer_windows`). Raises :class:`~ctxcore.exceptions.UnsupportedModelError` naming
+    the architecture and what is missing otherwise: encoder-decoder models, linear-attention /
+    state-space hybrids, multi-head latent attention, learned attention sinks (GPT-OSS) and
+    attention-logit soft-capping (Gemma 2's default).
     """
     name = getattr(config, "model_type", None) or type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
@@ -105,28 +126,68 @@ def check_supported(config: Any) -> Any:
     for attr in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
         if getattr(cfg, attr, None) is None:
             raise UnsupportedModelError(f"{name}: config has no {attr}; not a decoder-only transformer")
+    if getattr(cfg, "kv_lora_rank", None) is not None:
+        raise UnsupportedModelError(
+            f"{name} uses multi-head latent attention (kv_lora_rank={cfg.kv_lora_rank}): its cache "
+            "holds a compressed latent, not per-head K/V; CompressedCache does not support it yet"
+        )
+    recurrent = [f for f in _RECURRENT_FIELDS if getattr(cfg, f, None) is not None]
+    if recurrent:
+        raise UnsupportedModelError(
+            f"{name} is a state-space / linear-attention hybrid ({', '.join(recurrent)}): its "
+            "recurrent layers keep a state, not per-token K/V; CompressedCache does not support it yet"
+        )
+    if name == "gpt_oss" or getattr(cfg, "attention_sinks", None):
+        raise UnsupportedModelError(
+            f"{name} has learned attention sinks (a per-head `sinks` logit in every softmax), "
+            "which ctxcore's attention kernels do not apply yet"
+        )
+    cap = getattr(cfg, "attn_logit_softcapping", None)
+    if cap is not None:
+        raise UnsupportedModelError(
+            f"{name} soft-caps its attention logits (attn_logit_softcapping={cap}), which ctxcore's "
+            "attention kernels do not apply; set config.attn_logit_softcapping = None before "
+            "loading the model (as SDPA and most inference servers run it) to use CompressedCache"
+        )
+    layer_windows(cfg)
+    return cfg
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per decoder layer of ``config``: None for a full-attention layer (compressed by
+    :class:`CompressedCache`), else the window of a sliding-window or chunked layer (kept exact,
+    at most that many tokens, in transformers' ``DynamicSlidingWindowLayer``). A window at
+    least ``max_position_embeddings`` long is full attention over any context the model takes,
+    and is compressed. Raises UnsupportedModelError for any other layer type."""
+    cfg = _text_config(config)
+    name = getattr(cfg, "model_type", None) or type(cfg).__name__
+    n = int(cfg.num_hidden_layers)
     types = getattr(cfg, "layer_types", None)
     if types is None:
         if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-            types = ["sliding_attention"]
+            types = ["sliding_attention"] * n
         elif getattr(cfg, "attention_chunk_size", None) is not None:
-            types = ["chunked_attention"]
+            types = ["chunked_attention"] * n
         else:
-            types = ["full_attention"]
-    other = sorted(set(types) - {"full_attention"})
+            types = ["full_attention"] * n
+    types = list(types)
+    other = sorted(set(types) - {"full_attention", *_WINDOWED})
     if other:
-        hint = ""
-        if "sliding_attention" in other:
-            hint = (
-                " (if your contexts fit in the sliding window, set config.sliding_window = None "
-                "and config.layer_types = None before loading the model)"
-            )
         raise UnsupportedModelError(
-            f"{name} has {', '.join(other)} layers; CompressedCache supports models whose every "
-            f"layer is full causal attention (sliding-window, chunked, hybrid/linear-attention "
-            f"and encoder-decoder models are not supported yet){hint}"
+            f"{name} has {', '.join(other)} layers; CompressedCache supports full-attention layers "
+            "(compressed) and sliding-window or chunked attention layers (kept exact); "
+            "linear-attention/state-space hybrids and shared-KV layers are not supported yet"
         )
-    return cfg
+    if len(types) != n:
+        raise UnsupportedModelError(f"{name}: config.layer_types has {len(types)} entries for {n} layers")
+    limit = getattr(cfg, "max_position_embeddings", None)
+    out: list[int | None] = []
+    for t in types:
+        w = getattr(cfg, _WINDOWED[t], None) if t in _WINDOWED else None
+        if t in _WINDOWED and w is None:
+            raise UnsupportedModelError(f"{name}: a {t} layer but config.{_WINDOWED[t]} is None")
+        out.append(None if w is None or (limit is not None and int(w) >= int(limit)) else int(w))
+    return out
 
 
 def _shape(cfg: Any) -> tuple[int, int, int, int]:
@@ -679,7 +740,13 @@ class CompressedCache(Cache):
     ) -> None:
         cfg = check_supported(config)
         self.config = config
-        self.num_layers, self.q_heads, self.kv_heads, self.head_dim = _shape(cfg)
+        _, self.q_heads, self.kv_heads, self.head_dim = _shape(cfg)
+        windows = layer_windows(cfg)
+        #: Decoder layers whose K/V are compressed (the full-attention ones), in store order;
+        #: the others (sliding-window, chunked) are transformers' own exact, bounded layers.
+        self.compressed_layers = [i for i, w in enumerate(windows) if w is None]
+        #: Compressed layers: the store's layers (``codebook_source`` has one entry each).
+        self.num_layers = len(self.compressed_layers)
         self.bits, self.window, self.sinks, self.page_size = bits, int(window), int(sinks), int(page_size)
         if select is not None:
             check_budget(select, "CompressedCache(select=...)")
@@ -706,7 +773,8 @@ class CompressedCache(Cache):
         self.load_info: dict | None = None
         self._trained: list[_books.LayerBooks | None] = [None] * self.num_layers
         self._store_kwargs = dict(
-            layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim, page_size=self.page_size,
+            layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
+            page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=select is not None,
             ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
             max_disk_bytes=max_disk_bytes, model_id=self.model_id,
@@ -720,7 +788,22 @@ class CompressedCache(Cache):
         self._kv_dtype: torch.dtype | None = None
         self._dense_warned = self._cap_logged = False
         self._mask_memo: tuple[Any, tuple[int, int, int], Any] | None = None
-        super().__init__(layers=[CompressedLayer(self, i) for i in range(self.num_layers)])
+        super().__init__(layers=[self._new_layer(w, windows[: i].count(None)) for i, w in enumerate(windows)])
+
+    def _new_layer(self, window: int | None, idx: int) -> CacheLayerMixin:
+        if window is None:
+            return CompressedLayer(self, idx)
+        return DynamicSlidingWindowLayer(sliding_window=window)
+
+    @property
+    def _compressed(self) -> list[CompressedLayer]:
+        """The compressed layers, in store order."""
+        return [lay for lay in self.layers if isinstance(lay, CompressedLayer)]
+
+    @property
+    def _exact(self) -> list[Any]:
+        """The layers transformers keeps exact (sliding-window / chunked), in model order."""
+        return [lay for lay in self.layers if not isinstance(lay, CompressedLayer)]
 
     def __deepcopy__(self, memo: dict) -> CompressedCache:
         """A copy for another continuation of the same prompt (the transformers idiom for
@@ -740,6 +823,9 @@ class CompressedCache(Cache):
         new._mask_memo = None
         new.layers = []
         for lay in self.layers:
+            if not isinstance(lay, CompressedLayer):
+                new.layers.append(copy.deepcopy(lay, memo))
+                continue
             nl = copy.copy(lay)
             nl.cache = new
             if lay._warm is not None:
@@ -824,7 +910,7 @@ class CompressedCache(Cache):
         cur = self.store.batch
         if b == cur:
             return
-        if self.get_seq_length() == 0 and all(lay._committed == 0 for lay in self.layers):
+        if self.get_seq_length() == 0 and all(lay._committed == 0 for lay in self._compressed):
             self.store.select_seqs([0] * b)
             return
         raise ShapeError(
@@ -913,14 +999,23 @@ class CompressedCache(Cache):
             )
         n = -int(tokens_to_remove)
         self._flush()
+        exact = [lay for lay in self._exact if lay.is_initialized]
         if n == 0:
+            for lay in exact:
+                lay.crop(0)  # a window recording its past goes back to its bound
             return
         if n > self.get_seq_length():
             raise ConfigError(f"cannot remove {n} tokens from a cache of {self.get_seq_length()}")
-        held = [lay for lay in self.layers if lay._warm is not None]
-        paged = [lay for lay in self.layers if lay._warm is None and lay._committed > 0]
+        held = [lay for lay in self._compressed if lay._warm is not None]
+        paged = [lay for lay in self._compressed if lay._warm is None and lay._committed > 0]
         if any(lay.warm_tokens < n for lay in held):
             raise ConfigError(f"cannot remove {n} tokens: some layers hold fewer")
+        for lay in exact:
+            if lay.get_seq_length() >= lay.get_max_length() and not getattr(lay, "record_past", False):
+                raise ConfigError(
+                    f"cannot remove {n} tokens: a sliding-window layer already dropped the tokens "
+                    "before its window (call cache.activate_past_recording() before the steps to roll back)"
+                )
         if paged:
             self.store.crop(n, layer=None if len(paged) == self.num_layers else paged[0].idx)
             if 1 < len(paged) < self.num_layers:  # pragma: no cover - layers settle together
@@ -931,9 +1026,11 @@ class CompressedCache(Cache):
             lay._warm = (k[:, :, :-n], v[:, :, :-n])
         for lay in paged:
             lay._committed -= n
+        for lay in exact:
+            lay.crop(-n)
 
     def _flush(self) -> None:
-        for lay in self.layers:
+        for lay in self._compressed:
             lay.flush()
 
     def _select(self, indices: list[int]) -> None:
@@ -942,7 +1039,10 @@ class CompressedCache(Cache):
             raise ConfigError(f"sequence indices {indices} out of range for batch {self.store.batch}")
         self.store.select_seqs(indices)
         idx = torch.tensor(indices)
-        for lay in self.layers:
+        for ex in self._exact:
+            if ex.is_initialized:
+                ex.reorder_cache(idx.to(ex.keys.device))
+        for lay in self._compressed:
             if lay._warm is not None:
                 lay._warm = (lay._warm[0][idx], lay._warm[1][idx])
             if lay._starts is not None:
@@ -995,7 +1095,8 @@ class CompressedCache(Cache):
         finally:
             if impl == "ctxcore":
                 model.set_attn_implementation("ctxcore")
-        for i, lay in enumerate(dyn.layers[: self.num_layers]):
+        for i, li in enumerate(self.compressed_layers):
+            lay = dyn.layers[li]
             k = lay.keys[0].float().cpu().numpy()
             v = lay.values[0].float().cpu().numpy()
             self._fixed_books[i] = self._train_layer(i, (k, v), iters)
@@ -1042,7 +1143,7 @@ class CompressedCache(Cache):
         far and page them (otherwise this happens at the first decode step or at
         ``calibration_tokens``). ``progress(done_layers, layers)`` is called per layer."""
         self._flush()
-        for i, lay in enumerate(self.layers):
+        for i, lay in enumerate(self._compressed):
             lay.settle()
             if progress is not None:
                 progress(i + 1, self.num_layers)
@@ -1051,29 +1152,38 @@ class CompressedCache(Cache):
         """KV memory: ``tokens`` (per sequence), ``batch``, ``dense_bytes`` (what a
         ``DynamicCache`` holds for the same tokens in the model's K/V dtype),
         ``dense_fp16_bytes``, ``compressed_bytes`` (everything this cache stores, RAM and disk:
-        pages, window, sinks, abstracts, codebooks), ``ram_bytes`` (the part in RAM, the figure
-        ``ram_budget`` bounds), ``disk_bytes`` (offload files)."""
+        pages, window, sinks, abstracts, codebooks, and the exact sliding-window layers),
+        ``ram_bytes`` (the part in RAM; ``ram_budget`` bounds the store's part), ``disk_bytes``
+        (offload files), ``exact_layer_bytes`` (the sliding-window / chunked layers, kept exact
+        as a ``DynamicCache`` keeps them)."""
         self._flush()
         s = self.store.stats()
-        held = sum(lay._warm[0].nbytes * 2 for lay in self.layers if lay._warm is not None)
+        held = sum(lay._warm[0].nbytes * 2 for lay in self._compressed if lay._warm is not None)
         t = self.get_seq_length()
         b = self.store.batch
         elems = 2 * self.num_layers * b * self.kv_heads * t * self.head_dim
+        # Sliding-window layers hold the same exact tensors a DynamicCache would.
+        exact = [lay for lay in self._exact if lay.is_initialized]
+        exact_elems = sum(lay.keys.numel() + lay.values.numel() for lay in exact)
+        exact_bytes = sum(lay.keys.nbytes + lay.values.nbytes for lay in exact)
         page_bytes = self.store.config["page_bytes"]
         return {
             "tokens": t,
             "batch": b,
-            "dense_bytes": elems * _DTYPE_BYTES.get(self._kv_dtype or torch.float16, 2),
-            "dense_fp16_bytes": elems * 2,
-            "compressed_bytes": int(s["ram_bytes"] - s["ram_page_bytes"] + s["pages"] * page_bytes + held),
-            "ram_bytes": int(s["ram_bytes"] + held),
+            "dense_bytes": elems * _DTYPE_BYTES.get(self._kv_dtype or torch.float16, 2) + exact_bytes,
+            "dense_fp16_bytes": (elems + exact_elems) * 2,
+            "compressed_bytes": int(
+                s["ram_bytes"] - s["ram_page_bytes"] + s["pages"] * page_bytes + held + exact_bytes
+            ),
+            "ram_bytes": int(s["ram_bytes"] + held + exact_bytes),
             "disk_bytes": int(s["disk_bytes"]),
+            "exact_layer_bytes": int(exact_bytes),
         }
 
     def _settle_all(self) -> None:
         """Move every held token into the store (ends a calibration warm-up)."""
         self._flush()
-        for lay in self.layers:
+        for lay in self._compressed:
             lay.settle()
 
     def _settings(self) -> dict:
@@ -1108,7 +1218,11 @@ class CompressedCache(Cache):
             return shared.save(self, str(target), token_ids, metadata, namespace=namespace)
         self._settle_all()
         meta = {
-            "ctxcore_cache": {**self._settings(), "layers_committed": [lay._committed for lay in self.layers]}
+            "ctxcore_cache": {
+                **self._settings(),
+                "layers_committed": [lay._committed for lay in self._compressed],
+                "exact_layers": _export_exact(self),
+            }
         }
         if metadata:
             meta["user"] = metadata
@@ -1161,7 +1275,8 @@ class CompressedCache(Cache):
                 "these apply to shared stores only"
             )
         cfg = check_supported(config)
-        layers, _, hkv, d = _shape(cfg)
+        _, _, hkv, d = _shape(cfg)
+        layers = max(1, layer_windows(cfg).count(None))
         mid = model_id if model_id is not None else model_fingerprint(config)
         store = KVStore.load(
             target, ram_budget=ram_budget, offload_dir=offload_dir, model_id=mid, layers=layers, kv_heads=hkv,
@@ -1172,7 +1287,7 @@ class CompressedCache(Cache):
         if select is not ...:
             kw["select"] = select
         if token_ids is not None:
-            held = _dir_prefix(store, token_ids)
+            held = _dir_prefix(store, token_ids, whole_only=bool(info.get("exact_layers")))
             if held == 0:
                 c = store.config
                 fresh = cls(
@@ -1203,13 +1318,14 @@ class CompressedCache(Cache):
         cache._store_kwargs.update(bits=info.get("bits", 4), keep_full_precision=c["keep_full_precision"])
         dt = info.get("kv_dtype")
         cache._kv_dtype = getattr(torch, dt) if dt else None
-        for i, lay in enumerate(cache.layers):
+        for i, lay in enumerate(cache._compressed):
             if store.has_codebooks(i):
                 cache.codebook_source[i] = "loaded"
             lay._committed = store.num_tokens(i, 0)
             lay.is_initialized = lay._committed > 0
             if lay.is_initialized:
                 lay.dtype, lay.device = cache._kv_dtype or torch.float32, torch.device("cpu")
+        _import_exact(cache, info.get("exact_layers") or [])
         return cache
 
     @property
@@ -1224,9 +1340,54 @@ class CompressedCache(Cache):
         return self.store.metadata.get("user", {})
 
 
-def _dir_prefix(store: KVStore, token_ids: Any) -> int:
+def _export_exact(cache: CompressedCache) -> list[dict]:
+    """The exact (sliding-window / chunked) layers' state, for a saved context's metadata."""
+    import base64
+
+    out = []
+    for i, lay in enumerate(cache.layers):
+        if isinstance(lay, CompressedLayer) or not lay.is_initialized:
+            continue
+        k, v = (x.detach().cpu().contiguous() for x in (lay.keys, lay.values))
+        raw = [x.view(torch.uint8).numpy().tobytes() for x in (k, v)]
+        out.append({
+            "layer": i, "window": int(lay.get_max_length()), "seen": int(lay.get_seq_length()),
+            "dtype": str(k.dtype).replace("torch.", ""), "shape": list(k.shape),
+            "k": base64.b64encode(raw[0]).decode(), "v": base64.b64encode(raw[1]).decode(),
+        })  # fmt: skip
+    return out
+
+
+def _import_exact(cache: CompressedCache, saved: list[dict]) -> None:
+    """Restore what :func:`_export_exact` saved into ``cache``'s exact layers."""
+    import base64
+
+    from .exceptions import ContextMismatchError, CorruptDataError
+
+    for e in saved:
+        try:
+            i, shape, dtype = int(e["layer"]), [int(x) for x in e["shape"]], getattr(torch, str(e["dtype"]))
+            lay = cache.layers[i]
+            if isinstance(lay, CompressedLayer) or int(e["window"]) != lay.get_max_length():
+                raise ContextMismatchError(
+                    f"saved context: layer {i} was a sliding-window layer of {e['window']} tokens, "
+                    f"the model's is {'full attention' if isinstance(lay, CompressedLayer) else lay.get_max_length()}"
+                )
+            k, v = (
+                torch.frombuffer(bytearray(base64.b64decode(e[x])), dtype=torch.uint8).view(dtype).reshape(shape)
+                for x in ("k", "v")
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as err:
+            raise CorruptDataError(f"saved context: the state of sliding-window layer entry {e.get('layer')!r} is damaged ({err})") from err
+        lay.lazy_initialization(k, v)
+        lay.keys, lay.values = k, v
+        lay.cumulative_length = int(e["seen"])
+
+
+def _dir_prefix(store: KVStore, token_ids: Any, whole_only: bool = False) -> int:
     """Cut a directory-loaded ``store`` to the longest prefix of ``token_ids`` it holds (at most
-    ``len - 1`` tokens); the tokens it then holds (0: nothing usable)."""
+    ``len - 1`` tokens); the tokens it then holds (0: nothing usable). ``whole_only``: the save
+    is usable only whole (its sliding-window layers cannot be cut back to a prefix)."""
     from .shared import _as_ids, hold_at_most
 
     ids = _as_ids(token_ids)
@@ -1239,6 +1400,8 @@ def _dir_prefix(store: KVStore, token_ids: Any) -> int:
     n = min(len(sv), len(ids))
     diff = np.nonzero(sv[:n] != ids[:n])[0]
     common = int(diff[0]) if diff.size else n
+    if whole_only and min(common, len(ids) - 1) < len(sv):
+        return 0
     n_held = hold_at_most(store, min(common, len(ids) - 1))
     if n_held == 0:
         return 0

@@ -31,11 +31,14 @@ before; two writers saving the same prefix write the same keys.
 **Load** hashes the prompt's page boundaries, reads both indexes in one round trip, and takes
 the longest saved prefix: a saved context's exact state (its tail) when a whole saved context
 starts the prompt, else the longest page-aligned prefix of any saved context with the same
-codebooks. Its pieces are fetched in pipelined ``MGET`` batches and verified before the cache
-exists (a damaged piece raises :class:`~ctxcore.exceptions.CorruptDataError`); over the RAM
-budget, pages spill to the local disk tier as they would after a prefill. A piece evicted
-under ``maxmemory`` is a clean miss: the cache holds the longest prefix still complete (maybe
-0 tokens), never one with a hole. The cache always leaves at least one prompt token to
+codebooks. Its codebooks and tail are read and verified before the cache exists; its pages are
+only checked to exist, and are read lazily, a layer at a time when the model first reaches that
+layer (pipelined ``MGET`` batches, the next layer read ahead in the background), each verified
+before it is installed (a damaged piece raises :class:`~ctxcore.exceptions.CorruptDataError`);
+over the RAM budget, pages spill to the local disk tier as they would after a prefill. A piece
+evicted under ``maxmemory`` before ``load`` is a clean miss: the cache holds the longest prefix
+still complete (maybe 0 tokens), never one with a hole; a page evicted after ``load``, before
+its first read, raises :class:`~ctxcore.exceptions.PageEvictedError`. The cache always leaves at least one prompt token to
 prefill, so ``generate(ids, cache=cache)`` (``past_key_values=`` before transformers 5.24)
 runs the model on the unmatched suffix.
 
@@ -270,6 +273,15 @@ class _Keys:
         return f"{self.p}:e:{h}"
 
 
+def _check_all_compressed(cache: CompressedCache) -> None:
+    if cache._exact:
+        raise ConfigError(
+            f"{getattr(cache.config, 'model_type', 'this model')} has sliding-window layers, whose "
+            "state at a page boundary a shared store does not keep yet: save and load its contexts "
+            "with a directory instead"
+        )
+
+
 # -- save ------------------------------------------------------------------------------------
 def save(
     cache: CompressedCache,
@@ -291,6 +303,7 @@ def save(
     if token_ids is None:
         raise ConfigError("saving to a shared store needs token_ids: the ids of every token the cache holds")
     ids = _as_ids(token_ids)
+    _check_all_compressed(cache)
     store = cache.store
     if store.batch != 1:
         raise ConfigError(
@@ -499,6 +512,7 @@ def load(
     ids = _as_ids(token_ids)
     conn = connect(url, namespace)  # fails here, before any prefill
     fresh = cls(config, **cache_kwargs)
+    _check_all_compressed(fresh)
     c = fresh.store.config
     codec = _codec(c)
     keys = _Keys(conn.ns, codec)
