@@ -23,14 +23,18 @@ VOCAB = 96
 WINDOW = 24  # the models' sliding window: shorter than the prompts
 BASE = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=1024,
+    num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )  # fmt: skip
 S, F = "sliding_attention", "full_attention"
 #: family -> (config class, extra config fields, compressed layers)
 FAMILIES = {
     "llama": ("LlamaConfig", {}, 4),
     "qwen2": ("Qwen2Config", {}, 4),
-    "qwen2-window": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2), 2),
+    "qwen2-window": (
+        "Qwen2Config",
+        dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2),
+        2,
+    ),
     "qwen3": ("Qwen3Config", dict(head_dim=16), 4),
     "mistral": ("MistralConfig", dict(sliding_window=None), 4),
     "mistral-window": ("MistralConfig", dict(sliding_window=WINDOW), 0),
@@ -54,7 +58,11 @@ def build(family: str):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # sharper attention than random init gives, so errors would show
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
+            attn = layer.self_attn
+            if hasattr(attn, "q_proj"):
+                attn.q_proj.weight.mul_(3.0)
+            else:  # Phi-3: one fused projection, queries first
+                attn.qkv_proj.weight[: BASE["hidden_size"]].mul_(3.0)
     return ctxcore.enable(model)
 
 
@@ -150,7 +158,9 @@ def test_hybrid_batching_beams_crop_turns_copies_and_saves(name, tmp_path):
     assert base.get_seq_length() == 60
     # memory_stats counts both kinds of layer.
     s = c1.memory_stats()
-    exact = sum(lay.keys.nbytes + lay.values.nbytes for lay in c1.layers if type(lay).__name__ != "CompressedLayer")
+    exact = sum(
+        lay.keys.nbytes + lay.values.nbytes for lay in c1.layers if type(lay).__name__ != "CompressedLayer"
+    )
     assert s["exact_layer_bytes"] == exact > 0 and s["compressed_bytes"] > exact
     # crop: the last tokens leave every layer (the sliding ones recording their past).
     cache = cache_for(model)

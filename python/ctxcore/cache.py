@@ -66,8 +66,13 @@ from .pq import ProductQuantizer
 from .store import KVStore, _parse_bytes, check_budget
 
 __all__ = [
-    "CompressedCache", "CompressedLayer", "cache_kwargs", "check_supported", "layer_windows", "model_fingerprint",
-]  # fmt: skip
+    "CompressedCache",
+    "CompressedLayer",
+    "cache_kwargs",
+    "check_supported",
+    "layer_windows",
+    "model_fingerprint",
+]
 
 #: Most tokens per KV head used to train one codebook (a strided subsample beyond that).
 CALIBRATION_SAMPLES = 4096
@@ -788,7 +793,7 @@ class CompressedCache(Cache):
         self._kv_dtype: torch.dtype | None = None
         self._dense_warned = self._cap_logged = False
         self._mask_memo: tuple[Any, tuple[int, int, int], Any] | None = None
-        super().__init__(layers=[self._new_layer(w, windows[: i].count(None)) for i, w in enumerate(windows)])
+        super().__init__(layers=[self._new_layer(w, windows[:i].count(None)) for i, w in enumerate(windows)])
 
     def _new_layer(self, window: int | None, idx: int) -> CacheLayerMixin:
         if window is None:
@@ -910,7 +915,7 @@ class CompressedCache(Cache):
         cur = self.store.batch
         if b == cur:
             return
-        if self.get_seq_length() == 0 and all(lay._committed == 0 for lay in self._compressed):
+        if all(lay.get_seq_length() == 0 and lay._committed == 0 for lay in self._compressed):
             self.store.select_seqs([0] * b)
             return
         raise ShapeError(
@@ -1369,16 +1374,17 @@ def _import_exact(cache: CompressedCache, saved: list[dict]) -> None:
             i, shape, dtype = int(e["layer"]), [int(x) for x in e["shape"]], getattr(torch, str(e["dtype"]))
             lay = cache.layers[i]
             if isinstance(lay, CompressedLayer) or int(e["window"]) != lay.get_max_length():
+                has = "full attention" if isinstance(lay, CompressedLayer) else lay.get_max_length()
                 raise ContextMismatchError(
                     f"saved context: layer {i} was a sliding-window layer of {e['window']} tokens, "
-                    f"the model's is {'full attention' if isinstance(lay, CompressedLayer) else lay.get_max_length()}"
+                    f"the model's is {has}"
                 )
-            k, v = (
-                torch.frombuffer(bytearray(base64.b64decode(e[x])), dtype=torch.uint8).view(dtype).reshape(shape)
-                for x in ("k", "v")
-            )
+            raw = [bytearray(base64.b64decode(e[x])) for x in ("k", "v")]
+            k, v = (torch.frombuffer(r, dtype=torch.uint8).view(dtype).reshape(shape) for r in raw)
         except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, IndexError) as err:
-            raise CorruptDataError(f"saved context: the state of sliding-window layer entry {e.get('layer')!r} is damaged ({err})") from err
+            raise CorruptDataError(
+                f"saved context: the state of sliding-window layer {e.get('layer')!r} is damaged ({err})"
+            ) from err
         lay.lazy_initialization(k, v)
         lay.keys, lay.values = k, v
         lay.cumulative_length = int(e["seen"])

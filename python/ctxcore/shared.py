@@ -38,9 +38,9 @@ before it is installed (a damaged piece raises :class:`~ctxcore.exceptions.Corru
 over the RAM budget, pages spill to the local disk tier as they would after a prefill. A piece
 evicted under ``maxmemory`` before ``load`` is a clean miss: the cache holds the longest prefix
 still complete (maybe 0 tokens), never one with a hole; a page evicted after ``load``, before
-its first read, raises :class:`~ctxcore.exceptions.PageEvictedError`. The cache always leaves at least one prompt token to
-prefill, so ``generate(ids, cache=cache)`` (``past_key_values=`` before transformers 5.24)
-runs the model on the unmatched suffix.
+its first read, raises :class:`~ctxcore.exceptions.PageEvictedError`. The cache always leaves
+at least one prompt token to prefill, so ``generate(ids, cache=cache)`` (``past_key_values=``
+before transformers 5.24) runs the model on the unmatched suffix.
 
 Codebooks are part of every page's identity: a context trained on its own codebooks saves and
 loads but shares pages only with contexts that continue from it (a worker that loads a prefix
