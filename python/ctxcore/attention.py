@@ -65,7 +65,8 @@ def enable(model: Any) -> Any:
     """Switch ``model`` (a transformers decoder) to the ctxcore attention; returns ``model``.
 
     Raises :class:`~ctxcore.exceptions.UnsupportedModelError` for architectures the compressed
-    cache does not support (sliding-window, hybrid, encoder-decoder).
+    cache does not support (see :func:`ctxcore.cache.check_supported`: encoder-decoder,
+    state-space hybrids, multi-head latent attention, learned sinks, soft-capped logits).
     """
     check_supported(model.config)
     _register()

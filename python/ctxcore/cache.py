@@ -204,6 +204,9 @@ def _shape(cfg: Any) -> tuple[int, int, int, int]:
 
 
 _CACHE_KW: dict[type, str] = {}
+#: transformers before the 5.x ``crop(tokens_to_remove)`` took ``crop(max_length)``: a positive
+#: value is the length to keep (assisted decoding passes one).
+_LEGACY_CROP = "max_length" in __import__("inspect").signature(DynamicSlidingWindowLayer.crop).parameters
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -406,14 +409,19 @@ class CompressedLayer(CacheLayerMixin):
         k, v = self.dequantized()
         return _like(k, key_states), _like(v, value_states)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers before 5.x's rename passes the new tokens' cache_position instead.
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.get_seq_length() + q, 0
 
     def get_seq_length(self) -> int:
         pending = 0 if self._pending is None else self._pending[0].shape[2]
         return self._committed + self.warm_tokens + pending
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name before transformers 5.x renamed it
         return -1
 
     def reset(self) -> None:
@@ -995,19 +1003,23 @@ class CompressedCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (transformers' convention: a negative
-        count; as for ``DynamicCache`` a positive value is rejected). Only tokens still in the
-        full-precision window can be removed (assisted decoding removes a few)."""
-        if tokens_to_remove > 0:
-            raise ConfigError(
-                f"crop takes a negative count of tokens to remove (transformers' convention), got "
-                f"{tokens_to_remove}"
-            )
-        n = -int(tokens_to_remove)
+        count; as for ``DynamicCache`` a positive value is rejected, except with a transformers
+        whose ``crop`` still takes the length to keep, where it is that length). Only tokens still
+        in the full-precision window can be removed (assisted decoding removes a few)."""
         self._flush()
+        if tokens_to_remove > 0:
+            if not _LEGACY_CROP:
+                raise ConfigError(
+                    f"crop takes a negative count of tokens to remove (transformers' convention), got "
+                    f"{tokens_to_remove}"
+                )
+            tokens_to_remove = min(0, int(tokens_to_remove) - self.get_seq_length())
+        n = -int(tokens_to_remove)
         exact = [lay for lay in self._exact if lay.is_initialized]
         if n == 0:
             for lay in exact:
-                lay.crop(0)  # a window recording its past goes back to its bound
+                if getattr(lay, "record_past", False):
+                    lay.crop(0)  # a window recording its past goes back to its bound
             return
         if n > self.get_seq_length():
             raise ConfigError(f"cannot remove {n} tokens from a cache of {self.get_seq_length()}")
@@ -1016,10 +1028,11 @@ class CompressedCache(Cache):
         if any(lay.warm_tokens < n for lay in held):
             raise ConfigError(f"cannot remove {n} tokens: some layers hold fewer")
         for lay in exact:
-            if lay.get_seq_length() >= lay.get_max_length() and not getattr(lay, "record_past", False):
+            if lay.get_seq_length() >= lay.sliding_window and not getattr(lay, "record_past", False):
                 raise ConfigError(
                     f"cannot remove {n} tokens: a sliding-window layer already dropped the tokens "
-                    "before its window (call cache.activate_past_recording() before the steps to roll back)"
+                    "before its window (call cache.activate_past_recording(), where transformers has "
+                    "it, before the steps to roll back)"
                 )
         if paged:
             self.store.crop(n, layer=None if len(paged) == self.num_layers else paged[0].idx)
@@ -1356,7 +1369,7 @@ def _export_exact(cache: CompressedCache) -> list[dict]:
         k, v = (x.detach().cpu().contiguous() for x in (lay.keys, lay.values))
         raw = [x.view(torch.uint8).numpy().tobytes() for x in (k, v)]
         out.append({
-            "layer": i, "window": int(lay.get_max_length()), "seen": int(lay.get_seq_length()),
+            "layer": i, "window": int(lay.sliding_window), "seen": int(lay.get_seq_length()),
             "dtype": str(k.dtype).replace("torch.", ""), "shape": list(k.shape),
             "k": base64.b64encode(raw[0]).decode(), "v": base64.b64encode(raw[1]).decode(),
         })  # fmt: skip
@@ -1373,8 +1386,8 @@ def _import_exact(cache: CompressedCache, saved: list[dict]) -> None:
         try:
             i, shape, dtype = int(e["layer"]), [int(x) for x in e["shape"]], getattr(torch, str(e["dtype"]))
             lay = cache.layers[i]
-            if isinstance(lay, CompressedLayer) or int(e["window"]) != lay.get_max_length():
-                has = "full attention" if isinstance(lay, CompressedLayer) else lay.get_max_length()
+            if isinstance(lay, CompressedLayer) or int(e["window"]) != lay.sliding_window:
+                has = "full attention" if isinstance(lay, CompressedLayer) else lay.sliding_window
                 raise ContextMismatchError(
                     f"saved context: layer {i} was a sliding-window layer of {e['window']} tokens, "
                     f"the model's is {has}"

@@ -83,9 +83,11 @@ class _SinkWindowLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers before 5.x's rename passes the new tokens' cache_position instead.
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
         kept = 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
-        return kept + query_length, 0
+        return kept + q, 0
 
 
 class SinkWindowCache(Cache):
