@@ -362,10 +362,25 @@ def test_selective_attention_with_full_budget_is_exact_over_fp16():
     model = enable(_model())
     ids = _ids(200)
     full = _teacher_forced(model, transformers.DynamicCache(config=model.config), ids, 150)
-    got = _teacher_forced(model, _cache(model, select=1.0), ids, 150)
+    got = _teacher_forced(model, _cache(model, select=1.0, keep_full_precision=True), ids, 150)
     torch.testing.assert_close(got, full, rtol=5e-3, atol=5e-3)  # fp16 page copies
-    part = _teacher_forced(model, _cache(model, select=32), ids, 150)
+    part = _teacher_forced(model, _cache(model, select=32, keep_full_precision=True), ids, 150)
     assert ((part - full).norm() / full.norm()).item() < 0.5
+
+
+def test_selective_attention_over_codes_with_full_budget_equals_dense_codes():
+    # Without fp16 copies (the default), select= attends the selected pages' codes: with every
+    # page selected, the same logits as dense decoding over the codes; pages hold no fp16.
+    model = enable(_model())
+    ids = _ids(200)
+    dense = _teacher_forced(model, _cache(model), ids, 150)
+    every = _teacher_forced(model, _cache(model, select=1.0), ids, 150)
+    torch.testing.assert_close(every, dense, rtol=1e-4, atol=1e-4)
+    part_cache = _cache(model, select=32)
+    part = _teacher_forced(model, part_cache, ids, 150)
+    assert ((part - dense).norm() / dense.norm()).item() < 0.5
+    assert not part_cache.store.config["keep_full_precision"]
+    assert part_cache.store.config["page_bytes"] == _cache(model).store.config["page_bytes"]
 
 
 def test_cache_without_enable_works_with_sdpa_and_eager():

@@ -629,7 +629,7 @@ def test_multi_turn_chat_reuses_the_earlier_turns(model, shared_redis):
 def test_selective_and_budgeted_contexts_round_trip(model, shared_redis, tmp_path):
     url, ns = shared_redis
     doc = rand_ids(400, 63)
-    kw = dict(KW, select=0.5)
+    kw = dict(KW, select=0.5, keep_full_precision=True)
     cache = prefilled(model, doc, **kw)
     cache.save(url, token_ids=doc, namespace=ns)
     prompt = torch.cat([doc, rand_ids(6, 64)], 1)

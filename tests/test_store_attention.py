@@ -110,10 +110,26 @@ def test_quest_small_budget_finds_the_planted_page():
     assert bf.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("start", [0, 5, 40])
+def test_quest_without_fp16_copies_attends_the_codes(start):
+    # No fp16 copies: Quest attends the selected pages' codes; with every page selected that is
+    # dense attention over the codes, and a budget reads only the pages it selects.
+    s, _, _ = build(tokens=300, keep_fp=False)
+    q = torch.randn(HQ, 1, D, generator=torch.Generator().manual_seed(3)) * 2
+    dense, dl = s.attend(0, q, start=start)
+    every, el = s.attend(0, q, method="quest", start=start)
+    torch.testing.assert_close(every, dense, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(el, dl, rtol=1e-4, atol=1e-5)
+    s.evict_all()
+    before = s.stats()
+    part, _ = s.attend(0, q, method="quest", budget=32, start=start)  # 2 pages per KV head
+    after = s.stats()
+    read = after["misses"] + after["prefetched"] - before["misses"] - before["prefetched"]
+    assert torch.isfinite(part).all() and 0 < read <= 2 * H < s.num_pages(0)
+
+
 def test_errors():
     s, _, _ = build(tokens=40, keep_fp=False)
-    with pytest.raises(ConfigError, match="keep_full_precision"):
-        s.attend(0, np.zeros((HQ, 1, D), np.float32), method="quest")
     with pytest.raises(ConfigError, match="multiple"):
         s.attend(0, np.zeros((3, 1, D), np.float32))
     with pytest.raises(ConfigError, match="method"):

@@ -691,10 +691,13 @@ class CompressedCache(Cache):
             :class:`~ctxcore.exceptions.RamBudgetError` stating the minimum.
         offload_dir: directory for pages spilled from RAM (default: a private temporary one).
         select: selective attention: per decode step and KV head, only the pages whose
-            abstracts bound ``q . k`` highest (Quest) are attended, exactly, from full-precision
-            fp16 copies kept in the pages, plus sinks and window. An int is a token budget, a
-            float in (0, 1] a fraction of the paged tokens. None: dense attention over every
-            page's codes. Pages then carry fp16 copies (``memory_stats`` counts them).
+            abstracts bound ``q . k`` highest (Quest) are attended, over their codes (read from
+            RAM or the disk tier, only those pages), plus sinks and window. An int is a token
+            budget, a float in (0, 1] a fraction of the paged tokens. None: dense attention over
+            every page's codes.
+        keep_full_precision: pages also carry fp16 copies of their K/V, and ``select`` attends
+            the selected pages exactly from them (``memory_stats`` counts them: about 4x the
+            codes at 4 bits).
         prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
             prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
         calibration_tokens: online calibration holds up to this many leading tokens exactly
@@ -749,6 +752,7 @@ class CompressedCache(Cache):
         model_id: str | None = None,
         max_disk_bytes: int | str | None = None,
         codebooks: str | os.PathLike = "reuse",
+        keep_full_precision: bool = False,
         _store: KVStore | None = None,
     ) -> None:
         cfg = check_supported(config)
@@ -788,7 +792,7 @@ class CompressedCache(Cache):
         self._store_kwargs = dict(
             layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
             page_size=self.page_size,
-            window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=select is not None,
+            window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=bool(keep_full_precision),
             ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
             max_disk_bytes=max_disk_bytes, model_id=self.model_id,
         )  # fmt: skip
@@ -1330,8 +1334,6 @@ class CompressedCache(Cache):
             ram_budget=kw.get("ram_budget"), offload_dir=kw.get("offload_dir"), select=select,
             prefill_block=info.get("prefill_block"), model_id=kw.get("model_id"), _store=store,
         )  # fmt: skip
-        if cache.select is not None and not c["keep_full_precision"]:
-            raise ConfigError("this context was saved without fp16 page copies; load it with select=None")
         # The saved bits may be an explicit (m, nbits) pair; the store's config is authoritative.
         cache._store_kwargs.update(bits=info.get("bits", 4), keep_full_precision=c["keep_full_precision"])
         dt = info.get("kv_dtype")

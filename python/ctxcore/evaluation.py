@@ -154,7 +154,7 @@ def make_cache(method: str, model: Any, sink_window: int = 256) -> Any:
     if method == "ctxcore2":
         return CompressedCache(cfg, bits=2)
     if method == "ctxcore4-select":
-        return CompressedCache(cfg, bits=4, select=0.1)
+        return CompressedCache(cfg, bits=4, select=0.1, keep_full_precision=True)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 

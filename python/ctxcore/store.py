@@ -381,9 +381,10 @@ class KVStore:
                 already be appended: they are the window's last ``Tq`` tokens.
             method: ``"dense"``: sinks + window in float32 and every page through its PQ codes
                 (:func:`ctxcore.ops.pq_attention` semantics, no page decoded). ``"quest"``:
-                per KV head, the pages whose abstracts bound ``q . k`` highest, exactly over
-                their fp16 copies (needs ``keep_full_precision=True``), plus sinks, the open
-                page and the window.
+                per KV head, the pages whose abstracts bound ``q . k`` highest, over their PQ
+                codes (or exactly over their fp16 copies where the store keeps them,
+                ``keep_full_precision=True``), plus sinks, the open page and the window. Only
+                the selected pages are read from the disk tier.
             budget: for ``"quest"``: history tokens to select (int) or a fraction of the paged
                 tokens (float in (0, 1]); rounded up to whole pages. Default: everything.
             scale: default ``1 / sqrt(D)``.

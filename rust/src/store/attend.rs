@@ -1,6 +1,6 @@
 //! Decode attention straight from a [`KvStore`]: dense over every page's codes, or Quest
-//! selection of pages by their in-RAM abstracts followed by exact attention over the selected
-//! pages' fp16 copies. Pages are prefetched, read once (checksummed), and fed to the kernels in
+//! selection of pages by their in-RAM abstracts followed by attention over the selected pages:
+//! their codes, or their fp16 copies where the store keeps them (`keep_full_precision`). Pages are prefetched, read once (checksummed), and fed to the kernels in
 //! [`crate::attention`] without going through Python.
 
 use half::f16;
@@ -277,9 +277,6 @@ impl KvStore {
             start,
         } = *qs;
         let c = self.config().clone();
-        if !c.keep_full_precision {
-            return Err(Error::config("Quest attention reads the pages' fp16 copies: build the store with keep_full_precision=True"));
-        }
         self.check_start(seq, layer, start)?;
         let (h, d, psz) = (c.kv_heads, c.head_dim, c.page_size);
         let g = hq / h;
@@ -349,6 +346,71 @@ impl KvStore {
             )
         };
         let (s0, w0) = (pad(0, ns), pad(ns + n_all, nw));
+        if !c.keep_full_precision {
+            // The selected pages' codes, read in place, plus sinks and window: per KV head, one
+            // kernel call over that head's pages.
+            let books = self.flat_centroids(layer)?.ok_or_else(|| {
+                Error::config(format!("layer {layer} has pages but no codebooks"))
+            })?;
+            let kc = books.0.len() / h;
+            let vc = books.1.len() / h;
+            for (hh, sel) in chosen.iter().enumerate() {
+                let segs: Vec<(&[u8], &[u8])> = sel
+                    .iter()
+                    .map(|p| &pages[p])
+                    .chain(open_page.as_ref())
+                    .map(|v| (v.k_codes(hh), v.v_codes(hh)))
+                    .collect();
+                let n = sel.len() * psz + open_t;
+                // Only the first segment can start before `start` (the candidates begin at the
+                // page holding it).
+                let first_pos = sel.first().map_or(ns + closed * psz, |&p| ns + p * psz);
+                let skip = pad(first_pos, if sel.is_empty() { open_t } else { psz });
+                let (a, b) = ((hh * ns + s0) * d, (hh + 1) * ns * d);
+                let (e, f) = ((hh * nw + w0) * d, (hh + 1) * nw * d);
+                let fp: Vec<(&[f32], &[f32])> = sk[a..b]
+                    .chunks_exact(d)
+                    .zip(sv[a..b].chunks_exact(d))
+                    .chain(wk[e..f].chunks_exact(d).zip(wv[e..f].chunks_exact(d)))
+                    .collect();
+                let fl = fp.len();
+                let qh = &q[hh * g * tq * d..(hh + 1) * g * tq * d];
+                let (o, l) = pq_attention_paged(
+                    &PqAttention {
+                        batch: 1,
+                        hq: g,
+                        hkv: 1,
+                        tq,
+                        d,
+                        q: qh,
+                        n,
+                        k_codes: &[],
+                        v_codes: &[],
+                        k_cent: &books.0[hh * kc..(hh + 1) * kc],
+                        k_m: c.k_m,
+                        k_nbits: c.k_nbits,
+                        v_cent: &books.1[hh * vc..(hh + 1) * vc],
+                        v_m: c.v_m,
+                        v_nbits: c.v_nbits,
+                        code_range: &[(skip, n)],
+                        f: fl,
+                        fp_k: &[],
+                        fp_v: &[],
+                        fp_range: &[(0, fl)],
+                        scale,
+                        causal,
+                    },
+                    &Resident {
+                        segs: &[segs],
+                        size: psz,
+                        fp: &[fp],
+                    },
+                )?;
+                out[hh * g * tq * d..(hh + 1) * g * tq * d].copy_from_slice(&o);
+                lse[hh * g * tq..(hh + 1) * g * tq].copy_from_slice(&l);
+            }
+            return Ok((out, lse));
+        }
         // Only the full-precision part is attended (no codes); the kernel still takes codebooks.
         let no_kcent = vec![0f32; (1 << c.k_nbits) * d];
         let no_vcent = vec![0f32; (1 << c.v_nbits) * d];

@@ -686,6 +686,62 @@ fn quest_does_not_pick_pages_before_start() {
     assert_close(&one, &all, 1e-3, "budget 1 vs everything");
 }
 
+#[test]
+fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages() {
+    // No fp16 copies: Quest selects by the abstracts and attends the selected pages' codes.
+    let c = StoreConfig {
+        keep_full_precision: false,
+        ..cfg(None, Some(tmpdir("quest-codes")))
+    };
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    fill(&s, 23, 7); // 2 sinks, 4 closed pages + 2 tokens open, 3 in the window
+    let (hq, tq) = (2 * h, 2);
+    let q: Vec<f32> = rand(hq * tq * d, 99).iter().map(|x| x * 3.0).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    for start in [0, 1, 2, 3, 6, 9, 18, 19, 20, 21, 22, 23] {
+        let qs = Queries {
+            q: &q,
+            hq,
+            tq,
+            scale,
+            causal: true,
+            start,
+        };
+        let (od, ld) = s.attend_dense(0, 1, &qs).unwrap();
+        let (oq, lq) = s.attend_quest(0, 1, &qs, 100).unwrap();
+        assert_close(
+            &oq,
+            &od,
+            1e-5,
+            &format!("quest-all vs dense out, start={start}"),
+        );
+        assert_close(
+            &lq,
+            &ld,
+            1e-5,
+            &format!("quest-all vs dense lse, start={start}"),
+        );
+    }
+    // A budget of one page reads one page per head from the disk tier, not all four.
+    s.evict_all().unwrap();
+    let before = s.stats().unwrap();
+    let qs = Queries {
+        q: &q,
+        hq,
+        tq,
+        scale,
+        causal: true,
+        start: 0,
+    };
+    let (o1, _) = s.attend_quest(0, 0, &qs, 1).unwrap();
+    let after = s.stats().unwrap();
+    let read = (after.misses + after.prefetched) - (before.misses + before.prefetched);
+    assert!((1..=h as u64).contains(&read), "read {read} pages");
+    assert!(o1.iter().all(|x| x.is_finite()));
+    let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
+}
+
 /// Everything observable of one sequence: per layer token count, sinks, window, page blobs.
 type SeqSnapshot = Vec<(usize, Vec<f32>, Vec<f32>, Vec<Vec<u8>>)>;
 
