@@ -13,6 +13,8 @@ pages through the ctxcore kernels, so each step streams the whole compressed con
 Rows (each in its own process, so peak RSS is per row):
 - ``ctxcore4`` / ``ctxcore2`` at ``--tokens`` under ``--budget`` with pages on disk
   (a temporary directory; page cache warm unless it can be dropped, see ``cold``);
+- ``ctxcore4-select``: the same with ``select=--select`` (Quest selection by the page
+  abstracts, attention over the selected pages' codes, only those pages read from disk);
 - the peer in the same run: transformers ``DynamicCache`` (SDPA over float32 K/V) and ctxcore
   4-bit all in RAM, both at ``--peer-tokens`` (a DynamicCache of ``--tokens`` would need
   ``dense_bytes`` of RAM, printed, more than this machine has).
@@ -36,7 +38,7 @@ PREFIX = 2048
 CHUNK = 32768
 
 
-def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:
+def one(method: str, tokens: int, budget: str | None, steps: int, select: float = 0.1) -> dict:
     import torch
     from transformers import DynamicCache
 
@@ -60,8 +62,9 @@ def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:
         if budget is not None:
             tmp = tempfile.TemporaryDirectory(prefix="ctxcore-longctx-")
         cache = ctxcore.CompressedCache(
-            model.config, bits=bits, ram_budget=budget, offload_dir=tmp.name if tmp else None
-        )
+            model.config, bits=bits, ram_budget=budget, offload_dir=tmp.name if tmp else None,
+            select=select if method.endswith("-select") else None,
+        )  # fmt: skip
         cache.calibrate(model, ids)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(1)
@@ -80,12 +83,14 @@ def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:
     stats = cache.memory_stats() if method != "full" else None
     cold = budget is not None and drop_caches()
     nxt = ids[:, -1:]
-    times = []
+    times, reads = [], []
     with torch.no_grad():
         for i in range(steps):
+            r0 = cache.store.stats()["bytes_read"] if method != "full" else 0
             t = time.perf_counter()
             out = model(nxt, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[tokens + i]]))
             times.append(time.perf_counter() - t)
+            reads.append(cache.store.stats()["bytes_read"] - r0 if method != "full" else 0)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             print(f"  {method}: step {i + 1}/{steps} {times[-1]:.2f} s", file=sys.stderr, flush=True)
     if stats is None:
@@ -101,6 +106,8 @@ def one(method: str, tokens: int, budget: str | None, steps: int) -> dict:
         "ram_budget": budget,
         "fill_s": fill_s,
         "step_s": times,
+        "bytes_read_per_step": reads,
+        "select": select if method.endswith("-select") else None,
         "tokens_per_s": 1 / (sum(steady) / len(steady)),
         "first_step_cold": cold,
         "memory": stats,
@@ -114,13 +121,14 @@ def main() -> int:
     ap.add_argument("--budget", default="1GiB")
     ap.add_argument("--peer-tokens", type=int, default=1 << 17)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--methods", default="full,ctxcore4-ram,ctxcore4,ctxcore2")
+    ap.add_argument("--methods", default="full,ctxcore4-ram,ctxcore4,ctxcore2,ctxcore4-select")
+    ap.add_argument("--select", type=float, default=0.1, help="ctxcore4-select: fraction of the pages")
     ap.add_argument("--out", default="bench-results/longctx.json")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         method, tokens, budget = a.one.split(":")
-        row = one(method, int(tokens), budget or None, a.steps)
+        row = one(method, int(tokens), budget or None, a.steps, a.select)
         print("ROW " + json.dumps(row), flush=True)
         return 0
     import torch  # noqa: F401  (fail early without torch)
@@ -131,8 +139,9 @@ def main() -> int:
         spec = f"{m}:{a.peer_tokens if peer else a.tokens}:{'' if peer else a.budget}"
         print(f"== {spec}", flush=True)
         p = subprocess.run(
-            [sys.executable, __file__, "--one", spec, "--steps", str(a.steps)], capture_output=True, text=True
-        )
+            [sys.executable, __file__, "--one", spec, "--steps", str(a.steps), "--select", str(a.select)],
+            capture_output=True, text=True,
+        )  # fmt: skip
         line = [x for x in p.stdout.splitlines() if x.startswith("ROW ")]
         if p.returncode != 0 or not line:
             print(p.stderr[-3000:], file=sys.stderr)
@@ -144,6 +153,7 @@ def main() -> int:
             f"{m:<13} {row['tokens']:>9,} tokens  fill {row['fill_s']:6.1f} s  "
             f"step {1 / row['tokens_per_s']:6.2f} s ({row['tokens_per_s']:.3f} tok/s)  "
             f"RAM {mem['ram_bytes'] / 2**20:8.1f} MiB  disk {mem.get('disk_bytes', 0) / 2**20:8.1f} MiB  "
+            f"read/step {row['bytes_read_per_step'][-1] / 2**20:8.1f} MiB  "
             f"peak RSS {row['peak_rss_bytes'] / 2**20:7.0f} MiB",
             flush=True,
         )
