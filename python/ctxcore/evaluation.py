@@ -143,8 +143,10 @@ def make_cache(method: str, model: Any, sink_window: int = 256) -> Any:
     if method in ("quanto4", "quanto2", "hqq4"):
         from transformers import QuantizedCache
 
-        backend = "hqq" if method.startswith("hqq") else "quanto"
-        return QuantizedCache(backend=backend, config=cfg, nbits=int(method[-1]))
+        if method.startswith("hqq"):
+            # HQQ's own recommendation (its README: "start with nbits=4, group_size=64, axis=1").
+            return QuantizedCache(backend="hqq", config=cfg, nbits=int(method[-1]), axis_key=1, axis_value=1)
+        return QuantizedCache(backend="quanto", config=cfg, nbits=int(method[-1]))
     if method == "sink":
         return SinkWindowCache(cfg, sinks=4, window=sink_window)
     if method == "ctxcore4":
