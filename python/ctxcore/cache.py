@@ -49,6 +49,7 @@ run the fastest value kernel). The codebooks are counted in
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -206,7 +207,7 @@ def _shape(cfg: Any) -> tuple[int, int, int, int]:
 _CACHE_KW: dict[type, str] = {}
 #: transformers before the 5.x ``crop(tokens_to_remove)`` took ``crop(max_length)``: a positive
 #: value is the length to keep (assisted decoding passes one).
-_LEGACY_CROP = "max_length" in __import__("inspect").signature(DynamicSlidingWindowLayer.crop).parameters
+_LEGACY_CROP = "max_length" in inspect.signature(DynamicSlidingWindowLayer.crop).parameters
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -216,8 +217,6 @@ def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     cls = type(model)
     name = _CACHE_KW.get(cls)
     if name is None:
-        import inspect
-
         params = inspect.signature(cls.forward).parameters
         name = _CACHE_KW[cls] = "cache" if "cache" in params else "past_key_values"
     return {name: cache}

@@ -638,37 +638,36 @@ class _RemotePages:
 
     def fill(self, store: KVStore, layer: int | None) -> None:
         """Install the pending pages of ``layer`` (None: every layer) into ``store``."""
-        done = store.__dict__.setdefault("_lazy_done", set())
+        filled = False
         for li in range(len(self.keys)) if layer is None else [int(layer)]:
-            if li in done:
-                continue
             ids = list(store._s.pending_pages(li))
-            if ids:
-                with self._lock:
-                    ahead = self._ahead.pop(li, None)
-                if layer is not None:
-                    self._read_ahead(li + 1, store)
-                got: dict[int, bytes | None] = {}
-                if ahead is not None:
-                    got.update(zip(ahead[0], ahead[1].result(), strict=True))
-                rest = [i for i in ids if i not in got]
-                got.update(zip(rest, self._read(li, rest), strict=True))
-                pieces = [got[i] for i in ids]
-                if any(p is None for p in pieces):
-                    lost = sum(p is None for p in pieces)
-                    raise PageEvictedError(
-                        f"{self.conn.where} (namespace {self.conn.ns!r}): {lost} page(s) of layer {li} of "
-                        "a loaded shared context were evicted before they were read; load the "
-                        "context again (it then holds the longest prefix still complete), or give "
-                        "the server more maxmemory"
-                    )
-                try:
-                    store._s.fill_pages(ids, pieces)
-                except CorruptDataError as e:
-                    raise type(e)(
-                        f"{self.conn.where} (namespace {self.conn.ns!r}, codebooks {self.books}), "
-                        f"layer {li}: {e}"
-                    ) from e
-            done.add(li)
-        if len(done) == len(self.keys):
+            if not ids:
+                continue
+            filled = True
+            with self._lock:
+                ahead = self._ahead.pop(li, None)
+            if layer is not None:
+                self._read_ahead(li + 1, store)
+            got: dict[int, bytes | None] = {}
+            if ahead is not None:
+                got.update(zip(ahead[0], ahead[1].result(), strict=True))
+            rest = [i for i in ids if i not in got]
+            got.update(zip(rest, self._read(li, rest), strict=True))
+            pieces = [got[i] for i in ids]
+            if any(p is None for p in pieces):
+                lost = sum(p is None for p in pieces)
+                raise PageEvictedError(
+                    f"{self.conn.where} (namespace {self.conn.ns!r}): {lost} page(s) of layer {li} of "
+                    "a loaded shared context were evicted before they were read; load the "
+                    "context again (it then holds the longest prefix still complete), or give "
+                    "the server more maxmemory"
+                )
+            try:
+                store._s.fill_pages(ids, pieces)
+            except CorruptDataError as e:
+                raise type(e)(
+                    f"{self.conn.where} (namespace {self.conn.ns!r}, codebooks {self.books}), layer {li}: {e}"
+                ) from e
+        # The store's pending lists are the state: once every one is empty, drop the source.
+        if filled and not any(store._s.pending_pages(li) for li in range(len(self.keys))):
             store._lazy = None

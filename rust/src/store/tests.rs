@@ -602,6 +602,15 @@ fn assert_attends(
     assert_close(&l, &rl, 1e-4, &format!("{what} lse, start={start}"));
 }
 
+/// Pages `f` reads from the disk tier (demand misses and prefetches), every page evicted first.
+fn pages_read_cold(s: &KvStore, f: impl FnOnce()) -> u64 {
+    s.evict_all().unwrap();
+    let before = s.stats().unwrap();
+    f();
+    let after = s.stats().unwrap();
+    (after.misses + after.prefetched) - (before.misses + before.prefetched)
+}
+
 #[test]
 fn attend_with_start_ignores_left_padding() {
     let c = cfg(None, Some(tmpdir("start")));
@@ -624,8 +633,6 @@ fn attend_with_start_ignores_left_padding() {
         assert_attends(&s, 1, &q, hq, tq, (&kf, &vf), start, Some(100));
     }
     // Pages wholly before `start` are not read: start=11 skips pages 0 and 1 (positions 2..10).
-    s.evict_all().unwrap();
-    let before = s.stats().unwrap();
     let qs = Queries {
         q: &q,
         hq,
@@ -634,9 +641,9 @@ fn attend_with_start_ignores_left_padding() {
         causal: true,
         start: 11,
     };
-    s.attend_dense(0, 0, &qs).unwrap();
-    let after = s.stats().unwrap();
-    let read = (after.misses + after.prefetched) - (before.misses + before.prefetched);
+    let read = pages_read_cold(&s, || {
+        s.attend_dense(0, 0, &qs).unwrap();
+    });
     assert_eq!(
         read, 2,
         "only the 2 closed pages at or after start are read"
@@ -724,8 +731,6 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
         );
     }
     // A budget of one page reads one page per head from the disk tier, not all four.
-    s.evict_all().unwrap();
-    let before = s.stats().unwrap();
     let qs = Queries {
         q: &q,
         hq,
@@ -734,9 +739,8 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
         causal: true,
         start: 0,
     };
-    let (o1, _) = s.attend_quest(0, 0, &qs, 1).unwrap();
-    let after = s.stats().unwrap();
-    let read = (after.misses + after.prefetched) - (before.misses + before.prefetched);
+    let mut o1 = Vec::new();
+    let read = pages_read_cold(&s, || o1 = s.attend_quest(0, 0, &qs, 1).unwrap().0);
     assert!((1..=h as u64).contains(&read), "read {read} pages");
     assert!(o1.iter().all(|x| x.is_finite()));
     let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
