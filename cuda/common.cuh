@@ -100,6 +100,11 @@ struct PqAttnParams {
     float* work;                // partial outputs [B*Hq*Tq, splits, D], then lse [B*Hq*Tq, splits]
     void* out;                  // [B, Hq, Tq, D] T
     float* lse;                 // [B, Hq, Tq]
+    // Paged mode (selected pages of the codes, in place): page ids [B, Hkv, n / page_size]
+    // (-1: none) into each (sequence, KV head)'s `rows` code tokens; code token t of the
+    // split walk is row pages[t / page_size] * page_size + t % page_size, attended when that
+    // id is >= 0 and the row < rows. code_range is then not read. Null: dense.
+    const int64_t* pages;
     int32_t b, hq, hkv, tq, d, n, f;
     int32_t k_m, k_nbits, v_m, v_nbits;
     int32_t code_splits, code_chunk;  // history split into code_splits chunks of code_chunk tokens
@@ -107,6 +112,7 @@ struct PqAttnParams {
     int32_t row_tiles;                // ceil(Hq / Hkv * Tq / kAttnRows)
     int32_t causal;
     int32_t half_centroids;  // codebooks staged in shared memory as float16 (else float32)
+    int32_t page_size, rows;  // paged mode only (see pages)
     float scale;
     int32_t pad_;
 };

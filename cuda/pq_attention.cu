@@ -1,7 +1,8 @@
 // Decode attention over PQ-compressed keys/values plus a full-precision tail, split-K
 // (flash-decoding): pass 1 splits the history across blocks, each writing a normalized partial
 // output and its log-sum-exp; pass 2 merges the partials. Semantics and the CPU reference:
-// torch.ops.ctxcore.pq_attention / rust/src/attention/cpu.rs.
+// torch.ops.ctxcore.pq_attention / rust/src/attention/cpu/. In paged mode (PqAttnParams::pages)
+// the code tokens are those of selected pages, read in place: torch.ops.ctxcore.pq_paged_attention.
 //
 // Pass 1 grid: (code_splits + fp_splits, Hkv * row_tiles, B); block: kThreads threads.
 // A block owns one KV head, up to kAttnRows query rows of its GQA group (query head x query
@@ -92,6 +93,39 @@ __device__ inline void stage_codes(const uint8_t* __restrict__ g, uint8_t* s, in
     }
 }
 
+// Row (in the (sequence, KV head)'s code tensor) of code token t in paged mode, or -1 when t
+// falls on no page (id -1) or past the last row.
+__device__ inline long long paged_row(const PqAttnParams& p, long long kv_base, long long t) {
+    const long long npages = p.n / p.page_size;
+    const long long id = p.pages[kv_base * npages + t / p.page_size];
+    if (id < 0) return -1;
+    const long long row = id * p.page_size + t % p.page_size;
+    return row < p.rows ? row : -1;
+}
+
+// stage_codes for paged mode: row r of the tile is code token t0 + r, read where its page is;
+// rows on no page are zero (their scores are masked).
+__device__ inline void stage_paged_codes(const PqAttnParams& p, long long kv_base, long long t0,
+                                         const uint8_t* __restrict__ g, uint8_t* s, int rows,
+                                         int bytes, int stride) {
+    if ((bytes & 3) == 0 && (reinterpret_cast<uintptr_t>(g) & 3) == 0) {
+        const int words = bytes >> 2, sw = stride >> 2;
+        const uint32_t* gw = reinterpret_cast<const uint32_t*>(g);
+        uint32_t* swp = reinterpret_cast<uint32_t*>(s);
+        for (int i = threadIdx.x; i < rows * words; i += kThreads) {
+            const int r = i / words, c = i - r * words;
+            const long long row = paged_row(p, kv_base, t0 + r);
+            swp[r * sw + c] = row < 0 ? 0u : gw[(kv_base * p.rows + row) * words + c];
+        }
+    } else {
+        for (int i = threadIdx.x; i < rows * bytes; i += kThreads) {
+            const int r = i / bytes, c = i - r * bytes;
+            const long long row = paged_row(p, kv_base, t0 + r);
+            s[r * stride + c] = row < 0 ? 0 : g[(kv_base * p.rows + row) * bytes + c];
+        }
+    }
+}
+
 template <typename C>
 __device__ inline void stage_centroids(const float* __restrict__ g, C* s, int count) {
     for (int i = threadIdx.x; i < count; i += kThreads) s[i] = from_f32<C>(g[i]);
@@ -147,11 +181,14 @@ __device__ void attn_split(const PqAttnParams& p) {
 
     // Token range of this split, clipped to the valid range of sequence b.
     long long lo, hi;
+    const bool paged = p.pages != nullptr;
     if (is_code) {
         lo = (long long)split * p.code_chunk;
         hi = min((long long)p.n, lo + p.code_chunk);
-        lo = max(lo, (long long)p.code_range[2 * b]);
-        hi = min(hi, (long long)p.code_range[2 * b + 1]);
+        if (!paged) {
+            lo = max(lo, (long long)p.code_range[2 * b]);
+            hi = min(hi, (long long)p.code_range[2 * b + 1]);
+        }
     } else {
         lo = (long long)(split - p.code_splits) * p.fp_chunk;
         hi = min((long long)p.f, lo + p.fp_chunk);
@@ -204,7 +241,11 @@ __device__ void attn_split(const PqAttnParams& p) {
 
     for (long long t0 = lo; t0 < hi; t0 += kThreads) {
         const int cnt = (int)min((long long)kThreads, hi - t0);
-        if (is_code) {
+        if (is_code && paged) {
+            stage_paged_codes(p, kv_base, t0, p.k_codes, kcode_s, cnt, kbytes, L.kstride);
+            stage_paged_codes(p, kv_base, t0, p.v_codes, vcode_s, cnt, vbytes, L.vstride);
+            __syncthreads();
+        } else if (is_code) {
             stage_codes(p.k_codes + (kv_base * p.n + t0) * kbytes, kcode_s, cnt, kbytes, L.kstride);
             stage_codes(p.v_codes + (kv_base * p.n + t0) * vbytes, vcode_s, cnt, vbytes, L.vstride);
             __syncthreads();
@@ -229,11 +270,12 @@ __device__ void attn_split(const PqAttnParams& p) {
                 }
             }
         }
-        // Mask: tokens past the tile, rows past the group, and (full precision, causal) tokens
-        // after the query's own position.
+        // Mask: tokens past the tile, rows past the group, (paged) tokens on no page, and (full
+        // precision, causal) tokens after the query's own position.
+        const bool on_page = !(is_code && paged) || (tid < cnt && paged_row(p, kv_base, t0 + tid) >= 0);
 #pragma unroll
         for (int r = 0; r < kAttnRows; ++r) {
-            bool ok = tid < cnt && r < nrows;
+            bool ok = tid < cnt && r < nrows && on_page;
             if (ok && !is_code && p.causal) {
                 const int t = (r0 + r) % p.tq;
                 ok = t0 + tid <= fp_end - p.tq + t;

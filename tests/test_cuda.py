@@ -29,7 +29,7 @@ F = torch.nn.functional
 
 GPU = ops.cuda_available()
 needs_gpu = pytest.mark.skipif(not GPU, reason="no GPU that ctxcore's CUDA kernels can run on")
-OPS = ("pq_attention", "page_scores", "pq_encode", "gather_pages")
+OPS = ("pq_attention", "pq_paged_attention", "page_scores", "pq_encode", "gather_pages")
 
 
 # -- everywhere ------------------------------------------------------------------------------
@@ -146,6 +146,139 @@ def test_opcheck_new_ops_cpu():
     torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (x, pages, 2))
 
 
+def random_pages(b, hkv, n, page_size, slots, seed):
+    """Ragged selections: per (sequence, KV head) a random number of distinct random pages
+    (the history's partial last page among the candidates) in random order, -1 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    count = -(-n // page_size)
+    ids = torch.full((b, hkv, slots), -1, dtype=torch.int64)
+    for i in range(b):
+        for h in range(hkv):
+            take = int(torch.randint(0, min(slots, count) + 1, (1,), generator=g))
+            pick = torch.randperm(count, generator=g)[:take]
+            where = torch.randperm(slots, generator=g)[:take]
+            ids[i, h, where] = pick
+    return ids
+
+
+def selected_pages_oracle(case, pages, page_size, fr, scale, causal):
+    """pq_attention (dense) over each (sequence, KV head)'s selected pages' codes, copied out."""
+    q = case["q"]
+    b, hq, tq, d = q.shape
+    hkv, n = case["k_codes"].shape[1], case["k_codes"].shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, tq, d)
+    lse = torch.full((b, hq, tq), float("-inf"))
+    for i in range(b):
+        for h in range(hkv):
+            rows = [
+                t
+                for p in pages[i, h].tolist()
+                if p >= 0
+                for t in range(p * page_size, min((p + 1) * page_size, n))
+            ]
+            idx = torch.tensor(rows, dtype=torch.int64)
+            sl = slice(h * g, (h + 1) * g)
+            o, ls = ops.pq_attention(
+                case["q"][i : i + 1, sl].float(),
+                case["k_codes"][i : i + 1, h : h + 1, idx],
+                case["v_codes"][i : i + 1, h : h + 1, idx],
+                case["k_centroids"][h : h + 1],
+                case["v_centroids"][h : h + 1],
+                case["fp_k"][i : i + 1, h : h + 1].float(),
+                case["fp_v"][i : i + 1, h : h + 1].float(),
+                fp_range=fr[i : i + 1],
+                scale=scale,
+                causal=causal,
+            )
+            out[i, sl], lse[i, sl] = o[0], ls[0]
+    return out, lse
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,tq,d,n,f,k_dsub,v_dsub,knbits,page_size,slots",
+    [
+        (1, 9, 3, 1, 64, 1000, 20, 2, 1, 8, 64, 5),  # the default layout (8-bit keys, 4-bit values)
+        (2, 8, 2, 3, 32, 333, 7, 1, 1, 4, 50, 9),  # 4-bit codes, partial last page, causal chunk
+        (1, 4, 4, 1, 64, 0, 3, 2, 2, 8, 16, 2),  # no code tokens: every id -1
+    ],
+)
+def test_pq_paged_attention_equals_pq_attention_over_the_selected_pages(
+    b, hq, hkv, tq, d, n, f, k_dsub, v_dsub, knbits, page_size, slots
+):
+    case = make(b, hq, hkv, tq, d, n, f, k_dsub, v_dsub, knbits, seed=n + slots)
+    if knbits == 8 and v_dsub == 1:  # values as 4-bit codes over 1 dim, as bits=4 stores them
+        g = torch.Generator().manual_seed(2)
+        case["v_codes"] = torch.randint(0, 256, (b, hkv, n, d // 2), dtype=torch.uint8, generator=g)
+        case["v_centroids"] = torch.randn(hkv, d, 16, 1, generator=g)
+    pages = random_pages(b, hkv, n, page_size, slots, seed=7)
+    fr = torch.tensor([[0, f]] * b)
+    if b > 1:
+        fr[1, 0] = 2
+    want, want_lse = selected_pages_oracle(case, pages, page_size, fr, 0.125, True)
+    got, lse = ops.pq_paged_attention(
+        case["q"],
+        case["k_codes"],
+        case["v_codes"],
+        case["k_centroids"],
+        case["v_centroids"],
+        pages,
+        page_size,
+        case["fp_k"],
+        case["fp_v"],
+        fp_range=fr,
+        scale=0.125,
+    )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-5)
+    if n:
+        dup = pages.clone()
+        dup[0, 0, :2] = 0
+        with pytest.raises(ConfigError, match="twice"):
+            ops.pq_paged_attention(
+                case["q"],
+                case["k_codes"],
+                case["v_codes"],
+                case["k_centroids"],
+                case["v_centroids"],
+                dup,
+                page_size,
+            )
+        far = pages.clone()
+        far[0, 0, 0] = -(-n // page_size)
+        with pytest.raises(ConfigError, match="out of range"):
+            ops.pq_paged_attention(
+                case["q"],
+                case["k_codes"],
+                case["v_codes"],
+                case["k_centroids"],
+                case["v_centroids"],
+                far,
+                page_size,
+            )
+    with pytest.raises(ShapeError, match="pages"):
+        ops.pq_paged_attention(
+            case["q"],
+            case["k_codes"],
+            case["v_codes"],
+            case["k_centroids"],
+            case["v_centroids"],
+            pages[:, :1],
+            page_size,
+        )
+
+
+def test_opcheck_pq_paged_attention_cpu():
+    case = make(1, 4, 2, 2, 16, 40, 3, 2, 2, 8, seed=3)
+    pages = torch.tensor([[[2, -1, 0], [1, 4, -1]]])
+    args = [case[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    fr = torch.tensor([[0, 3]])
+    torch.library.opcheck(
+        torch.ops.ctxcore.pq_paged_attention.default,
+        (*args, pages, 8, case["fp_k"], case["fp_v"], fr, 0.25, True),
+    )
+
+
 # -- the CUDA path end to end on the CPU, through the emulation of the kernels ---------------
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
@@ -240,6 +373,41 @@ def test_emulated_cuda_pq_attention_property(emulated, case):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
     fin = torch.isfinite(want_lse)
     torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,tq,d,n,f,dsub,nbits,page_size,slots,dtype",
+    [
+        (1, 9, 3, 1, 64, 1000, 20, 2, 8, 64, 5, torch.float32),
+        (2, 8, 2, 3, 32, 333, 7, 1, 4, 50, 9, torch.float16),
+        (1, 4, 2, 1, 64, 2100, 4, 2, 8, 512, 3, torch.bfloat16),
+        (1, 4, 4, 1, 64, 0, 3, 2, 8, 16, 2, torch.float32),
+    ],
+)
+def test_emulated_cuda_pq_paged_attention_matches_cpu(
+    emulated, b, hq, hkv, tq, d, n, f, dsub, nbits, page_size, slots, dtype
+):
+    """The CUDA paged mode of the attention kernel (through the emulation) equals the CPU op."""
+    case = to(make(b, hq, hkv, tq, d, n, f, dsub, dsub, nbits, seed=n + 1), "cpu", dtype)
+    pages = random_pages(b, hkv, n, page_size, slots, seed=n)
+    fr = torch.tensor([[0, f]] * b)
+    if b > 1:
+        fr[1, 0] = 2
+    args = [case[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    args = [*args, pages, page_size, case["fp_k"], case["fp_v"], fr, 1 / math.sqrt(d), True]
+    want, want_lse = torch.ops.ctxcore.pq_paged_attention(*args)
+    got, lse = ops._pq_paged_attention_cuda(*args)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = tolerance(dtype, d, nbits, dsub)
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin], rtol=1e-3, atol=1e-3)
+    if n:
+        dup = pages.clone()
+        dup[0, 0, :2] = 0
+        with pytest.raises(ConfigError, match="twice"):
+            ops._pq_paged_attention_cuda(*args[:5], dup, *args[6:])
 
 
 def test_emulated_cuda_page_scores_gather_encode_match_cpu(emulated):
@@ -406,6 +574,23 @@ def test_cuda_quest_attention_matches_cpu():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_pq_paged_attention_matches_cpu(dtype):
+    case = make(2, 32, 8, 1, 128, 70_000, 132, 2, 2, 8, seed=5)
+    pages = random_pages(2, 8, 70_000, 64, 110, seed=5)
+    fr = torch.tensor([[0, 132], [3, 132]])
+    cpu = to(case, "cpu", dtype)
+    args = [cpu[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    want, want_lse = ops.pq_paged_attention(*args, pages, 64, cpu["fp_k"], cpu["fp_v"], fp_range=fr)
+    dev = to(case, "cuda", dtype)
+    args = [dev[k] for k in ("q", "k_codes", "v_codes", "k_centroids", "v_centroids")]
+    got, lse = ops.pq_paged_attention(*args, pages.cuda(), 64, dev["fp_k"], dev["fp_v"], fp_range=fr.cuda())
+    tol = tolerance(dtype, 128, 8, 2)
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu(), want_lse, rtol=1e-3, atol=1e-3)
+
+
+@needs_gpu
 def test_opcheck_cuda():
     case = to(make(1, 4, 2, 2, 64, 300, 8, 2, 2, 8), "cuda", torch.float16)
     cr = torch.tensor([[0, 300]], device="cuda")
@@ -431,6 +616,8 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.ctxcore.pq_encode.default, (case["fp_k"], cent))
     pages = torch.tensor([[[0, 1], [-1, 0]]], device="cuda")
     torch.library.opcheck(torch.ops.ctxcore.gather_pages.default, (case["fp_k"], pages, 4))
+    sel = torch.tensor([[[3, -1, 0], [1, 4, -1]]], device="cuda")
+    torch.library.opcheck(torch.ops.ctxcore.pq_paged_attention.default, (*args[:5], sel, 64, *args[6:]))
 
 
 def test_cli_info_reports_cuda_status(capsys):

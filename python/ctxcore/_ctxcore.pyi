@@ -177,6 +177,20 @@ def pq_attention(
     scale: float,
     causal: bool,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def pq_paged_attention(
+    q: npt.NDArray[np.float32],
+    k_codes: npt.NDArray[np.uint8],
+    v_codes: npt.NDArray[np.uint8],
+    k_centroids: npt.NDArray[np.float32],
+    v_centroids: npt.NDArray[np.float32],
+    pages: npt.NDArray[np.int64],
+    page_size: int,
+    fp_k: npt.NDArray[np.float32],
+    fp_v: npt.NDArray[np.float32],
+    fp_range: npt.NDArray[np.int64],
+    scale: float,
+    causal: bool,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 def paged_attention(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],

@@ -12,7 +12,7 @@ and positions in the same process:
   attention over the codes (codebooks as the default gives them: reused from the codebook cache
   where it holds the model's, see :mod:`ctxcore.codebooks`); ``ctxcore4-train``: 4 bits with
   codebooks always trained on the context itself; ``ctxcore4-select``: Quest selection of 10% of
-  the pages.
+  the pages per decode step and KV head, attended over their codes (no fp16 page copies).
 
 Perplexity prefills ``L`` tokens (exact attention for every method) and then scores the next
 tokens one decode step at a time, so the compressed history is what is measured.
@@ -156,7 +156,7 @@ def make_cache(method: str, model: Any, sink_window: int = 256) -> Any:
     if method == "ctxcore2":
         return CompressedCache(cfg, bits=2)
     if method == "ctxcore4-select":
-        return CompressedCache(cfg, bits=4, select=0.1, keep_full_precision=True)
+        return CompressedCache(cfg, bits=4, select=0.1)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 

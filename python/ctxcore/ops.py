@@ -96,6 +96,7 @@ __all__ = [
     "paged_attention",
     "pq_attention",
     "pq_encode",
+    "pq_paged_attention",
     "pq_token_scores",
     "quest_attention",
     "select_pages",
@@ -312,6 +313,74 @@ def _(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_
     return _empty_out_lse(q)
 
 
+def _check_pq_paged(q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range):
+    b = q.shape[0] if q.dim() == 4 else 0
+    no_range = torch.zeros((b, 2), dtype=torch.int64)
+    _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, no_range, fp_k, fp_v, fp_range)
+    _check_gather(k_codes, pages, page_size)
+
+
+def _check_page_ids(pages: torch.Tensor, n: int, page_size: int) -> None:
+    """Ids in range and distinct per (sequence, KV head) (the CUDA path; the CPU kernel checks
+    its own): a repeated id would count its tokens twice."""
+    count = (n + page_size - 1) // page_size
+    p = pages.long()
+    if bool((p >= count).any()):
+        raise ConfigError(f"page id out of range: {n} tokens in pages of {page_size} make {count} pages")
+    srt = p.sort(dim=-1).values
+    if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)).any()):
+        raise ConfigError("a page id appears twice for one (sequence, KV head); ids must be distinct")
+
+
+@torch.library.custom_op(
+    "ctxcore::pq_paged_attention",
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k_codes, Tensor v_codes, Tensor k_centroids, Tensor v_centroids, "
+        "Tensor pages, int page_size, Tensor fp_k, Tensor fp_v, Tensor fp_range, float scale, "
+        "bool causal) -> (Tensor out, Tensor lse)"
+    ),
+)
+def _pq_paged_attention_op(
+    q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range, scale, causal
+):
+    _require_cpu(
+        "pq_paged_attention",
+        q=q,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_centroids=k_centroids,
+        v_centroids=v_centroids,
+        pages=pages,
+        fp_k=fp_k,
+        fp_v=fp_v,
+        fp_range=fp_range,
+    )
+    _check_pq_paged(q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range)
+    f32, i64, u8 = torch.float32, torch.int64, torch.uint8
+    out, lse = _ctxcore.pq_paged_attention(
+        _np(q, f32),
+        _np(k_codes, u8),
+        _np(v_codes, u8),
+        _np(k_centroids, f32),
+        _np(v_centroids, f32),
+        _np(pages, i64),
+        int(page_size),
+        _np(fp_k, f32),
+        _np(fp_v, f32),
+        _np(fp_range, i64),
+        float(scale),
+        bool(causal),
+    )
+    return _out_lse(q, out, lse)
+
+
+@_pq_paged_attention_op.register_fake
+def _(q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range, scale, causal):
+    _check_pq_paged(q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range)
+    return _empty_out_lse(q)
+
+
 def _check_page_scores(q, kmin, kmax):
     _check_rank("q", q, 4, "[B, Hq, Tq, D]")
     _check_rank("kmin", kmin, 4, "[B, Hkv, P, D]")
@@ -490,6 +559,51 @@ def _pq_attention_cuda(
         fp_v=fp_v,
     )
     _check_pq_attention(q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range)
+    cr = _cuda_range("code_range", code_range, k_codes.shape[2], dev)
+    return _launch_pq_attention(
+        dev, q, k_codes, v_codes, k_centroids, v_centroids, cr, fp_k, fp_v, fp_range, scale, causal
+    )
+
+
+def _pq_paged_attention_cuda(
+    q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range, scale, causal
+):
+    dev = _check_device(
+        "pq_paged_attention",
+        q=q,
+        k_codes=k_codes,
+        v_codes=v_codes,
+        k_centroids=k_centroids,
+        v_centroids=v_centroids,
+        pages=pages,
+        fp_k=fp_k,
+        fp_v=fp_v,
+    )
+    _check_pq_paged(q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range)
+    _check_page_ids(pages, k_codes.shape[2], int(page_size))
+    pc = pages.to(device=dev, dtype=torch.int64).contiguous()
+    cr = torch.zeros((q.shape[0], 2), dtype=torch.int64, device=dev)
+    return _launch_pq_attention(
+        dev,
+        q,
+        k_codes,
+        v_codes,
+        k_centroids,
+        v_centroids,
+        cr,
+        fp_k,
+        fp_v,
+        fp_range,
+        scale,
+        causal,
+        paged=(pc, int(page_size)),
+    )
+
+
+def _launch_pq_attention(
+    dev, q, k_codes, v_codes, k_centroids, v_centroids, cr, fp_k, fp_v, fp_range, scale, causal, paged=None
+):
+    """Enqueue the CUDA attention kernel (dense, or over the pages ``paged = (ids, page_size)``)."""
     if not math.isfinite(scale):
         raise ConfigError(f"scale must be finite, got {scale}")
     b, hq, tq, d = q.shape
@@ -501,17 +615,20 @@ def _pq_attention_cuda(
     kcent = k_centroids.to(torch.float32).contiguous()
     vcent = v_centroids.to(torch.float32).contiguous()
     fk, fv = fp_k.to(dt).contiguous(), fp_v.to(dt).contiguous()
-    cr = _cuda_range("code_range", code_range, n, dev)
     fr = _cuda_range("fp_range", fp_range, f, dev)
     out = torch.empty((b, hq, tq, d), dtype=dt, device=dev)
     lse = torch.empty((b, hq, tq), dtype=torch.float32, device=dev)
     km, kbits = kcent.shape[1], _nbits("k_centroids", kcent.shape[2])
     vm, vbits = vcent.shape[1], _nbits("v_centroids", vcent.shape[2])
     dims = [b, hq, hkv, tq, d, n, f, km, kbits, vm, vbits]
+    tensors = [qc, kc, vc, kcent, vcent, cr, fk, fv, fr, out, lse]
+    if paged is not None:
+        dims += [paged[0].shape[2], paged[1]]
+        tensors.append(paged[0])
     ordinal, name = _ordinal(dev), _dtype_name(dt)
     nbytes = _ctxcore.cuda_pq_attention_work_bytes(ordinal, dims, name, float(scale), bool(causal))
     work = torch.empty(max(1, nbytes // 4), dtype=torch.float32, device=dev)
-    ptrs = [t.data_ptr() for t in (qc, kc, vc, kcent, vcent, cr, fk, fv, fr, out, lse)]
+    ptrs = [t.data_ptr() for t in tensors]
     _ctxcore.cuda_pq_attention(
         ordinal, _stream(dev), dims, name, float(scale), bool(causal), ptrs, work.data_ptr()
     )
@@ -613,6 +730,7 @@ def _paged_attention_composed(q, k, v, pages, page_size, fp_k, fp_v, fp_range, s
 
 
 _pq_attention_op.register_kernel("cuda")(_pq_attention_cuda)
+_pq_paged_attention_op.register_kernel("cuda")(_pq_paged_attention_cuda)
 _paged_attention_op.register_kernel("cuda")(_paged_attention_composed)
 _page_scores_op.register_kernel("cuda")(_page_scores_cuda)
 _pq_encode_op.register_kernel("cuda")(_pq_encode_cuda)
@@ -712,6 +830,58 @@ def pq_attention(
     s = 1.0 / math.sqrt(d) if scale is None else float(scale)
     return torch.ops.ctxcore.pq_attention(
         q, k_codes, v_codes, k_centroids, v_centroids, cr, fp_k, fp_v, fr, s, bool(causal)
+    )
+
+
+def pq_paged_attention(
+    q: torch.Tensor,
+    k_codes: torch.Tensor,
+    v_codes: torch.Tensor,
+    k_centroids: torch.Tensor,
+    v_centroids: torch.Tensor,
+    pages: torch.Tensor,
+    page_size: int = 64,
+    fp_k: torch.Tensor | None = None,
+    fp_v: torch.Tensor | None = None,
+    *,
+    fp_range: Any = None,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the PQ codes of selected pages only (Quest-style selection over the
+    codes, read in place, no gather copy) plus a full-precision part; see
+    ``torch.ops.ctxcore.pq_paged_attention``.
+
+    Args:
+        q: ``[B, Hq, Tq, D]`` (float32, bfloat16 or float16; CPU or CUDA).
+        k_codes, v_codes: uint8 ``[B, Hkv, N, ck]`` / ``[B, Hkv, N, cv]``.
+        k_centroids, v_centroids: float ``[Hkv, m, 16 or 256, D // m]``.
+        pages: int64 ``[B, Hkv, S]`` distinct page ids per (sequence, KV head); page ``p`` is
+            code tokens ``[p * page_size, min((p + 1) * page_size, N))``; negative ids are
+            skipped (ragged selections pad with -1).
+        fp_k, fp_v: ``[B, Hkv, F, D]`` after the codes (sinks + recent window); None for none.
+        fp_range: ``[B, 2]`` valid ``[start, end)`` of the fp part per sequence (default: all).
+        scale: default ``1 / sqrt(D)``.
+        causal: the last ``Tq`` valid fp tokens are the queries' own positions.
+
+    Returns:
+        ``(out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32)``: equal to
+        :func:`pq_attention` over the selected pages' codes.
+    """
+    for what, t in (("q", q), ("k_codes", k_codes), ("v_codes", v_codes), ("pages", pages)):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{what}: expected a torch.Tensor, got {type(t).__name__}")
+    _check_rank("q", q, 4, "[B, Hq, Tq, D]")
+    _check_rank("k_codes", k_codes, 4, "[B, Hkv, N, k_code_bytes]")
+    b, _, _, d = q.shape
+    if (fp_k is None) != (fp_v is None):
+        raise ConfigError("give both fp_k and fp_v (or neither)")
+    if fp_k is None:
+        fp_k = fp_v = q.new_zeros((b, k_codes.shape[1], 0, d))
+    fr = _as_range(fp_range, b, fp_k.shape[2], "fp_range")
+    s = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return torch.ops.ctxcore.pq_paged_attention(
+        q, k_codes, v_codes, k_centroids, v_centroids, pages, int(page_size), fp_k, fp_v, fr, s, bool(causal)
     )
 
 

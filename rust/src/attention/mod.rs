@@ -29,6 +29,6 @@ mod cpu;
 mod values;
 
 pub use cpu::{
-    check_heads, exp_neg, page_scores, paged_attention, pq_attention, pq_attention_paged, Pages,
-    PqAttention, Resident,
+    check_heads, exp_neg, page_scores, paged_attention, pq_attention, pq_attention_paged,
+    pq_attention_selected, CodePages, Pages, PqAttention, Resident,
 };

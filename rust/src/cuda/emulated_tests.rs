@@ -14,7 +14,7 @@ use half::{bf16, f16};
 
 use super::emulator::{self, Emulator};
 use super::*;
-use crate::attention::{page_scores, pq_attention, PqAttention};
+use crate::attention::{page_scores, pq_attention, pq_attention_selected, CodePages, PqAttention};
 use crate::rng::SplitMix64 as Rng;
 use crate::ProductQuantizer;
 
@@ -166,6 +166,7 @@ fn shared_memory_sizing_matches_the_kernel() {
             dtype: DType::F32,
             scale: 1.0,
             causal: true,
+            paged: None,
         };
         let plan = plan_pq_attention(&s, &lim).unwrap();
         // SAFETY: reads the parameter block.
@@ -195,6 +196,10 @@ struct Case {
     /// Left padding of sequence 1 (codes) and a shorter fp part for it.
     pad: bool,
     lim: DeviceLimits,
+    /// Paged mode: (page size, id slots per (sequence, KV head)): each list gets a random
+    /// number of distinct random pages (the history's partial page among them where it falls)
+    /// in random order, the other slots -1.
+    paged: Option<(usize, usize)>,
 }
 
 fn run_attention(c: Case, seed: u64) {
@@ -223,7 +228,29 @@ fn run_attention(c: Case, seed: u64) {
         fp_range[1] = (f.min(tq + 2) / 2, f);
     }
     let scale = 1.0 / (d as f32).sqrt();
-    let (want, want_lse) = pq_attention(&PqAttention {
+    let ids: Vec<i64> = match c.paged {
+        None => Vec::new(),
+        Some((size, slots)) => {
+            code_range = vec![(0, n); b];
+            let count = n.div_ceil(size);
+            let mut ids = Vec::with_capacity(b * hkv * slots);
+            for _ in 0..b * hkv {
+                let mut all: Vec<i64> = (0..count as i64).collect();
+                for i in (1..all.len()).rev() {
+                    all.swap(i, rng.below(i + 1));
+                }
+                let take = rng.below(slots.min(count) + 1);
+                let mut list: Vec<i64> = all[..take].to_vec();
+                list.resize(slots, -1);
+                for i in (1..list.len()).rev() {
+                    list.swap(i, rng.below(i + 1));
+                }
+                ids.extend(list);
+            }
+            ids
+        }
+    };
+    let args = PqAttention {
         batch: b,
         hq,
         hkv,
@@ -246,7 +273,18 @@ fn run_attention(c: Case, seed: u64) {
         fp_range: &fp_range,
         scale,
         causal: c.causal,
-    })
+    };
+    let (want, want_lse) = match c.paged {
+        None => pq_attention(&args),
+        Some((size, slots)) => pq_attention_selected(
+            &args,
+            &CodePages {
+                ids: &ids,
+                s: slots,
+                size,
+            },
+        ),
+    }
     .unwrap();
 
     let shape = PqAttnShape {
@@ -264,6 +302,9 @@ fn run_attention(c: Case, seed: u64) {
         dtype: c.dtype,
         scale,
         causal: c.causal,
+        paged: c
+            .paged
+            .map(|(page_size, ids)| PagedCodes { page_size, ids }),
     };
     let plan = plan_pq_attention(&shape, &c.lim).unwrap();
     let cr: Vec<i64> = code_range
@@ -292,6 +333,7 @@ fn run_attention(c: Case, seed: u64) {
         fp_range: addr(&fr),
         out: addr_mut(&mut out),
         lse: addr_mut(&mut lse),
+        pages: if ids.is_empty() { 0 } else { addr(&ids) },
     };
     for l in plan.launches(&ptrs, addr_mut(&mut work)) {
         EmuLauncher.launch(&l).unwrap();
@@ -358,6 +400,7 @@ fn base() -> Case {
         causal: true,
         pad: false,
         lim: SMALL_GPU,
+        paged: None,
     }
 }
 
@@ -498,6 +541,45 @@ fn attention_matches_cpu_reference_in_half_precision_and_half_codebooks() {
         ..base()
     };
     run_attention(c, 50);
+}
+
+#[test]
+fn paged_codes_attention_matches_the_cpu_selected_pages_reference() {
+    // Selected pages of the codes attended in place: ragged id lists with -1 slots, random
+    // order, the history's partial last page, pages smaller and larger than the 256-token tile,
+    // the default layout (8-bit keys over 2 dims, 4-bit values over 1 dim), GQA, splits over
+    // many blocks, half precision, a causal multi-token query, no pages at all.
+    for (i, (n, size, slots, tq, batch, v_nbits, dtype)) in [
+        (700, 64, 6, 1, 1, None, DType::F32),
+        (1000, 64, 16, 1, 2, Some(4), DType::F32),
+        (2500, 512, 3, 1, 2, Some(4), DType::F32),
+        (300, 100, 4, 3, 1, Some(4), DType::BF16),
+        (130, 16, 9, 1, 1, None, DType::F16),
+        (0, 64, 2, 1, 1, None, DType::F32),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = 64;
+        run_attention(
+            Case {
+                n,
+                tq,
+                batch,
+                hq: 9,
+                hkv: 3,
+                d,
+                k_dsub: 2,
+                v_dsub: if v_nbits.is_some() { 1 } else { 2 },
+                v_nbits,
+                dtype,
+                pad: batch > 1,
+                paged: Some((size, slots)),
+                ..base()
+            },
+            60 + i as u64,
+        );
+    }
 }
 
 #[test]

@@ -263,6 +263,20 @@ pub struct PqAttnShape {
     pub dtype: DType,
     pub scale: f32,
     pub causal: bool,
+    /// Paged mode: only the code tokens of selected pages are attended, in place (the
+    /// semantics of `torch.ops.ctxcore.pq_paged_attention`); `None`: dense.
+    pub paged: Option<PagedCodes>,
+}
+
+/// Paged mode of [`PqAttnShape`]: `ids` page ids per (sequence, KV head), Layout
+/// `(batch, hkv, ids)` int64 at [`PqAttnPtrs::pages`]; page `p` is code tokens
+/// `[p * page_size, min((p + 1) * page_size, n))`; negative ids are skipped; ids must be in
+/// range and distinct (the caller checks: the kernel skips rows past `n`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct PagedCodes {
+    pub page_size: usize,
+    pub ids: usize,
 }
 
 /// Device addresses of the tensors of a `pq_attention` call (all contiguous).
@@ -283,6 +297,8 @@ pub struct PqAttnPtrs {
     pub out: u64,
     /// float32 `[B, Hq, Tq]`.
     pub lse: u64,
+    /// int64 `[B, Hkv, ids]` page ids (paged mode; 0 otherwise).
+    pub pages: u64,
 }
 
 /// A planned `pq_attention`: split counts, shared memory, and the workspace it needs.
@@ -291,6 +307,7 @@ pub struct PqAttnPlan {
     params: PqAttnParams,
     dtype: DType,
     smem: usize,
+    paged: bool,
     /// Bytes of float32 workspace (partial outputs and log-sum-exps); allocate them on the
     /// device and pass the address to [`PqAttnPlan::launches`].
     pub work_bytes: usize,
@@ -354,7 +371,24 @@ pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPl
     let row_tiles = rows.div_ceil(ATTN_ROWS);
     let base = (s.batch * s.hkv * row_tiles).max(1);
     let want = (2 * lim.sm_count as usize).div_ceil(base);
-    let (code_splits, code_chunk) = split(s.n, want);
+    // Code tokens the splits walk: every row, or (paged) every slot of every selected page.
+    let walk = match s.paged {
+        None => s.n,
+        Some(pg) => {
+            if pg.page_size == 0 {
+                return Err(Error::config("page_size must be positive"));
+            }
+            // No code tokens: every id is -1 (the caller checks), nothing to walk.
+            if s.n == 0 {
+                0
+            } else {
+                pg.ids.checked_mul(pg.page_size).ok_or_else(|| {
+                    Error::config("pq_paged_attention: page ids x page_size overflows")
+                })?
+            }
+        }
+    };
+    let (code_splits, code_chunk) = split(walk, want);
     let (fp_splits, fp_chunk) = split(s.f, want);
     let mut p = PqAttnParams {
         b: i32_of("batch", s.batch)?,
@@ -362,7 +396,7 @@ pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPl
         hkv: i32_of("KV heads", s.hkv)?,
         tq: i32_of("query tokens", s.tq)?,
         d: s.d as i32,
-        n: i32_of("code tokens", s.n)?,
+        n: i32_of("code tokens", walk)?,
         f: i32_of("full-precision tokens", s.f)?,
         k_m: s.k_m as i32,
         k_nbits: s.k_nbits as i32,
@@ -374,6 +408,8 @@ pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPl
         fp_chunk: i32_of("fp chunk", fp_chunk)?,
         row_tiles: i32_of("row tiles", row_tiles)?,
         causal: s.causal as i32,
+        page_size: i32_of("page size", s.paged.map_or(0, |pg| pg.page_size))?,
+        rows: i32_of("code tokens", s.n)?,
         scale: s.scale,
         ..Default::default()
     };
@@ -405,6 +441,7 @@ pub fn plan_pq_attention(s: &PqAttnShape, lim: &DeviceLimits) -> Result<PqAttnPl
         params: p,
         dtype: s.dtype,
         smem,
+        paged: s.paged.is_some(),
         work_bytes: rows_all * splits * (s.d + 1) * 4,
     })
 }
@@ -441,6 +478,7 @@ impl PqAttnPlan {
             work,
             out: ptrs.out,
             lse: ptrs.lse,
+            pages: if self.paged { ptrs.pages } else { 0 },
             ..self.params
         };
         let rows_all = (p.b * p.hq * p.tq) as u32;
@@ -639,6 +677,7 @@ mod tests {
             dtype: DType::F16,
             scale: 0.1,
             causal: true,
+            paged: None,
         }
     }
 

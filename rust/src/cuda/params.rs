@@ -21,6 +21,7 @@ pub struct PqAttnParams {
     pub work: u64,
     pub out: u64,
     pub lse: u64,
+    pub pages: u64,
     pub b: i32,
     pub hq: i32,
     pub hkv: i32,
@@ -39,6 +40,8 @@ pub struct PqAttnParams {
     pub row_tiles: i32,
     pub causal: i32,
     pub half_centroids: i32,
+    pub page_size: i32,
+    pub rows: i32,
     pub scale: f32,
     pub pad_: i32,
 }

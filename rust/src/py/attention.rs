@@ -1,5 +1,5 @@
-//! Bindings of [`crate::attention`]: `_ctxcore.pq_attention`, `_ctxcore.paged_attention` and
-//! `_ctxcore.page_scores`.
+//! Bindings of [`crate::attention`]: `_ctxcore.pq_attention`, `_ctxcore.pq_paged_attention`,
+//! `_ctxcore.paged_attention` and `_ctxcore.page_scores`.
 //!
 //! Arrays arrive C-contiguous in float32 / uint8 / int64 (the torch custom ops in
 //! `ctxcore.ops` convert dtypes and check devices first).
@@ -14,7 +14,8 @@ use pyo3::prelude::*;
 use super::error::IntoPy;
 use crate::attention::{
     page_scores as core_page_scores, paged_attention as core_paged_attention,
-    pq_attention as core_pq_attention, Pages, PqAttention,
+    pq_attention as core_pq_attention, pq_attention_selected as core_pq_attention_selected,
+    CodePages, Pages, PqAttention,
 };
 use crate::error::{catch_panic, Error};
 
@@ -118,6 +119,77 @@ pub fn pq_attention<'py>(
     scale: f32,
     causal: bool,
 ) -> PyResult<OutLse<'py>> {
+    codes_attention(
+        py,
+        (q, k_codes, v_codes, k_centroids, v_centroids),
+        Codes::Range(code_range),
+        (fp_k, fp_v, fp_range),
+        scale,
+        causal,
+    )
+}
+
+/// Attention over the codes of selected pages (`pages [B, Hkv, S]` ids of `page_size`-token
+/// pages, negative ids skipped) plus a full-precision part. See
+/// `ctxcore.ops.pq_paged_attention`.
+#[pyfunction]
+#[pyo3(signature = (q, k_codes, v_codes, k_centroids, v_centroids, pages, page_size, fp_k, fp_v, fp_range, scale, causal))]
+#[allow(clippy::too_many_arguments)]
+pub fn pq_paged_attention<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray4<'py, f32>,
+    k_codes: PyReadonlyArray4<'py, u8>,
+    v_codes: PyReadonlyArray4<'py, u8>,
+    k_centroids: PyReadonlyArray4<'py, f32>,
+    v_centroids: PyReadonlyArray4<'py, f32>,
+    pages: PyReadonlyArray3<'py, i64>,
+    page_size: usize,
+    fp_k: PyReadonlyArray4<'py, f32>,
+    fp_v: PyReadonlyArray4<'py, f32>,
+    fp_range: PyReadonlyArray2<'py, i64>,
+    scale: f32,
+    causal: bool,
+) -> PyResult<OutLse<'py>> {
+    codes_attention(
+        py,
+        (q, k_codes, v_codes, k_centroids, v_centroids),
+        Codes::Pages(pages, page_size),
+        (fp_k, fp_v, fp_range),
+        scale,
+        causal,
+    )
+}
+
+/// Which code tokens [`codes_attention`] attends.
+enum Codes<'py> {
+    /// `[B, 2]` valid ranges.
+    Range(PyReadonlyArray2<'py, i64>),
+    /// Selected page ids and the page size.
+    Pages(PyReadonlyArray3<'py, i64>, usize),
+}
+
+type CodeArrays<'py> = (
+    PyReadonlyArray4<'py, f32>,
+    PyReadonlyArray4<'py, u8>,
+    PyReadonlyArray4<'py, u8>,
+    PyReadonlyArray4<'py, f32>,
+    PyReadonlyArray4<'py, f32>,
+);
+
+type FpArrays<'py> = (
+    PyReadonlyArray4<'py, f32>,
+    PyReadonlyArray4<'py, f32>,
+    PyReadonlyArray2<'py, i64>,
+);
+
+fn codes_attention<'py>(
+    py: Python<'py>,
+    (q, k_codes, v_codes, k_centroids, v_centroids): CodeArrays<'py>,
+    codes: Codes<'py>,
+    (fp_k, fp_v, fp_range): FpArrays<'py>,
+    scale: f32,
+    causal: bool,
+) -> PyResult<OutLse<'py>> {
     let qs = q.shape().to_vec();
     let (batch, hq, tq, d) = (qs[0], qs[1], qs[2], qs[3]);
     let kcs = k_codes.shape().to_vec();
@@ -150,7 +222,10 @@ pub fn pq_attention<'py>(
         ("fp_k", fp_k.shape(), [batch, hkv, f, d]),
         ("fp_v", fp_v.shape(), [batch, hkv, f, d]),
     ])?;
-    let cr = ranges("code_range", &code_range, batch)?;
+    let cr = match &codes {
+        Codes::Range(r) => ranges("code_range", r, batch)?,
+        Codes::Pages(..) => vec![(0, n); batch],
+    };
     let fr = ranges("fp_range", &fp_range, batch)?;
     let args = PqAttention {
         batch,
@@ -176,10 +251,45 @@ pub fn pq_attention<'py>(
         scale,
         causal,
     };
-    let (out, lse) = py
-        .detach(|| catch_panic(|| core_pq_attention(&args)))
-        .py()?;
+    let (out, lse) = match &codes {
+        Codes::Range(_) => py
+            .detach(|| catch_panic(|| core_pq_attention(&args)))
+            .py()?,
+        Codes::Pages(pages, size) => {
+            let s = page_ids("pages", pages, batch, hkv)?;
+            let sel = CodePages {
+                ids: s.1,
+                s: s.0,
+                size: *size,
+            };
+            py.detach(|| catch_panic(|| core_pq_attention_selected(&args, &sel)))
+                .py()?
+        }
+    };
     out_lse(py, (batch, hq, tq, d), out, lse)
+}
+
+/// `(S, ids)` of a C-contiguous `[batch, hkv, S]` id array.
+fn page_ids<'a>(
+    what: &str,
+    pages: &'a PyReadonlyArray3<'_, i64>,
+    batch: usize,
+    hkv: usize,
+) -> PyResult<(usize, &'a [i64])> {
+    let ps = pages.shape().to_vec();
+    if ps[..2] != [batch, hkv] {
+        return Err(Error::shape(
+            what,
+            format!("[{batch}, {hkv}, S]"),
+            format!("{ps:?}"),
+        ))
+        .py();
+    }
+    let ids = pages
+        .as_slice()
+        .map_err(|_| Error::shape(what, "a C-contiguous array", "a non-contiguous view"))
+        .py()?;
+    Ok((ps[2], ids))
 }
 
 /// Exact attention over selected pages of `k, v [B, Hkv, N, D]` (ids `pages [B, Hkv, S]`,
@@ -212,19 +322,7 @@ pub fn paged_attention<'py>(
         ("fp_k", fp_k.shape(), [batch, hkv, f, d]),
         ("fp_v", fp_v.shape(), [batch, hkv, f, d]),
     ])?;
-    let ps = pages.shape().to_vec();
-    if ps[..2] != [batch, hkv] {
-        return Err(Error::shape(
-            "pages",
-            format!("[{batch}, {hkv}, S]"),
-            format!("{ps:?}"),
-        ))
-        .py();
-    }
-    let ids = pages
-        .as_slice()
-        .map_err(|_| Error::shape("pages", "a C-contiguous array", "a non-contiguous view"))
-        .py()?;
+    let (s_ids, ids) = page_ids("pages", &pages, batch, hkv)?;
     let fr = ranges("fp_range", &fp_range, batch)?;
     let no_codes = vec![(0usize, 0usize); batch];
     let args = PqAttention {
@@ -243,7 +341,7 @@ pub fn paged_attention<'py>(
         v: contiguous("v", &v)?,
         n,
         ids,
-        s: ps[2],
+        s: s_ids,
         size: page_size,
     };
     let (out, lse) = py

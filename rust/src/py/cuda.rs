@@ -8,7 +8,7 @@
 use pyo3::prelude::*;
 
 use super::error::IntoPy;
-use crate::cuda::{self, DType, PqAttnPtrs, PqAttnShape};
+use crate::cuda::{self, DType, PagedCodes, PqAttnPtrs, PqAttnShape};
 use crate::error::{catch_panic, Error};
 
 fn dims<const N: usize>(what: &str, v: &[usize]) -> PyResult<[usize; N]> {
@@ -23,8 +23,20 @@ fn ptrs<const N: usize>(what: &str, v: &[u64]) -> PyResult<[u64; N]> {
         .py()
 }
 
+/// `dims`: (B, Hq, Hkv, Tq, D, N, F, k_m, k_nbits, v_m, v_nbits), then (paged mode) the page
+/// ids per (sequence, KV head) and the page size.
 fn attn_shape(d: &[usize], dtype: &str, scale: f32, causal: bool) -> PyResult<PqAttnShape> {
-    let [batch, hq, hkv, tq, hd, n, f, k_m, k_nbits, v_m, v_nbits] = dims("pq_attention", d)?;
+    let (dense, paged) = match d.len() {
+        13 => (
+            &d[..11],
+            Some(PagedCodes {
+                ids: d[11],
+                page_size: d[12],
+            }),
+        ),
+        _ => (d, None),
+    };
+    let [batch, hq, hkv, tq, hd, n, f, k_m, k_nbits, v_m, v_nbits] = dims("pq_attention", dense)?;
     Ok(PqAttnShape {
         batch,
         hq,
@@ -40,6 +52,7 @@ fn attn_shape(d: &[usize], dtype: &str, scale: f32, causal: bool) -> PyResult<Pq
         dtype: DType::from_name(dtype).py()?,
         scale,
         causal,
+        paged,
     })
 }
 
@@ -85,8 +98,10 @@ pub fn cuda_pq_attention_work_bytes(
 }
 
 /// Enqueue `pq_attention` on `stream`. `dims`: (B, Hq, Hkv, Tq, D, N, F, k_m, k_nbits, v_m,
-/// v_nbits); `ptrs`: q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v,
-/// fp_range, out, lse; `work`: workspace of `cuda_pq_attention_work_bytes` bytes.
+/// v_nbits[, page ids, page_size]); `ptrs`: q, k_codes, v_codes, k_centroids, v_centroids,
+/// code_range, fp_k, fp_v, fp_range, out, lse[, pages]; `work`: workspace of
+/// `cuda_pq_attention_work_bytes` bytes. With the page dims and pointer it is
+/// `pq_paged_attention` (code_range unused).
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 pub fn cuda_pq_attention(
@@ -101,8 +116,18 @@ pub fn cuda_pq_attention(
     work: u64,
 ) -> PyResult<()> {
     let s = attn_shape(&dims, dtype, scale, causal)?;
+    let (ptrs, pages) = match (s.paged, ptrs.len()) {
+        (Some(_), 12) => (&ptrs[..11], ptrs[11]),
+        (Some(_), n) => {
+            return Err(Error::Internal(format!(
+                "pq_paged_attention: expected 12 pointers, got {n}"
+            )))
+            .py()
+        }
+        (None, _) => (&ptrs[..], 0),
+    };
     let [q, k_codes, v_codes, k_centroids, v_centroids, code_range, fp_k, fp_v, fp_range, out, lse] =
-        self::ptrs("pq_attention", &ptrs)?;
+        self::ptrs("pq_attention", ptrs)?;
     let p = PqAttnPtrs {
         q,
         k_codes,
@@ -115,6 +140,7 @@ pub fn cuda_pq_attention(
         fp_range,
         out,
         lse,
+        pages,
     };
     py.detach(|| {
         catch_panic(|| {

@@ -53,6 +53,7 @@ fn _ctxcore(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pq::PQCodec>()?;
     m.add_class::<store::KVStore>()?;
     m.add_function(wrap_pyfunction!(attention::pq_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::pq_paged_attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention::paged_attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention::page_scores, m)?)?;
     m.add_function(wrap_pyfunction!(attention::pq_encode, m)?)?;

@@ -223,39 +223,51 @@ impl Pages<'_> {
                 ));
             }
         }
-        if self.ids.len() != batch * hkv * self.s {
-            return Err(Error::shape(
-                "pages",
-                format!("[{batch}, {hkv}, {}]", self.s),
-                format!("{} values", self.ids.len()),
-            ));
-        }
-        if self.size == 0 {
-            return Err(Error::config("page_size must be positive"));
-        }
-        let count = n.div_ceil(self.size) as i64;
-        if let Some(&bad) = self.ids.iter().find(|&&id| id >= count) {
+        check_page_ids(self.ids, batch, hkv, self.s, n, self.size)
+    }
+}
+
+/// Page ids of Layout `(batch, hkv, s)` over `n` tokens in pages of `size`: in range, distinct
+/// per (sequence, KV head) (negative ids are "no page").
+fn check_page_ids(
+    ids: &[i64],
+    batch: usize,
+    hkv: usize,
+    s: usize,
+    n: usize,
+    size: usize,
+) -> Result<()> {
+    if ids.len() != batch * hkv * s {
+        return Err(Error::shape(
+            "pages",
+            format!("[{batch}, {hkv}, {s}]"),
+            format!("{} values", ids.len()),
+        ));
+    }
+    if size == 0 {
+        return Err(Error::config("page_size must be positive"));
+    }
+    let count = n.div_ceil(size) as i64;
+    if let Some(&bad) = ids.iter().find(|&&id| id >= count) {
+        return Err(Error::config(format!(
+            "page id {bad} out of range: {n} tokens in pages of {size} make {count} pages"
+        )));
+    }
+    // A repeated id would count its tokens twice: a silent wrong answer.
+    for (i, list) in ids.chunks(s.max(1)).enumerate() {
+        let mut seen: Vec<i64> = list.iter().copied().filter(|&id| id >= 0).collect();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
             return Err(Error::config(format!(
-                "page id {bad} out of range: {n} tokens in pages of {} make {count} pages",
-                self.size
+                "page id {} appears twice for (sequence {}, KV head {}); ids must be distinct \
+                 (use -1 for no page)",
+                w[0],
+                i / hkv,
+                i % hkv
             )));
         }
-        // A repeated id would count its tokens twice: a silent wrong answer.
-        for (i, list) in self.ids.chunks(self.s.max(1)).enumerate() {
-            let mut seen: Vec<i64> = list.iter().copied().filter(|&id| id >= 0).collect();
-            seen.sort_unstable();
-            if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
-                return Err(Error::config(format!(
-                    "page id {} appears twice for (sequence {}, KV head {}); ids must be distinct \
-                     (use -1 for no page)",
-                    w[0],
-                    i / hkv,
-                    i % hkv
-                )));
-            }
-        }
-        Ok(())
     }
+    Ok(())
 }
 
 /// GQA head counts: `hq` query heads share `hkv` KV heads in equal groups.
@@ -523,6 +535,91 @@ pub fn pq_attention(a: &PqAttention) -> Result<(Vec<f32>, Vec<f32>)> {
 /// the longest lists' token counts.
 pub fn pq_attention_paged(a: &PqAttention, at: &Resident) -> Result<(Vec<f32>, Vec<f32>)> {
     attend(a, None, Some(at))
+}
+
+/// Selected pages of the code tokens: the input of [`pq_attention_selected`].
+#[derive(Clone, Copy, Debug)]
+pub struct CodePages<'a> {
+    /// Page ids per (sequence, KV head), Layout `(batch, hkv, s)`: page `p` is code tokens
+    /// `[p * size, min((p + 1) * size, n))`; negative ids are skipped. Ids must be distinct.
+    pub ids: &'a [i64],
+    /// Page ids per (sequence, KV head).
+    pub s: usize,
+    /// Tokens per page.
+    pub size: usize,
+}
+
+/// [`pq_attention`] over the code tokens of the selected pages only (each (sequence, KV head)
+/// its own pages, attended in place) plus the fp part: `a.code_range` must be `(0, n)` for
+/// every sequence (the pages say which code tokens are attended). Returns `(out, lse)` as
+/// [`pq_attention`]. The CPU reference of the CUDA kernel's paged mode.
+pub fn pq_attention_selected(a: &PqAttention, sel: &CodePages) -> Result<(Vec<f32>, Vec<f32>)> {
+    a.validate(None)?;
+    if a.code_range.iter().any(|&r| r != (0, a.n)) {
+        return Err(Error::config(
+            "selected code pages: code_range must cover all code tokens; the pages select them",
+        ));
+    }
+    check_page_ids(sel.ids, a.batch, a.hkv, sel.s, a.n, sel.size)?;
+    let (g, tq, d, n, f) = (a.hq / a.hkv, a.tq, a.d, a.n, a.f);
+    let (ck, cv) = (code_bytes(a.k_m, a.k_nbits), code_bytes(a.v_m, a.v_nbits));
+    let (kbook, vbook) = ((1usize << a.k_nbits) * d, (1usize << a.v_nbits) * d);
+    let rows = g * tq;
+    let mut out = vec![0f32; a.batch * a.hq * tq * d];
+    let mut lse = vec![f32::NEG_INFINITY; a.batch * a.hq * tq];
+    for b in 0..a.batch {
+        for h in 0..a.hkv {
+            let bh = b * a.hkv + h;
+            let mut ids: Vec<usize> = sel.ids[bh * sel.s..(bh + 1) * sel.s]
+                .iter()
+                .filter(|&&id| id >= 0)
+                .map(|&id| id as usize)
+                .collect();
+            // Every page but the last of a list must be whole: the history's partial page last.
+            ids.sort_unstable_by_key(|&p| ((p + 1) * sel.size > n, p));
+            let segs: Vec<(&[u8], &[u8])> = ids
+                .iter()
+                .map(|&p| {
+                    let (lo, hi) = (bh * n + p * sel.size, bh * n + ((p + 1) * sel.size).min(n));
+                    (&a.k_codes[lo * ck..hi * ck], &a.v_codes[lo * cv..hi * cv])
+                })
+                .collect();
+            let tokens = segs.iter().map(|(k, _)| k.len() / ck.max(1)).sum::<usize>();
+            let fp: Vec<(&[f32], &[f32])> = (0..f)
+                .map(|t| {
+                    let o = (bh * f + t) * d;
+                    (&a.fp_k[o..o + d], &a.fp_v[o..o + d])
+                })
+                .collect();
+            let q0 = (b * a.hq + h * g) * tq * d;
+            let sub = PqAttention {
+                batch: 1,
+                hq: g,
+                hkv: 1,
+                q: &a.q[q0..q0 + rows * d],
+                n: tokens,
+                k_codes: &[],
+                v_codes: &[],
+                k_cent: &a.k_cent[h * kbook..(h + 1) * kbook],
+                v_cent: &a.v_cent[h * vbook..(h + 1) * vbook],
+                code_range: &[(0, tokens)],
+                fp_k: &[],
+                fp_v: &[],
+                fp_range: &a.fp_range[b..b + 1],
+                ..*a
+            };
+            let at = Resident {
+                segs: std::slice::from_ref(&segs),
+                size: sel.size,
+                fp: std::slice::from_ref(&fp),
+            };
+            let (o, l) = attend(&sub, None, Some(&at))?;
+            out[q0..q0 + rows * d].copy_from_slice(&o);
+            let l0 = (b * a.hq + h * g) * tq;
+            lse[l0..l0 + rows].copy_from_slice(&l);
+        }
+    }
+    Ok((out, lse))
 }
 
 /// [`pq_attention`] over `[decode(codes); selected pages; fp]`: the pages are attended where they
