@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -381,6 +383,17 @@ def test_selective_attention_over_codes_with_full_budget_equals_dense_codes():
     assert ((part - dense).norm() / dense.norm()).item() < 0.5
     assert not part_cache.store.config["keep_full_precision"]
     assert part_cache.store.config["page_bytes"] == _cache(model).store.config["page_bytes"]
+    # The exact fallback at share 0: every head whose selection leaves pages out attends them
+    # all, so the logits are dense decoding's again, and the store counts those heads.
+    fb_cache = _cache(model, select=32, select_fallback=0.0)
+    fb = _teacher_forced(model, fb_cache, ids, 150)
+    torch.testing.assert_close(fb, dense, rtol=1e-4, atol=1e-4)
+    assert fb_cache.store.stats()["fallbacks"] > 0
+    assert copy.deepcopy(fb_cache).select_fallback == 0.0
+    with pytest.raises(ConfigError, match="select_fallback"):
+        _cache(model, select=32, select_fallback=1.0)
+    with pytest.raises(ConfigError, match="keep_full_precision"):
+        _cache(model, select=32, select_fallback=0.5, keep_full_precision=True)
 
 
 def test_cache_without_enable_works_with_sdpa_and_eager():

@@ -614,6 +614,7 @@ class CompressedLayer(CacheLayerMixin):
                     scale=scale,
                     causal=True,
                     start=starts[b_],
+                    fallback=c.select_fallback,
                 )[0]  # fmt: skip
                 for b_ in range(b)
             ]
@@ -642,6 +643,7 @@ class CompressedLayer(CacheLayerMixin):
                     scale=scale,
                     causal=False,
                     start=starts[b_],
+                    fallback=c.select_fallback,
                 )  # fmt: skip
                 for b_ in range(b)
             ]
@@ -694,6 +696,11 @@ class CompressedCache(Cache):
             RAM or the disk tier, only those pages), plus sinks and window. An int is a token
             budget, a float in (0, 1] a fraction of the paged tokens. None: dense attention over
             every page's codes.
+        select_fallback: exact fallback for ``select`` (over the codes): where the page
+            abstracts bound the share of a query's attention that the left-out pages could hold
+            above this value in ``[0, 1)``, that KV head attends every page that step. None:
+            off. The Quest bounds are loose: on SmolLM2 at 7K tokens, 0.5 sends every head to
+            dense attention (see the README's selective-attention section).
         keep_full_precision: pages also carry fp16 copies of their K/V, and ``select`` attends
             the selected pages exactly from them (``memory_stats`` counts them: about 4x the
             codes at 4 bits).
@@ -746,6 +753,7 @@ class CompressedCache(Cache):
         offload_dir: str | os.PathLike | None = None,
         select: int | float | None = None,
         *,
+        select_fallback: float | None = None,
         prefill_block: int | None = None,
         calibration_tokens: int = 4096,
         model_id: str | None = None,
@@ -767,6 +775,16 @@ class CompressedCache(Cache):
         if select is not None:
             check_budget(select, "CompressedCache(select=...)")
         self.select = select
+        if select_fallback is not None and not 0.0 <= float(select_fallback) < 1.0:
+            raise ConfigError(
+                f"select_fallback must be a share of the attention in [0, 1), got {select_fallback}"
+            )
+        if select_fallback is not None and keep_full_precision:
+            raise ConfigError(
+                "select_fallback applies to selection over the codes; with keep_full_precision=True the "
+                "selected pages are attended exactly from their fp16 copies: pass one or the other"
+            )
+        self.select_fallback = None if select_fallback is None else float(select_fallback)
         if prefill_block is not None and int(prefill_block) < 1:
             raise ConfigError(f"prefill_block must be >= 1 token, got {prefill_block}")
         self.prefill_block = None if prefill_block is None else int(prefill_block)
@@ -1211,7 +1229,8 @@ class CompressedCache(Cache):
         """What a loaded context needs besides the store's own configuration."""
         return {
             "bits": self.bits, "window": self.window, "sinks": self.sinks, "page_size": self.page_size,
-            "select": self.select, "prefill_block": self.prefill_block,
+            "select": self.select, "select_fallback": self.select_fallback,
+            "prefill_block": self.prefill_block,
             "kv_dtype": str(self._kv_dtype).replace("torch.", "") if self._kv_dtype else None,
         }  # fmt: skip
 
@@ -1331,6 +1350,7 @@ class CompressedCache(Cache):
         cache = cls(
             config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"], page_size=c["page_size"],
             ram_budget=kw.get("ram_budget"), offload_dir=kw.get("offload_dir"), select=select,
+            select_fallback=info.get("select_fallback") if c["keep_full_precision"] is False else None,
             prefill_block=info.get("prefill_block"), model_id=kw.get("model_id"), _store=store,
         )  # fmt: skip
         # The saved bits may be an explicit (m, nbits) pair; the store's config is authoritative.

@@ -372,6 +372,7 @@ class KVStore:
         scale: float | None = None,
         causal: bool = True,
         start: int = 0,
+        fallback: float | None = None,
     ) -> tuple[Any, Any]:
         """Decode attention of ``q`` over this store's context, entirely in Rust.
 
@@ -387,6 +388,10 @@ class KVStore:
                 the selected pages are read from the disk tier.
             budget: for ``"quest"``: history tokens to select (int) or a fraction of the paged
                 tokens (float in (0, 1]); rounded up to whole pages. Default: everything.
+            fallback: for ``"quest"`` over the codes: the exact fallback. Where the abstracts
+                bound the attention share the left-out pages could hold above ``fallback``
+                (in ``[0, 1)``) for some query row, that KV head attends every page (counted in
+                ``stats()["fallbacks"]``). None: off.
             scale: default ``1 / sqrt(D)``.
             start: absolute position of the sequence's first real token (left padding of a
                 batch): every token at a position ``< start`` (sinks ``[0, sinks)``, pages
@@ -424,7 +429,15 @@ class KVStore:
             pages = self._quest_pages(layer, seq, start, budget)
         self._fetch(layer)
         out, lse = self._s.attend(
-            int(seq), int(layer), qa, scale, bool(causal), str(method), int(pages), start
+            int(seq),
+            int(layer),
+            qa,
+            scale,
+            bool(causal),
+            str(method),
+            int(pages),
+            start,
+            None if fallback is None or method != "quest" else float(fallback),
         )
         if four:
             out, lse = out[None], lse[None]
@@ -586,7 +599,7 @@ class KVStore:
         self.metadata.pop("chunk_hashes", None)
 
     def stats(self) -> dict:
-        """Counters (hits, misses, prefetched, prefetch_requested, evictions, bytes_read,
+        """Counters (hits, misses, prefetched, prefetch_requested, evictions, bytes_read, fallbacks,
         bytes_written) and
         ``ram_bytes`` (everything counted against the budget), ``ram_page_bytes``,
         ``disk_bytes``, ``pages`` (closed pages in use; a page shared by several sequences after

@@ -28,7 +28,9 @@ pub(crate) mod avx512;
 mod cpu;
 mod values;
 
+pub(crate) use cpu::group_max;
 pub use cpu::{
-    check_heads, exp_neg, page_scores, paged_attention, pq_attention, pq_attention_paged,
-    pq_attention_selected, CodePages, Pages, PqAttention, Resident,
+    check_heads, exp_neg, page_bounds_quantized, page_scores, page_scores_quantized,
+    paged_attention, pq_attention, pq_attention_paged, pq_attention_selected, CodePages, Pages,
+    PqAttention, Resident,
 };

@@ -254,9 +254,10 @@ impl KVStore {
 
     /// Attention of ``q`` float32 ``[hq, tq, D]`` over the stored context of ``(seq, layer)``:
     /// ``method="dense"`` (every page through its codes) or ``"quest"`` (``budget_pages`` pages
-    /// per KV head by their abstracts, exact over their fp16 copies). Tokens at positions
-    /// ``< start`` (left padding) are ignored. Returns ``(out, lse)``.
-    #[pyo3(signature = (seq, layer, q, scale, causal, method, budget_pages, start))]
+    /// per KV head by their abstracts, over their codes or fp16 copies; ``fallback``: the exact
+    /// fallback's share, see ``KvStore::attend_quest``). Tokens at positions ``< start`` (left
+    /// padding) are ignored. Returns ``(out, lse)``.
+    #[pyo3(signature = (seq, layer, q, scale, causal, method, budget_pages, start, fallback=None))]
     #[allow(clippy::too_many_arguments)]
     fn attend<'py>(
         &self,
@@ -269,6 +270,7 @@ impl KVStore {
         method: &str,
         budget_pages: usize,
         start: usize,
+        fallback: Option<f32>,
     ) -> PyResult<OutLse<'py>> {
         let shape = q.shape().to_vec();
         let (hq, tq) = (shape[0], shape[1]);
@@ -298,7 +300,7 @@ impl KVStore {
                     if dense {
                         store.attend_dense(seq, layer, &queries)
                     } else {
-                        store.attend_quest(seq, layer, &queries, budget_pages)
+                        store.attend_quest(seq, layer, &queries, budget_pages, fallback)
                     }
                 })
             })
@@ -407,6 +409,7 @@ impl KVStore {
         d.set_item("evictions", s.evictions)?;
         d.set_item("bytes_read", s.bytes_read)?;
         d.set_item("bytes_written", s.bytes_written)?;
+        d.set_item("fallbacks", s.fallbacks)?;
         d.set_item("ram_bytes", s.ram_bytes)?;
         d.set_item("ram_page_bytes", s.ram_page_bytes)?;
         d.set_item("disk_bytes", s.disk_bytes)?;

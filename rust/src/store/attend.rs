@@ -6,7 +6,9 @@
 use half::f16;
 
 use super::{KvStore, Region};
-use crate::attention::{page_scores, pq_attention, pq_attention_paged, PqAttention, Resident};
+use crate::attention::{
+    group_max, page_bounds_quantized, pq_attention, pq_attention_paged, PqAttention, Resident,
+};
 use crate::error::{Error, Result};
 
 /// Output `(hq, tq, d)` and log-sum-exp `(hq, tq)`.
@@ -190,8 +192,7 @@ impl KvStore {
             let cn = (chunk.len() * psz).min(n - at);
             let (kc, vc) = (&mut kbuf[..h * cn * ck], &mut vbuf[..h * cn * cv]);
             let mut got = 0;
-            for &p in chunk.iter() {
-                let page = self.page(seq, layer, p)?;
+            for page in self.pages(seq, layer, chunk)? {
                 let t = page.tokens;
                 if got + t > cn {
                     break; // appended to meanwhile: reported below
@@ -254,18 +255,114 @@ impl KvStore {
         Ok(acc.expect("at least one chunk"))
     }
 
+    /// Per KV head, the `keep` candidate pages of `first..closed` whose abstracts bound `q . k`
+    /// highest (ties to the earlier page), ascending; and the bounds themselves, Layout
+    /// `(hq * tq, closed - first)` (see [`page_bounds_quantized`]). Scored from the quantized
+    /// abstracts in place, under one lock.
+    fn quest_select(
+        &self,
+        seq: usize,
+        layer: usize,
+        qs: &Queries,
+        first: usize,
+        closed: usize,
+        keep: usize,
+    ) -> Result<(Vec<Vec<usize>>, Vec<f32>)> {
+        let c = self.config();
+        let (h, cand) = (c.kv_heads, closed - first);
+        let bounds = {
+            let st = self.shared.lock()?;
+            self.check_in(&st, seq, layer)?;
+            let l = &st.seqs[seq][layer];
+            st.check_fetched(l, seq, layer)?;
+            let ids = l.pages.get(first..closed).ok_or_else(|| {
+                Error::Internal(format!(
+                    "sequence {seq}, layer {layer} changed during attention"
+                ))
+            })?;
+            let abs: Vec<&[u8]> = ids
+                .iter()
+                .map(|&id| &*st.pages[id as usize].abstract_)
+                .collect();
+            page_bounds_quantized(qs.q, &abs, qs.hq, h, qs.tq, c.head_dim)?
+        };
+        let scores = group_max(&bounds, h, qs.hq / h * qs.tq, cand);
+        let chosen = (0..h)
+            .map(|hh| {
+                let row = &scores[hh * cand..(hh + 1) * cand];
+                // Higher score first, then the earlier page: a total order, so the kept set is
+                // the same whatever the partition does.
+                let better = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+                let mut idx: Vec<usize> = (0..cand).collect();
+                if keep < cand {
+                    if keep > 0 {
+                        idx.select_nth_unstable_by(keep - 1, better);
+                    }
+                    idx.truncate(keep);
+                }
+                idx.sort_unstable();
+                idx.into_iter().map(|i| first + i).collect()
+            })
+            .collect();
+        Ok((chosen, bounds))
+    }
+
+    /// Whether the Quest bounds let pages outside `sel` hold more than `tau` of the attention
+    /// of some query row of KV head `hh` (`per` rows): with `lse` the rows' log-sum-exp over
+    /// what was attended, the left-out share is at most `B / (exp(lse) + B)`, `B` the sum over
+    /// the left-out candidate pages of `page_size * exp(scale * bound)`.
+    #[allow(clippy::too_many_arguments)]
+    fn leaves_out_too_much(
+        &self,
+        tau: f32,
+        hh: usize,
+        per: usize,
+        sel: &[usize],
+        first: usize,
+        cand: usize,
+        bounds: &[f32],
+        lse: &[f32],
+        scale: f32,
+        psz: usize,
+    ) -> bool {
+        let ln_p = (psz as f32).ln();
+        (0..per).any(|i| {
+            let r = hh * per + i;
+            let row = &bounds[r * cand..(r + 1) * cand];
+            let left = (0..cand)
+                .filter(|&j| sel.binary_search(&(first + j)).is_err())
+                .map(|j| scale * row[j] + ln_p);
+            let m = left.clone().fold(f32::NEG_INFINITY, f32::max);
+            if m == f32::NEG_INFINITY {
+                return false;
+            }
+            let b = m + left.map(|x| (x - m).exp()).sum::<f32>().ln();
+            // share = 1 / (1 + exp(lse - b)) > tau
+            let share = 1.0 / (1.0 + (lse[i] - b).exp());
+            share > tau || !share.is_finite()
+        })
+    }
+
     /// Quest selective attention: per KV head, rank the closed pages by the upper bound of
     /// `q . k` from their abstracts (no page read), keep the best `budget_pages`, and attend
-    /// exactly over sinks + selected pages (fp16 copies) + the open page + window. Needs
-    /// `keep_full_precision`. With a budget covering every page this is exact attention over the
-    /// stored fp16 keys and values. Tokens at positions `< qs.start` are skipped everywhere;
-    /// pages wholly before `start` are not candidates.
+    /// over sinks + selected pages + the open page + window: over the pages' codes, or exactly
+    /// over their fp16 copies where the store keeps them (`keep_full_precision`). Only the
+    /// selected pages are read. With a budget covering every page this is dense attention.
+    /// Tokens at positions `< qs.start` are skipped everywhere; pages wholly before `start`
+    /// are not candidates.
+    ///
+    /// `fallback = Some(tau)` (codes only): exact fallback. After attending, the abstracts
+    /// bound the share of each query row's attention that the left-out pages could hold; where
+    /// that bound exceeds `tau` for some row of a KV head, the head also attends the rest of its
+    /// candidate pages (read then), so its result is dense attention over the codes.
+    /// [`super::Stats::fallbacks`] counts those heads.
     pub fn attend_quest(
         &self,
         seq: usize,
         layer: usize,
         qs: &Queries,
         budget_pages: usize,
+        fallback: Option<f32>,
     ) -> Result<Attended> {
         self.check_q(qs)?;
         let Queries {
@@ -278,6 +375,19 @@ impl KvStore {
         } = *qs;
         let c = self.config().clone();
         self.check_start(seq, layer, start)?;
+        if let Some(t) = fallback {
+            if !(0.0..1.0).contains(&t) {
+                return Err(Error::config(format!(
+                    "fallback must be a share of the attention in [0, 1), got {t}"
+                )));
+            }
+            if c.keep_full_precision {
+                return Err(Error::config(
+                    "fallback applies to selection over the codes; this store attends its \
+                     selected pages over their fp16 copies (keep_full_precision): pass no fallback",
+                ));
+            }
+        }
         let (h, d, psz) = (c.kv_heads, c.head_dim, c.page_size);
         let g = hq / h;
         let (sk, sv, ns) = self.full_precision(seq, layer, Region::Sinks)?;
@@ -289,38 +399,11 @@ impl KvStore {
         // Closed pages wholly before `start` are no candidates; candidates are `first..closed`.
         let first = (start.saturating_sub(ns) / psz).min(closed);
         let cand = closed - first;
-        // Page scores per KV head from the abstracts, Layout (h, cand).
-        let (abs, _) = self.abstracts(seq, layer)?;
-        if abs.len() < closed * h * 3 * d {
-            return Err(Error::Internal(format!(
-                "sequence {seq}, layer {layer} changed during attention"
-            )));
-        }
-        let mut kmin = vec![0f32; h * cand * d];
-        let mut kmax = vec![0f32; h * cand * d];
-        for i in 0..cand {
-            let p = first + i;
-            for hh in 0..h {
-                let a = &abs[(p * h + hh) * 3 * d..(p * h + hh + 1) * 3 * d];
-                kmin[(hh * cand + i) * d..(hh * cand + i + 1) * d].copy_from_slice(&a[..d]);
-                kmax[(hh * cand + i) * d..(hh * cand + i + 1) * d].copy_from_slice(&a[d..2 * d]);
-            }
-        }
-        let scores = page_scores(q, &kmin, &kmax, 1, hq, h, tq, cand, d)?;
         let keep = budget_pages.min(cand);
-        let mut chosen: Vec<Vec<usize>> = Vec::with_capacity(h);
-        for hh in 0..h {
-            let row = &scores[hh * cand..(hh + 1) * cand];
-            let mut idx: Vec<usize> = (0..cand).collect();
-            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
-            idx.truncate(keep);
-            idx.sort_unstable();
-            chosen.push(idx.into_iter().map(|i| first + i).collect());
-        }
+        let (chosen, bounds) = self.quest_select(seq, layer, qs, first, closed, keep)?;
         let mut wanted: Vec<usize> = chosen.iter().flatten().copied().collect();
         wanted.sort_unstable();
         wanted.dedup();
-        self.prefetch(seq, layer, &wanted)?;
         let open_page = if open {
             Some(self.page(seq, layer, np - 1)?)
         } else {
@@ -332,8 +415,9 @@ impl KvStore {
         let mut lse = vec![f32::NEG_INFINITY; hq * tq];
         let pages: std::collections::HashMap<usize, super::PageView> = wanted
             .iter()
-            .map(|&p| self.page(seq, layer, p).map(|v| (p, v)))
-            .collect::<Result<_>>()?;
+            .copied()
+            .zip(self.pages(seq, layer, &wanted)?)
+            .collect();
         // Leading tokens of a region starting at absolute position `pos` that lie before `start`.
         let pad = |pos: usize, len: usize| start.saturating_sub(pos).min(len);
         // fp16 tokens `[skip, ..)` of a page blob region.
@@ -354,35 +438,45 @@ impl KvStore {
             })?;
             let kc = books.0.len() / h;
             let vc = books.1.len() / h;
-            for (hh, sel) in chosen.iter().enumerate() {
+            // Attention of head `hh`'s queries over the codes of pages `sel` (ascending) and,
+            // with `tail`, the open page, sinks and window (the queries' own tokens among them).
+            let run = |hh: usize,
+                       sel: &[usize],
+                       pages: &std::collections::HashMap<usize, super::PageView>,
+                       tail: bool|
+             -> Result<Attended> {
+                let open_tail = open_page.as_ref().filter(|_| tail);
                 let segs: Vec<(&[u8], &[u8])> = sel
                     .iter()
                     .map(|p| &pages[p])
-                    .chain(open_page.as_ref())
+                    .chain(open_tail)
                     .map(|v| (v.k_codes(hh), v.v_codes(hh)))
                     .collect();
-                let n = sel.len() * psz + open_t;
+                let n = sel.len() * psz + open_tail.map_or(0, |p| p.tokens);
                 // Only the first segment can start before `start` (the candidates begin at the
                 // page holding it).
                 let first_pos = sel.first().map_or(ns + closed * psz, |&p| ns + p * psz);
                 let skip = pad(first_pos, if sel.is_empty() { open_t } else { psz });
-                let (a, b) = ((hh * ns + s0) * d, (hh + 1) * ns * d);
-                let (e, f) = ((hh * nw + w0) * d, (hh + 1) * nw * d);
-                let fp: Vec<(&[f32], &[f32])> = sk[a..b]
-                    .chunks_exact(d)
-                    .zip(sv[a..b].chunks_exact(d))
-                    .chain(wk[e..f].chunks_exact(d).zip(wv[e..f].chunks_exact(d)))
-                    .collect();
+                let fp: Vec<(&[f32], &[f32])> = if tail {
+                    let (a, b) = ((hh * ns + s0) * d, (hh + 1) * ns * d);
+                    let (e, f) = ((hh * nw + w0) * d, (hh + 1) * nw * d);
+                    sk[a..b]
+                        .chunks_exact(d)
+                        .zip(sv[a..b].chunks_exact(d))
+                        .chain(wk[e..f].chunks_exact(d).zip(wv[e..f].chunks_exact(d)))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let fl = fp.len();
-                let qh = &q[hh * g * tq * d..(hh + 1) * g * tq * d];
-                let (o, l) = pq_attention_paged(
+                pq_attention_paged(
                     &PqAttention {
                         batch: 1,
                         hq: g,
                         hkv: 1,
                         tq,
                         d,
-                        q: qh,
+                        q: &q[hh * g * tq * d..(hh + 1) * g * tq * d],
                         n,
                         k_codes: &[],
                         v_codes: &[],
@@ -398,16 +492,51 @@ impl KvStore {
                         fp_v: &[],
                         fp_range: &[(0, fl)],
                         scale,
-                        causal,
+                        // The pages without the tail all lie before every query.
+                        causal: causal && tail,
                     },
                     &Resident {
                         segs: &[segs],
                         size: psz,
                         fp: &[fp],
                     },
-                )?;
-                out[hh * g * tq * d..(hh + 1) * g * tq * d].copy_from_slice(&o);
-                lse[hh * g * tq..(hh + 1) * g * tq].copy_from_slice(&l);
+                )
+            };
+            for (hh, sel) in chosen.iter().enumerate() {
+                let mut part = run(hh, sel, &pages, true)?;
+                if let Some(tau) = fallback {
+                    if sel.len() < cand
+                        && self.leaves_out_too_much(
+                            tau,
+                            hh,
+                            g * tq,
+                            sel,
+                            first,
+                            cand,
+                            &bounds,
+                            &part.1,
+                            scale,
+                            psz,
+                        )
+                    {
+                        // Exact fallback: the rest of this head's candidate pages too.
+                        let rest: Vec<usize> = (first..closed)
+                            .filter(|p| sel.binary_search(p).is_err())
+                            .collect();
+                        let more: std::collections::HashMap<usize, super::PageView> = rest
+                            .iter()
+                            .copied()
+                            .zip(self.pages(seq, layer, &rest)?)
+                            .collect();
+                        part = merge_lse(part, run(hh, &rest, &more, false)?, d);
+                        self.shared
+                            .counters
+                            .fallbacks
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                out[hh * g * tq * d..(hh + 1) * g * tq * d].copy_from_slice(&part.0);
+                lse[hh * g * tq..(hh + 1) * g * tq].copy_from_slice(&part.1);
             }
             return Ok((out, lse));
         }

@@ -596,7 +596,7 @@ fn assert_attends(
     let (ro, rl) = reference(q, hq, tq, kv.0, kv.1, h, total, d, start, scale);
     let ((o, l), what) = match quest {
         None => (s.attend_dense(0, layer, &qs).unwrap(), "dense"),
-        Some(b) => (s.attend_quest(0, layer, &qs, b).unwrap(), "quest"),
+        Some(b) => (s.attend_quest(0, layer, &qs, b, None).unwrap(), "quest"),
     };
     assert_close(&o, &ro, 1e-4, &format!("{what} out, start={start}"));
     assert_close(&l, &rl, 1e-4, &format!("{what} lse, start={start}"));
@@ -652,7 +652,7 @@ fn attend_with_start_ignores_left_padding() {
     let qs = Queries { start: 24, ..qs };
     assert!(matches!(s.attend_dense(0, 0, &qs), Err(Error::Config(_))));
     assert!(matches!(
-        s.attend_quest(0, 0, &qs, 1),
+        s.attend_quest(0, 0, &qs, 1, None),
         Err(Error::Config(_))
     ));
     let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
@@ -688,8 +688,8 @@ fn quest_does_not_pick_pages_before_start() {
         start: 6,
     };
     // With page 0 padded away, one page per head must be page 2, which holds the mass.
-    let (one, _) = s.attend_quest(0, 0, &qs, 1).unwrap();
-    let (all, _) = s.attend_quest(0, 0, &qs, 100).unwrap();
+    let (one, _) = s.attend_quest(0, 0, &qs, 1, None).unwrap();
+    let (all, _) = s.attend_quest(0, 0, &qs, 100, None).unwrap();
     assert_close(&one, &all, 1e-3, "budget 1 vs everything");
 }
 
@@ -716,7 +716,7 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
             start,
         };
         let (od, ld) = s.attend_dense(0, 1, &qs).unwrap();
-        let (oq, lq) = s.attend_quest(0, 1, &qs, 100).unwrap();
+        let (oq, lq) = s.attend_quest(0, 1, &qs, 100, None).unwrap();
         assert_close(
             &oq,
             &od,
@@ -740,7 +740,7 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
         start: 0,
     };
     let mut o1 = Vec::new();
-    let read = pages_read_cold(&s, || o1 = s.attend_quest(0, 0, &qs, 1).unwrap().0);
+    let read = pages_read_cold(&s, || o1 = s.attend_quest(0, 0, &qs, 1, None).unwrap().0);
     assert!((1..=h as u64).contains(&read), "read {read} pages");
     assert!(o1.iter().all(|x| x.is_finite()));
     let _ = std::fs::remove_dir_all(c.offload_dir.unwrap());
@@ -779,7 +779,7 @@ fn attend_all(s: &KvStore, seq: usize) -> Vec<Vec<f32>> {
         .flat_map(|l| {
             [
                 s.attend_dense(seq, l, &qs).unwrap().0,
-                s.attend_quest(seq, l, &qs, 100).unwrap().0,
+                s.attend_quest(seq, l, &qs, 100, None).unwrap().0,
             ]
         })
         .collect()
@@ -1327,7 +1327,7 @@ mod parts_tests {
             .flat_map(|l| {
                 [
                     s.attend_dense(0, l, &qs).unwrap(),
-                    s.attend_quest(0, l, &qs, 2).unwrap(),
+                    s.attend_quest(0, l, &qs, 2, None).unwrap(),
                 ]
             })
             .collect()
@@ -1747,9 +1747,9 @@ mod parts_tests {
                         }
                         let _ = a.abstracts(0, l);
                         let _ = a.attend_dense(0, l, &qs);
-                        let _ = a.attend_quest(0, l, &qs, 2);
+                        let _ = a.attend_quest(0, l, &qs, 2, None);
                         let _ = a.append(0, l, &rand(h * 9 * d, 1), &rand(h * 9 * d, 2), 9);
-                        let _ = a.attend_quest(0, l, &qs, 2);
+                        let _ = a.attend_quest(0, l, &qs, 2, None);
                     }
                     let _ = a.export_tail(0);
                 }));
@@ -2136,4 +2136,120 @@ fn codebook_bytes_are_what_the_books_hold() {
             "k {k_m}x{k_nbits}, v {v_m}x{v_nbits}"
         );
     }
+}
+
+#[test]
+fn pages_read_in_parallel_equal_single_reads_and_check_every_checksum() {
+    let dir = tmpdir("pages-par");
+    let c = cfg(None, None);
+    let s = store(c.clone());
+    fill(&s, 2 + 4 * 150 + 2 + 3, 9); // sinks, 150 closed pages, an open page of 2, window
+    s.save(&dir, b"").unwrap();
+    let np = s.num_pages(0, 1).unwrap();
+    assert_eq!(np, 151);
+    let all: Vec<usize> = (0..np).rev().collect(); // any order, the open page included
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
+    let before = l.stats().unwrap();
+    let got = l.pages(0, 1, &all).unwrap();
+    assert_eq!(
+        l.stats().unwrap().misses - before.misses,
+        150,
+        "each page read once"
+    );
+    for (&p, v) in all.iter().zip(&got) {
+        let want = s.page(0, 1, p).unwrap();
+        assert_eq!((v.blob(), v.tokens), (want.blob(), want.tokens), "page {p}");
+    }
+    // Twice the same page, and again from RAM.
+    let twice = l.pages(0, 1, &[5, 5, 150, 150]).unwrap();
+    assert_eq!(twice[0].blob(), twice[1].blob());
+    assert_eq!(twice[3].tokens, 2);
+    assert!(matches!(l.pages(0, 1, &[152]), Err(Error::Config(_))));
+    drop(l);
+    // A flipped byte in one of many pages read in parallel: a Corrupt error, not a page.
+    let seg = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[c.page_bytes() * 200 + 5] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
+    let e = (0..2)
+        .map(|layer| l.pages(0, layer, &(0..150).collect::<Vec<_>>()))
+        .find_map(|r| r.err());
+    assert!(matches!(e, Some(Error::Corrupt { .. })), "{e:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn quest_exact_fallback_widens_to_dense_only_where_the_bound_says_so() {
+    let c = StoreConfig {
+        keep_full_precision: false,
+        ..cfg(None, None)
+    };
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    fill(&s, 2 + 4 * 12 + 3, 8); // 2 sinks, 12 closed pages, 3 in the window
+    let (hq, tq) = (2 * h, 1);
+    let q: Vec<f32> = rand(hq * tq * d, 5).iter().map(|x| x * 3.0).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    for start in [0, 9] {
+        let qs = Queries {
+            q: &q,
+            hq,
+            tq,
+            scale,
+            causal: true,
+            start,
+        };
+        let (od, ld) = s.attend_dense(0, 1, &qs).unwrap();
+        let plain = s.attend_quest(0, 1, &qs, 1, None).unwrap();
+        // tau = 0: any page left out could hold some attention, so every head goes dense.
+        let f0 = s.stats().unwrap().fallbacks;
+        let (o0, l0) = s.attend_quest(0, 1, &qs, 1, Some(0.0)).unwrap();
+        assert_eq!(s.stats().unwrap().fallbacks - f0, h as u64, "start={start}");
+        assert_close(
+            &o0,
+            &od,
+            1e-5,
+            &format!("fallback vs dense out, start={start}"),
+        );
+        assert_close(
+            &l0,
+            &ld,
+            1e-5,
+            &format!("fallback vs dense lse, start={start}"),
+        );
+        assert!(
+            plain.1.iter().zip(&ld).any(|(a, b)| a < b),
+            "one page misses mass"
+        );
+        // tau near 1: the bound never exceeds it, nothing changes.
+        let f1 = s.stats().unwrap().fallbacks;
+        let near = s.attend_quest(0, 1, &qs, 1, Some(0.999_999)).unwrap();
+        assert_eq!(s.stats().unwrap().fallbacks, f1);
+        assert_eq!(near, plain);
+        // Every page selected: nothing to fall back to.
+        let _ = s.attend_quest(0, 1, &qs, 100, Some(0.0)).unwrap();
+        assert_eq!(s.stats().unwrap().fallbacks, f1);
+    }
+    let qs = Queries {
+        q: &q,
+        hq,
+        tq,
+        scale,
+        causal: true,
+        start: 0,
+    };
+    for bad in [-0.1, 1.0, f32::NAN] {
+        let e = s.attend_quest(0, 1, &qs, 1, Some(bad)).unwrap_err();
+        assert!(e.to_string().contains("fallback"), "{e}");
+    }
+    let fp = store(cfg(None, None));
+    fill(&fp, 30, 1);
+    let e = fp.attend_quest(0, 1, &qs, 1, Some(0.5)).unwrap_err();
+    assert!(e.to_string().contains("keep_full_precision"), "{e}");
 }

@@ -520,7 +520,8 @@ mod select;
 use crate::pq::kernels::transpose_books;
 use codes::{codes_chunk, tables_for, GroupTables};
 use exact::{fp_chunk, pages_chunk};
-pub use select::page_scores;
+pub(crate) use select::group_max;
+pub use select::{page_bounds_quantized, page_scores, page_scores_quantized};
 
 /// Softmax attention over `[decode(codes); fp]` for every query, without decoding.
 ///

@@ -417,3 +417,53 @@ fn resident_pages_and_rows_give_the_contiguous_result() {
         ));
     }
 }
+
+#[test]
+fn quantized_page_scores_equal_the_scores_of_the_dequantized_abstracts() {
+    use crate::store::{dequantize_abstract, quantize_abstract};
+    let (hq, hkv, tq, d, pages) = (6, 2, 2, 40, 2500); // more pages than one task, d % 8 != 0
+    let q = rand(hq * tq * d, 1);
+    let raw = rand(pages * hkv * 3 * d, 2);
+    let mut bytes = Vec::new();
+    let mut kmin = vec![0f32; hkv * pages * d];
+    let mut kmax = vec![0f32; hkv * pages * d];
+    for p in 0..pages {
+        let mut a = raw[p * hkv * 3 * d..(p + 1) * hkv * 3 * d].to_vec();
+        for h in 0..hkv {
+            // min <= mean <= max per dimension, as a page's abstract holds.
+            for x in 0..d {
+                let mut v = [
+                    a[h * 3 * d + x],
+                    a[h * 3 * d + d + x],
+                    a[h * 3 * d + 2 * d + x],
+                ];
+                v.sort_by(f32::total_cmp);
+                (
+                    a[h * 3 * d + x],
+                    a[h * 3 * d + 2 * d + x],
+                    a[h * 3 * d + d + x],
+                ) = (v[0], v[1], v[2]);
+            }
+        }
+        let qa = quantize_abstract(&a, hkv, d);
+        let mut deq = Vec::new();
+        dequantize_abstract(&qa, hkv, d, &mut deq);
+        for h in 0..hkv {
+            let at = (h * pages + p) * d;
+            kmin[at..at + d].copy_from_slice(&deq[h * 3 * d..h * 3 * d + d]);
+            kmax[at..at + d].copy_from_slice(&deq[h * 3 * d + d..h * 3 * d + 2 * d]);
+        }
+        bytes.push(qa);
+    }
+    let slices: Vec<&[u8]> = bytes.iter().map(|b| &b[..]).collect();
+    let got = page_scores_quantized(&q, &slices, hq, hkv, tq, d).unwrap();
+    let want = page_scores(&q, &kmin, &kmax, 1, hq, hkv, tq, pages, d).unwrap();
+    assert_eq!(got, want);
+    // A wrong abstract size is a typed error naming the page.
+    let mut bad = slices.clone();
+    bad[7] = &bytes[7][1..];
+    let e = page_scores_quantized(&q, &bad, hq, hkv, tq, d)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("page 7"), "{e}");
+}
