@@ -11,6 +11,18 @@ use crate::attention::{
 };
 use crate::error::{Error, Result};
 
+/// Pages read for one attention call: `views[i]` is page `idx[i]`, `idx` ascending.
+struct Picked {
+    idx: Vec<usize>,
+    views: Vec<super::PageView>,
+}
+
+impl Picked {
+    fn get(&self, p: usize) -> &super::PageView {
+        &self.views[self.idx.binary_search(&p).expect("a page read for this call")]
+    }
+}
+
 /// Output `(hq, tq, d)` and log-sum-exp `(hq, tq)`.
 pub type Attended = (Vec<f32>, Vec<f32>);
 
@@ -413,11 +425,10 @@ impl KvStore {
         let f = ns + keep * psz + open_t + nw;
         let mut out = vec![0f32; hq * tq * d];
         let mut lse = vec![f32::NEG_INFINITY; hq * tq];
-        let pages: std::collections::HashMap<usize, super::PageView> = wanted
-            .iter()
-            .copied()
-            .zip(self.pages(seq, layer, &wanted)?)
-            .collect();
+        let pages = Picked {
+            views: self.pages(seq, layer, &wanted)?,
+            idx: wanted,
+        };
         // Leading tokens of a region starting at absolute position `pos` that lie before `start`.
         let pad = |pos: usize, len: usize| start.saturating_sub(pos).min(len);
         // fp16 tokens `[skip, ..)` of a page blob region.
@@ -442,13 +453,13 @@ impl KvStore {
             // with `tail`, the open page, sinks and window (the queries' own tokens among them).
             let run = |hh: usize,
                        sel: &[usize],
-                       pages: &std::collections::HashMap<usize, super::PageView>,
+                       pages: &Picked,
                        tail: bool|
              -> Result<Attended> {
                 let open_tail = open_page.as_ref().filter(|_| tail);
                 let segs: Vec<(&[u8], &[u8])> = sel
                     .iter()
-                    .map(|p| &pages[p])
+                    .map(|&p| pages.get(p))
                     .chain(open_tail)
                     .map(|v| (v.k_codes(hh), v.v_codes(hh)))
                     .collect();
@@ -523,12 +534,11 @@ impl KvStore {
                         let rest: Vec<usize> = (first..closed)
                             .filter(|p| sel.binary_search(p).is_err())
                             .collect();
-                        let more: std::collections::HashMap<usize, super::PageView> = rest
-                            .iter()
-                            .copied()
-                            .zip(self.pages(seq, layer, &rest)?)
-                            .collect();
-                        part = merge_lse(part, run(hh, &rest, &more, false)?, d);
+                        let more = Picked {
+                            views: self.pages(seq, layer, &rest)?,
+                            idx: rest,
+                        };
+                        part = merge_lse(part, run(hh, &more.idx, &more, false)?, d);
                         self.shared
                             .counters
                             .fallbacks
@@ -548,7 +558,7 @@ impl KvStore {
             let mut fv = Vec::with_capacity(f * d);
             fk.extend_from_slice(&sk[(hh * ns + s0) * d..(hh + 1) * ns * d]);
             fv.extend_from_slice(&sv[(hh * ns + s0) * d..(hh + 1) * ns * d]);
-            let selected = sel.iter().map(|p| (*p, &pages[p]));
+            let selected = sel.iter().map(|&p| (p, pages.get(p)));
             for (p, page) in selected.chain(open_page.as_ref().map(|o| (np - 1, o))) {
                 let skip = pad(ns + p * psz, page.tokens);
                 widen(page.k_fp16(hh).unwrap_or(&[]), skip, &mut fk);
