@@ -195,11 +195,11 @@ def main() -> int:
         )
     for n in lengths:
         d, q = by.get(("ctxcore4", n)), by.get(("ctxcore4-select", n))
-        if d and q:
+        if d and q and d["bytes_read_per_step"][-1]:
             speed = q["tokens_per_s"] / d["tokens_per_s"]
             read = q["bytes_read_per_step"][-1] / max(1, d["bytes_read_per_step"][-1])  # per step
             print(
-                f"{n:>9,} tokens: selection vs dense over codes: {speed:.2f}x the speed, {read:.2f}x the reads"
+                f"{n:>9,} tokens: selection vs dense over codes: {speed:.2f}x the speed, {read:.2f}x the read"
             )
     # float32 K/V of the default model: 30 layers x 3 KV heads x 64 dims x 2 (K and V) x 4 bytes.
     dense = {n: n * 30 * 3 * 64 * 2 * 4 for n in lengths}

@@ -19,7 +19,10 @@ struct Picked {
 
 impl Picked {
     fn get(&self, p: usize) -> &super::PageView {
-        &self.views[self.idx.binary_search(&p).expect("a page read for this call")]
+        &self.views[self
+            .idx
+            .binary_search(&p)
+            .expect("a page read for this call")]
     }
 }
 
@@ -451,11 +454,7 @@ impl KvStore {
             let vc = books.1.len() / h;
             // Attention of head `hh`'s queries over the codes of pages `sel` (ascending) and,
             // with `tail`, the open page, sinks and window (the queries' own tokens among them).
-            let run = |hh: usize,
-                       sel: &[usize],
-                       pages: &Picked,
-                       tail: bool|
-             -> Result<Attended> {
+            let run = |hh: usize, sel: &[usize], pages: &Picked, tail: bool| -> Result<Attended> {
                 let open_tail = open_page.as_ref().filter(|_| tail);
                 let segs: Vec<(&[u8], &[u8])> = sel
                     .iter()

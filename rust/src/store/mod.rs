@@ -695,6 +695,21 @@ impl Shared {
             // No sequence uses it any more (select_seqs ran meanwhile): do not keep it resident.
             return Ok(blob);
         }
+        if let Some(budget) = self.cfg.ram_budget {
+            // Scan resistance: decode reads every layer's pages (or their selected pages) once
+            // per step in the same order, and plain LRU on such a loop larger than the RAM tier
+            // evicts each page just before its next use (measured at 256K tokens under 1 GiB:
+            // 1.4 GiB read per step for 0.5 GiB on disk). So when RAM is full, 7 in 8 pages
+            // read back (pseudo-randomly, by a hash of the LRU clock) are handed over without
+            // being kept: many resident pages then survive a pass and hit on the next one,
+            // while a working set that fits still becomes resident, within some passes.
+            let full = self.fixed_bytes(&st) + st.ram.bytes + len as u64 > budget;
+            let keep = (st.ram.tick.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) == 0;
+            st.ram.tick += 1;
+            if full && !keep {
+                return Ok(blob);
+            }
+        }
         st.ram.insert(id, blob.clone());
         if self.enforce_budget(&mut st).is_err() {
             // Cannot make room (e.g. the disk tier is full): hand the page to the caller without
