@@ -100,7 +100,8 @@ def one(method: str, tokens: int, budget: str | None, steps: int, select: float 
     for name, sel in runs:
         if method != "full":
             cache.select = sel
-            cache.store.evict_all()
+            if budget is not None:
+                cache.store.evict_all()
         cold = budget is not None and drop_caches()
         times, reads = _steps(model, cache, ids, tokens, steps, name, method != "full")
         # The first step pages everything in from the disk tier (cold if caches could be dropped).

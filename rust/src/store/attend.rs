@@ -182,17 +182,18 @@ impl KvStore {
             }
         };
         // Pages go through the kernel in chunks of CHUNK_PAGES (codes gathered into one
-        // buffer per chunk, the next chunk prefetched meanwhile), merged by log-sum-exp: the
-        // working memory stays bounded however long the context, and a context larger than
-        // the RAM budget streams from the disk tier once per step. Sinks and window go with
-        // the last chunk.
+        // buffer per chunk, the chunk's pages on disk read 16 at a time), merged by
+        // log-sum-exp: the working memory stays bounded however long the context, and a
+        // context larger than the RAM budget streams from the disk tier once per step. (No
+        // prefetch thread: it read pages a second time after the parallel reads had used them
+        // without keeping them, see `Shared::page_in`.) Sinks and window go with the last
+        // chunk.
         let pages: Vec<usize> = (first..np).collect();
         let chunks: Vec<&[usize]> = if pages.is_empty() {
             vec![&[]]
         } else {
             pages.chunks(CHUNK_PAGES).collect()
         };
-        self.prefetch(seq, layer, chunks[0])?;
         let (empty_k, empty_v): (&[f32], &[f32]) = (&[], &[]);
         let mut acc: Option<Attended> = None;
         let mut at = 0;
@@ -201,9 +202,6 @@ impl KvStore {
         let (mut kbuf, mut vbuf) = (vec![0u8; h * most * ck], vec![0u8; h * most * cv]);
         for (ci, chunk) in chunks.iter().enumerate() {
             let last = ci + 1 == chunks.len();
-            if !last {
-                self.prefetch(seq, layer, chunks[ci + 1])?;
-            }
             let cn = (chunk.len() * psz).min(n - at);
             let (kc, vc) = (&mut kbuf[..h * cn * ck], &mut vbuf[..h * cn * cv]);
             let mut got = 0;

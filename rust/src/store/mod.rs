@@ -700,13 +700,14 @@ impl Shared {
             // per step in the same order, and plain LRU on such a loop larger than the RAM tier
             // evicts each page just before its next use (measured at 256K tokens under 1 GiB:
             // 1.4 GiB read per step for 0.5 GiB on disk). So when RAM is full, 7 in 8 pages
-            // read back (pseudo-randomly, by a hash of the LRU clock) are handed over without
-            // being kept: many resident pages then survive a pass and hit on the next one,
-            // while a working set that fits still becomes resident, within some passes.
+            // read on demand (pseudo-randomly, by a hash of the LRU clock) are handed over
+            // without being kept: many resident pages then survive a pass and hit on the next
+            // one, while a working set that fits still becomes resident, within some passes.
+            // Prefetched pages are always kept (they are read to be used soon).
             let full = self.fixed_bytes(&st) + st.ram.bytes + len as u64 > budget;
             let keep = (st.ram.tick.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) == 0;
             st.ram.tick += 1;
-            if full && !keep {
+            if full && !keep && !prefetch {
                 return Ok(blob);
             }
         }
