@@ -2292,7 +2292,11 @@ fn repeated_scans_larger_than_ram_still_hit_and_smaller_ones_all_hit() {
     s.pages(0, 0, &few).unwrap();
     s.pages(0, 1, &few).unwrap();
     let a = s.stats().unwrap();
-    assert!(a.misses - b.misses <= 3, "{} of 30 missed", a.misses - b.misses);
+    assert!(
+        a.misses - b.misses <= 3,
+        "{} of 30 missed",
+        a.misses - b.misses
+    );
     assert_eq!(a.hits - b.hits + a.misses - b.misses, 30);
     let _ = std::fs::remove_dir_all(&dir);
 }
