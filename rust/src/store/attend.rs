@@ -320,18 +320,17 @@ impl KvStore {
         Ok((chosen, bounds))
     }
 
-    /// Whether the Quest bounds let pages outside `sel` hold more than `tau` of the attention
-    /// of some query row of KV head `hh` (`per` rows): with `lse` the rows' log-sum-exp over
-    /// what was attended, the left-out share is at most `B / (exp(lse) + B)`, `B` the sum over
-    /// the left-out candidate pages of `page_size * exp(scale * bound)`.
+    /// Whether the Quest bounds let the left-out candidate pages `left` (indices into the
+    /// candidates) hold more than `tau` of the attention of some query row of KV head `hh`
+    /// (`per` rows): with `lse` the rows' log-sum-exp over what was attended, the left-out
+    /// share is at most `B / (exp(lse) + B)`, `B` the sum over `left` of
+    /// `page_size * exp(scale * bound)`.
     #[allow(clippy::too_many_arguments)]
     fn leaves_out_too_much(
-        &self,
         tau: f32,
         hh: usize,
         per: usize,
-        sel: &[usize],
-        first: usize,
+        left: &[usize],
         cand: usize,
         bounds: &[f32],
         lse: &[f32],
@@ -339,21 +338,26 @@ impl KvStore {
         psz: usize,
     ) -> bool {
         let ln_p = (psz as f32).ln();
-        (0..per).any(|i| {
-            let r = hh * per + i;
-            let row = &bounds[r * cand..(r + 1) * cand];
-            let left = (0..cand)
-                .filter(|&j| sel.binary_search(&(first + j)).is_err())
-                .map(|j| scale * row[j] + ln_p);
-            let m = left.clone().fold(f32::NEG_INFINITY, f32::max);
-            if m == f32::NEG_INFINITY {
-                return false;
-            }
-            let b = m + left.map(|x| (x - m).exp()).sum::<f32>().ln();
-            // share = 1 / (1 + exp(lse - b)) > tau
-            let share = 1.0 / (1.0 + (lse[i] - b).exp());
-            share > tau || !share.is_finite()
-        })
+        !left.is_empty()
+            && (0..per).any(|i| {
+                let r = hh * per + i;
+                let row = &bounds[r * cand..(r + 1) * cand];
+                let m = left
+                    .iter()
+                    .map(|&j| scale * row[j] + ln_p)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    return false;
+                }
+                let b = m + left
+                    .iter()
+                    .map(|&j| (scale * row[j] + ln_p - m).exp())
+                    .sum::<f32>()
+                    .ln();
+                // share = 1 / (1 + exp(lse - b)) > tau
+                let share = 1.0 / (1.0 + (lse[i] - b).exp());
+                share > tau || !share.is_finite()
+            })
     }
 
     /// Quest selective attention: per KV head, rank the closed pages by the upper bound of
@@ -513,24 +517,23 @@ impl KvStore {
             for (hh, sel) in chosen.iter().enumerate() {
                 let mut part = run(hh, sel, &pages, true)?;
                 if let Some(tau) = fallback {
-                    if sel.len() < cand
-                        && self.leaves_out_too_much(
-                            tau,
-                            hh,
-                            g * tq,
-                            sel,
-                            first,
-                            cand,
-                            &bounds,
-                            &part.1,
-                            scale,
-                            psz,
-                        )
-                    {
+                    // The candidates this head left out, as indices into the candidates.
+                    let left: Vec<usize> = (0..cand)
+                        .filter(|&j| sel.binary_search(&(first + j)).is_err())
+                        .collect();
+                    if Self::leaves_out_too_much(
+                        tau,
+                        hh,
+                        g * tq,
+                        &left,
+                        cand,
+                        &bounds,
+                        &part.1,
+                        scale,
+                        psz,
+                    ) {
                         // Exact fallback: the rest of this head's candidate pages too.
-                        let rest: Vec<usize> = (first..closed)
-                            .filter(|p| sel.binary_search(p).is_err())
-                            .collect();
+                        let rest: Vec<usize> = left.iter().map(|&j| first + j).collect();
                         let more = Picked {
                             views: self.pages(seq, layer, &rest)?,
                             idx: rest,

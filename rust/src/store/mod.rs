@@ -1012,25 +1012,8 @@ impl KvStore {
 
     /// Read page `idx` of `(seq, layer)` (the last one may be the open, partial page).
     pub fn page(&self, seq: usize, layer: usize, idx: usize) -> Result<PageView> {
-        let id = {
-            let st = self.shared.lock()?;
-            self.check_in(&st, seq, layer)?;
-            let l = &st.seqs[seq][layer];
-            if idx < l.pages.len() {
-                l.pages[idx]
-            } else if idx == l.pages.len() && l.open.as_ref().is_some_and(|o| o.filled > 0) {
-                let o = l.open.as_ref().expect("checked");
-                let blob: Arc<Vec<u8>> = Arc::new(o.blob.clone());
-                return Ok(self.shared.view(blob, o.filled));
-            } else {
-                return Err(Error::config(format!(
-                    "page {idx} out of range: sequence {seq}, layer {layer} has {} pages",
-                    l.pages.len() + l.open.as_ref().is_some_and(|o| o.filled > 0) as usize
-                )));
-            }
-        };
-        let blob = self.shared.page_in(id, false)?;
-        Ok(self.shared.view(blob, self.shared.cfg.page_size))
+        let mut one = self.pages(seq, layer, &[idx])?;
+        Ok(one.pop().expect("one page asked, one returned"))
     }
 
     /// Pages `idxs` of `(seq, layer)` (as [`KvStore::page`]: the last may be the open one),
