@@ -26,6 +26,7 @@ fn cfg(dir: Option<PathBuf>, budget: Option<u64>) -> StoreConfig {
         v_m: 64,
         v_nbits: 4,
         keep_full_precision: true,
+        window_f16: false,
         batch: 1,
         ram_budget: budget,
         offload_dir: dir,

@@ -76,6 +76,7 @@ class KVStore:
         offload_dir: str | None,
         max_disk_bytes: int | None,
         model_id: str,
+        window_f16: bool = False,
     ) -> None: ...
     @property
     def config(self) -> dict[str, object]: ...
@@ -152,6 +153,7 @@ class KVStore:
         pages: list[list[bytes]],
         tail: bytes | None,
         pending: list[int] | None = None,
+        window_f16: bool = False,
     ) -> KVStore: ...
     @staticmethod
     def load(

@@ -683,7 +683,8 @@ class CompressedCache(Cache):
     Args:
         config: the model's config (``model.config``); checked with :func:`check_supported`.
         bits: average bits per stored K/V element: 8, 4, 2 or 1 (see the module docs).
-        window: most recent tokens kept in float32 per layer and sequence.
+        window: most recent tokens kept in full precision per layer and sequence (in
+            ``window_dtype``).
         sinks: leading tokens kept in float32 forever (attention sinks).
         page_size: tokens per page (the unit of offload and of selection).
         ram_budget: bytes, or a size like ``"256MB"``, bounding every KV byte the cache holds
@@ -704,6 +705,10 @@ class CompressedCache(Cache):
         keep_full_precision: pages also carry fp16 copies of their K/V, and ``select`` attends
             the selected pages exactly from them (``memory_stats`` counts them: about 4x the
             codes at 4 bits).
+        window_dtype: ``"float16"`` (default: half the window's bytes, rounding 2^-11
+            relative, well below the codes' error) or ``"float32"`` (the window exact for a
+            float32 model, and for K/V beyond float16's range ``|x| > 65504``, which are a
+            :class:`~ctxcore.exceptions.ConfigError` in float16).
         prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
             prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
         calibration_tokens: online calibration holds up to this many leading tokens exactly
@@ -760,6 +765,7 @@ class CompressedCache(Cache):
         max_disk_bytes: int | str | None = None,
         codebooks: str | os.PathLike = "reuse",
         keep_full_precision: bool = False,
+        window_dtype: str = "float16",
         _store: KVStore | None = None,
     ) -> None:
         cfg = check_supported(config)
@@ -810,7 +816,7 @@ class CompressedCache(Cache):
             layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
             page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=bool(keep_full_precision),
-            ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
+            window_dtype=window_dtype, ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
             max_disk_bytes=max_disk_bytes, model_id=self.model_id,
         )  # fmt: skip
         if offload_dir is not None:
@@ -1351,7 +1357,8 @@ class CompressedCache(Cache):
             config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"], page_size=c["page_size"],
             ram_budget=kw.get("ram_budget"), offload_dir=kw.get("offload_dir"), select=select,
             select_fallback=info.get("select_fallback") if c["keep_full_precision"] is False else None,
-            prefill_block=info.get("prefill_block"), model_id=kw.get("model_id"), _store=store,
+            prefill_block=info.get("prefill_block"), model_id=kw.get("model_id"),
+            window_dtype=c.get("window_dtype", "float32"), _store=store,
         )  # fmt: skip
         # The saved bits may be an explicit (m, nbits) pair; the store's config is authoritative.
         cache._store_kwargs.update(bits=info.get("bits", 4), keep_full_precision=c["keep_full_precision"])

@@ -529,7 +529,7 @@ def load(
                 c["layers"], c["kv_heads"], c["head_dim"], page, c["window"], sinks, c["k_m"], c["k_nbits"],
                 c["v_m"], c["v_nbits"], c["keep_full_precision"], c["ram_budget"], c["offload_dir"],
                 c["max_disk_bytes"], c["model_id"], books, sink_piece, [[] for _ in range(layers)], tail,
-                pending=[len(lk) for lk in page_keys],
+                pending=[len(lk) for lk in page_keys], window_f16=c["window_dtype"] == "float16",
             )  # fmt: skip
         except CorruptDataError as e:
             raise type(e)(f"{conn.where} (namespace {conn.ns!r}, codebooks {cand.books}): {e}") from e

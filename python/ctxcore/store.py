@@ -172,17 +172,29 @@ class Page:
     tokens: int
 
 
+def _window_f16(window_dtype: Any) -> bool:
+    """``window_dtype`` (``"float16"`` / ``"float32"``, or the torch / numpy dtype) as the
+    store's flag."""
+    name = str(window_dtype).removeprefix("torch.")
+    if name not in ("float16", "float32"):
+        raise ConfigError(f'window_dtype must be "float16" or "float32", got {window_dtype!r}')
+    return name == "float16"
+
+
 class KVStore:
     """Paged, PQ-compressed KV storage for ``layers`` x ``kv_heads`` x ``head_dim``.
 
     Args:
         layers, kv_heads, head_dim: model shape.
         page_size: tokens per page.
-        window: recent tokens kept in float32 (not yet encoded).
+        window: recent tokens kept in full precision (not yet encoded), in ``window_dtype``.
         sinks: leading tokens kept in float32 forever.
         bits: average bits per stored K/V element (1, 2, 4 or 8), mapped by :func:`bits_to_pq`;
             or give ``k_m, k_nbits, v_m, v_nbits`` explicitly.
         keep_full_precision: also keep an fp16 copy of K/V in each page (for exact re-ranking).
+        window_dtype: ``"float16"`` (default: half the window's bytes; K/V values beyond
+            float16's range, ``|x| > 65504``, are a :class:`~ctxcore.exceptions.ConfigError`)
+            or ``"float32"``. Tokens pass through it before they are encoded.
         batch: number of sequences at construction (``config["batch"]``); :meth:`select_seqs`
             may change it later, see :attr:`batch`.
         ram_budget: bytes (or a size string like ``"256MB"``) for everything held in RAM;
@@ -208,6 +220,7 @@ class KVStore:
         v_m: int | None = None,
         v_nbits: int | None = None,
         keep_full_precision: bool = False,
+        window_dtype: str = "float16",
         batch: int = 1,
         ram_budget: int | str | None = None,
         offload_dir: str | os.PathLike | None = None,
@@ -241,6 +254,7 @@ class KVStore:
             bool(keep_full_precision), int(batch), _parse_bytes(ram_budget, "ram_budget"),
             None if offload_dir is None else os.fspath(offload_dir),
             _parse_bytes(max_disk_bytes, "max_disk_bytes"), str(model_id),
+            window_f16=_window_f16(window_dtype),
         )  # fmt: skip
         self.metadata = {}
 

@@ -50,17 +50,51 @@ pub struct ProductQuantizer {
 /// Trained codebooks in the layouts the kernels need.
 #[derive(Clone, Debug)]
 struct Codebooks {
-    /// Layout: `(m, ksub, dsub)`.
-    centroids: Vec<f32>,
+    /// Layout: `(m, ksub, dsub)`: float32, or float16 in a compact quantizer
+    /// ([`ProductQuantizer::compact`]).
+    centroids: Centroids,
     /// Layout: `(m, ksub)` — squared norms of the centroids; empty for 1-dim subspaces, which
-    /// encode by comparisons (see [`Codebooks::norms`]). (Nothing else derived is kept: the
-    /// search scales the input by -2 instead of keeping `-2 * centroids`, and lookup tables
-    /// transpose the centroids per call, so a store of many quantizers holds little beyond
-    /// the centroids; see [`ProductQuantizer::held_bytes`].)
+    /// encode by comparisons, and in compact quantizers, which compute them per encode call
+    /// (see [`Codebooks::norms`]). (Nothing else derived is kept: the search scales the input
+    /// by -2 instead of keeping `-2 * centroids`, and lookup tables transpose the centroids per
+    /// call, so a store of many quantizers holds little beyond the centroids; see
+    /// [`ProductQuantizer::held_bytes`].)
     norms: Vec<f32>,
     /// One-dimensional subspaces (`dsub = 1`): nearest-centroid search by comparisons with
     /// the midpoints between sorted centroid values.
     scalar: Option<ScalarCodes>,
+}
+
+/// Centroid storage: float32, or float16 where many quantizers are held (a KV store's, one
+/// per layer, KV head and side). float16 keeps 11 significant bits, far below the
+/// quantization error of the codes; every computation reads them as float32.
+#[derive(Clone, Debug)]
+enum Centroids {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl Centroids {
+
+    /// The centroids as float32 (borrowed, or converted when held in float16).
+    fn f32s(&self) -> std::borrow::Cow<'_, [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Centroids::F32(c) => std::borrow::Cow::Borrowed(c),
+            Centroids::F16(c) => {
+                let mut out = vec![0f32; c.len()];
+                c.convert_to_f32_slice(&mut out);
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Centroids::F32(c) => 4 * c.len(),
+            Centroids::F16(c) => 2 * c.len(),
+        }
+    }
 }
 
 /// Encoding tables of a product quantizer whose subspaces are single dimensions: a value's
@@ -126,47 +160,76 @@ impl ScalarCodes {
 
 impl Codebooks {
     fn new(centroids: Vec<f32>, m: usize, ksub: usize, dsub: usize) -> Self {
+        debug_assert_eq!(centroids.len(), m * ksub * dsub);
         // 1-dim subspaces encode by comparisons (`scalar`) and need no norms.
         let norms = if dsub == 1 {
             Vec::new()
         } else {
-            centroids
-                .chunks_exact(dsub)
-                .map(|c| c.iter().map(|v| v * v).sum())
-                .collect()
+            squared_norms(&centroids, dsub)
         };
-        debug_assert_eq!(centroids.len(), m * ksub * dsub);
         let scalar = (dsub == 1).then(|| ScalarCodes::new(&centroids, m, ksub));
         Codebooks {
-            centroids,
+            centroids: Centroids::F32(centroids),
             norms,
             scalar,
         }
     }
 
-    /// Centroids transposed per subspace, Layout `(m, dsub, ksub)` (borrowed when `dsub == 1`).
-    fn transposed(&self, ksub: usize, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
-        if dsub == 1 {
-            return std::borrow::Cow::Borrowed(&self.centroids);
+    /// The same codebooks held compactly: centroids rounded to float16 (the encoding tables
+    /// rebuilt from the rounded values, so codes stay nearest-centroid codes), no norms.
+    fn compact(&self, m: usize, ksub: usize, dsub: usize) -> Self {
+        if let Centroids::F16(_) = self.centroids {
+            return self.clone();
         }
-        std::borrow::Cow::Owned(kernels::transpose_books(&self.centroids, ksub, dsub))
+        let half: Vec<half::f16> = self
+            .centroids
+            .f32s()
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        let rounded: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+        let scalar = (dsub == 1).then(|| ScalarCodes::new(&rounded, m, ksub));
+        Codebooks {
+            centroids: Centroids::F16(half),
+            norms: Vec::new(),
+            scalar,
+        }
     }
 
-    /// The centroids' squared norms, Layout `(m, ksub)` (computed for 1-dim subspaces).
-    fn norms(&self) -> std::borrow::Cow<'_, [f32]> {
+    /// Centroids transposed per subspace, Layout `(m, dsub, ksub)` (borrowed when `dsub == 1`
+    /// and held in float32).
+    fn transposed(&self, ksub: usize, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
+        let c = self.centroids.f32s();
+        if dsub == 1 {
+            return c;
+        }
+        std::borrow::Cow::Owned(kernels::transpose_books(&c, ksub, dsub))
+    }
+
+    /// The centroids' squared norms, Layout `(m, ksub)` (computed where not held).
+    fn norms(&self, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
         if self.norms.is_empty() {
-            return std::borrow::Cow::Owned(self.centroids.iter().map(|c| c * c).collect());
+            return std::borrow::Cow::Owned(squared_norms(&self.centroids.f32s(), dsub));
         }
         std::borrow::Cow::Borrowed(&self.norms)
     }
 
     fn bytes(&self) -> usize {
-        4 * (self.centroids.len() + self.norms.len())
+        self.centroids.bytes()
+            + 4 * self.norms.len()
             + self
                 .scalar
                 .as_ref()
                 .map_or(0, |s| 4 * s.mids.len() + s.order.len())
     }
+}
+
+/// Squared norm of every `dsub`-float centroid.
+fn squared_norms(centroids: &[f32], dsub: usize) -> Vec<f32> {
+    centroids
+        .chunks_exact(dsub)
+        .map(|c| c.iter().map(|v| v * v).sum())
+        .collect()
 }
 
 impl ProductQuantizer {
@@ -225,14 +288,16 @@ impl ProductQuantizer {
     pub fn code_bytes(&self) -> usize {
         code_bytes(self.m, self.nbits)
     }
-    /// [`ProductQuantizer::held_bytes`] of a trained quantizer of this shape (`dim % m == 0`).
-    pub fn held_bytes_for(dim: usize, m: usize, nbits: u32) -> usize {
+    /// [`ProductQuantizer::held_bytes`] of a trained quantizer of this shape (`dim % m == 0`),
+    /// compact ([`ProductQuantizer::compact`]) or not.
+    pub fn held_bytes_for(dim: usize, m: usize, nbits: u32, compact: bool) -> usize {
         let ksub = 1usize << nbits;
+        let cent = if compact { 2 } else { 4 } * ksub * dim;
         if dim == m {
             // Centroids, midpoints (float32) and rank bytes; no norms.
-            return 4 * ksub * dim + 4 * (ksub - 1) * m + m * ksub;
+            return cent + 4 * (ksub - 1) * m + m * ksub;
         }
-        4 * (ksub * dim + m * ksub)
+        cent + if compact { 0 } else { 4 * m * ksub }
     }
 
     /// Bytes the trained codebooks hold in memory (centroids; their norms, or for 1-dim
@@ -241,13 +306,35 @@ impl ProductQuantizer {
         self.trained.as_ref().map_or(0, Codebooks::bytes)
     }
 
+    /// The same quantizer holding its codebooks compactly: centroids in float16 (computations
+    /// still in float32), squared norms computed per encode call instead of held. About half
+    /// the bytes (a third for 8-bit codes over 2 dims); codes and scores differ from the
+    /// float32 quantizer's only by the centroids' float16 rounding (2^-11 relative). A KV store
+    /// holds its codebooks this way. Untrained quantizers are returned as they are.
+    pub fn compact(&self) -> ProductQuantizer {
+        let trained = self
+            .trained
+            .as_ref()
+            .map(|b| b.compact(self.m, self.ksub(), self.dsub()));
+        ProductQuantizer { trained, ..*self }
+    }
+
+    /// Whether the codebooks are held compactly (see [`ProductQuantizer::compact`]).
+    pub fn is_compact(&self) -> bool {
+        matches!(
+            self.trained.as_ref().map(|b| &b.centroids),
+            Some(Centroids::F16(_))
+        )
+    }
+
     /// Whether codebooks are trained.
     pub fn is_trained(&self) -> bool {
         self.trained.is_some()
     }
-    /// Centroids, Layout `(m, ksub, dsub)`, if trained.
-    pub fn centroids(&self) -> Option<&[f32]> {
-        self.trained.as_ref().map(|c| c.centroids.as_slice())
+    /// Centroids as float32, Layout `(m, ksub, dsub)`, if trained (a converted copy for a
+    /// compact quantizer).
+    pub fn centroids(&self) -> Option<std::borrow::Cow<'_, [f32]>> {
+        self.trained.as_ref().map(|c| c.centroids.f32s())
     }
 
     fn books(&self, what: &'static str) -> Result<&Codebooks> {
@@ -373,6 +460,18 @@ impl ProductQuantizer {
         }
         check_finite("encode input", x, self.dim)?;
         let (dim, m, dsub, ksub, nbits) = (self.dim, self.m, self.dsub(), self.ksub(), self.nbits);
+        // Float32 centroids and their norms for the search (converted and computed per call
+        // for a compact quantizer; unused by 1-dim subspaces, which search by comparisons).
+        let (cents, norms) = match books.scalar {
+            Some(_) => (std::borrow::Cow::Borrowed(&[][..]), std::borrow::Cow::Borrowed(&[][..])),
+            None => (books.centroids.f32s(), books.norms(dsub)),
+        };
+        let search = Search {
+            scalar: books.scalar.as_ref(),
+            centroids: &cents,
+            norms: &norms,
+        };
+        let books = &search;
         if n <= BLOCK {
             // One block: handing it to the pool costs more than encoding it (decode appends
             // encode a token or two per call).
@@ -402,6 +501,7 @@ impl ProductQuantizer {
             self.code_bytes(),
         );
         let four = self.nbits == 4;
+        let cents = books.centroids.f32s();
         let mut out = vec![0f32; n * dim];
         crate::parallel::install(|| {
             out.par_chunks_mut(BLOCK * dim)
@@ -411,7 +511,7 @@ impl ProductQuantizer {
                         for j in 0..m {
                             let k = code_at(c, j, four);
                             let src =
-                                &books.centroids[(j * ksub + k) * dsub..(j * ksub + k + 1) * dsub];
+                                &cents[(j * ksub + k) * dsub..(j * ksub + k + 1) * dsub];
                             o[j * dsub..(j + 1) * dsub].copy_from_slice(src);
                         }
                     }
@@ -443,7 +543,7 @@ impl ProductQuantizer {
         check_finite("queries", q, self.dim)?;
         let (dim, m, dsub, ksub) = (self.dim, self.m, self.dsub(), self.ksub());
         let mut out = vec![0f32; nq * m * ksub];
-        let (ct, norms) = (books.transposed(ksub, dsub), books.norms());
+        let (ct, norms) = (books.transposed(ksub, dsub), books.norms(dsub));
         for (qi, t) in q.chunks_exact(dim).zip(out.chunks_exact_mut(m * ksub)) {
             crate::dispatch!(build_tables(qi, &ct, &norms, m, dsub, ksub, metric, t));
         }
@@ -463,7 +563,7 @@ impl ProductQuantizer {
         if self.nbits == 4 && metric == Metric::InnerProduct && crate::simd::has_avx512() {
             // Exact float scores on the attention key kernel: one `vpermps` decodes a dimension
             // for 16 codes, shared by every query (no per-query byte tables).
-            let books = self.books("scores")?;
+            let cents = self.books("scores")?.centroids.f32s();
             let dsub = self.dsub();
             let mut out = vec![0f32; nq * n];
             par_blocks(codes, cb, nq, &mut out, |c, rows| {
@@ -481,7 +581,7 @@ impl ProductQuantizer {
                         cb,
                         m,
                         dsub,
-                        &books.centroids,
+                        &cents,
                         &mut s,
                     )
                 };
@@ -599,12 +699,20 @@ fn code_at(c: &[u8], j: usize, four: bool) -> usize {
     }
 }
 
+/// What [`encode_block`] searches: the scalar tables of 1-dim subspaces, or float32 centroids
+/// and their squared norms, Layouts `(m, ksub, dsub)` and `(m, ksub)`.
+struct Search<'a> {
+    scalar: Option<&'a ScalarCodes>,
+    centroids: &'a [f32],
+    norms: &'a [f32],
+}
+
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn encode_block(
     x: &[f32],
     codes: &mut [u8],
-    books: &Codebooks,
+    books: &Search,
     dim: usize,
     m: usize,
     dsub: usize,
@@ -613,7 +721,7 @@ fn encode_block(
 ) {
     let n = x.len() / dim;
     let cb = codes.len() / n.max(1);
-    if let Some(sc) = &books.scalar {
+    if let Some(sc) = books.scalar {
         sc.encode(x, codes, m, ksub, nbits);
         return;
     }

@@ -31,7 +31,7 @@ fn u32_at(b: &[u8], off: usize) -> u32 {
 impl ProductQuantizer {
     /// Serialize configuration and codebooks (see the module docs for the layout).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let cents = self.centroids().unwrap_or(&[]);
+        let cents = self.centroids().unwrap_or_default();
         let mut out = Vec::with_capacity(HEADER + 4 * cents.len() + 4);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -41,7 +41,7 @@ impl ProductQuantizer {
         out.push(self.is_trained() as u8);
         out.extend_from_slice(&[0u8; 7]);
         out.extend_from_slice(&((4 * cents.len()) as u64).to_le_bytes());
-        for v in cents {
+        for v in cents.iter() {
             out.extend_from_slice(&v.to_le_bytes());
         }
         let crc = crc32fast::hash(&out);

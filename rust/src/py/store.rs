@@ -42,7 +42,8 @@ pub struct KVStore {
 impl KVStore {
     #[new]
     #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
-                        keep_full_precision, batch, ram_budget, offload_dir, max_disk_bytes, model_id))]
+                        keep_full_precision, batch, ram_budget, offload_dir, max_disk_bytes, model_id,
+                        window_f16=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         layers: usize,
@@ -61,6 +62,7 @@ impl KVStore {
         offload_dir: Option<PathBuf>,
         max_disk_bytes: Option<u64>,
         model_id: String,
+        window_f16: bool,
     ) -> PyResult<Self> {
         let cfg = StoreConfig {
             layers,
@@ -74,6 +76,7 @@ impl KVStore {
             v_m,
             v_nbits,
             keep_full_precision,
+            window_f16,
             batch,
             ram_budget,
             offload_dir,
@@ -101,6 +104,10 @@ impl KVStore {
         d.set_item("v_m", c.v_m)?;
         d.set_item("v_nbits", c.v_nbits)?;
         d.set_item("keep_full_precision", c.keep_full_precision)?;
+        d.set_item(
+            "window_dtype",
+            if c.window_f16 { "float16" } else { "float32" },
+        )?;
         d.set_item("batch", c.batch)?;
         d.set_item("ram_budget", c.ram_budget)?;
         d.set_item(
@@ -137,7 +144,7 @@ impl KVStore {
             let (m, ksub, dsub) = (qs[0].m(), qs[0].ksub(), qs[0].dsub());
             let data: Vec<f32> = qs
                 .iter()
-                .flat_map(|q| q.centroids().unwrap_or(&[]).iter().copied())
+                .flat_map(|q| q.centroids().unwrap_or_default().into_owned())
                 .collect();
             Ok(Array4::from_shape_vec((qs.len(), m, ksub, dsub), data)
                 .map_err(internal)?
@@ -487,7 +494,7 @@ impl KVStore {
     #[staticmethod]
     #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
                         keep_full_precision, ram_budget, offload_dir, max_disk_bytes, model_id,
-                        books, sink_piece, pages, tail, pending=None))]
+                        books, sink_piece, pages, tail, pending=None, window_f16=false))]
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         py: Python<'_>,
@@ -511,6 +518,7 @@ impl KVStore {
         pages: Vec<Vec<PyBackedBytes>>,
         tail: Option<PyBackedBytes>,
         pending: Option<Vec<usize>>,
+        window_f16: bool,
     ) -> PyResult<KVStore> {
         let pending = pending.unwrap_or_else(|| vec![0; pages.len()]);
         let cfg = StoreConfig {
@@ -525,6 +533,7 @@ impl KVStore {
             v_m,
             v_nbits,
             keep_full_precision,
+            window_f16,
             batch: 1,
             ram_budget,
             offload_dir,

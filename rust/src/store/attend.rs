@@ -630,10 +630,11 @@ struct Snapshot {
     fp_counts: Vec<(usize, usize)>,
     /// Full-precision part of every sequence: sinks (copied, token-major `(t, H, D)`) and the
     /// window's token rows (shared, not copied).
-    fp: Vec<(Vec<f32>, Vec<f32>, Vec<super::TokenKv>)>,
+    fp: Vec<(Vec<f32>, Vec<f32>, Vec<TokenKv>)>,
     f: usize,
 }
 
+use super::{Row, TokenKv};
 use std::sync::Arc;
 
 impl KvStore {
@@ -749,13 +750,36 @@ impl KvStore {
                     .collect()
             })
             .collect();
+        // float16 window rows converted (once per call, a row at a time into one buffer per
+        // sequence); float32 ones read where they are.
+        let hd = h * d;
+        let converted: Vec<(Vec<f32>, Vec<f32>)> = snap
+            .fp
+            .iter()
+            .map(|(_, _, win)| {
+                let halves: Vec<&TokenKv> =
+                    win.iter().filter(|(k, _)| matches!(k, Row::F16(_))).collect();
+                let mut k = vec![0f32; halves.len() * hd];
+                let mut v = vec![0f32; halves.len() * hd];
+                for (i, (tk, tv)) in halves.iter().enumerate() {
+                    tk.read_into(&mut k[i * hd..(i + 1) * hd]);
+                    tv.read_into(&mut v[i * hd..(i + 1) * hd]);
+                }
+                (k, v)
+            })
+            .collect();
         let fp: Vec<Vec<(&[f32], &[f32])>> = snap
             .fp
             .iter()
-            .map(|(sk, sv, win)| {
-                sk.chunks_exact(h * d)
-                    .zip(sv.chunks_exact(h * d))
-                    .chain(win.iter().map(|(k, v)| (&k[..], &v[..])))
+            .zip(&converted)
+            .map(|((sk, sv, win), (ck, cv))| {
+                let mut halves = ck.chunks_exact(hd).zip(cv.chunks_exact(hd));
+                sk.chunks_exact(hd)
+                    .zip(sv.chunks_exact(hd))
+                    .chain(win.iter().map(|(k, v)| match (k, v) {
+                        (Row::F32(k), Row::F32(v)) => (&k[..], &v[..]),
+                        _ => halves.next().expect("one converted row per float16 row"),
+                    }))
                     .collect()
             })
             .collect();

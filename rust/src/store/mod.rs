@@ -75,6 +75,10 @@ pub struct StoreConfig {
     pub v_nbits: u32,
     /// Keep an fp16 copy of K/V in each page (for exact re-ranking).
     pub keep_full_precision: bool,
+    /// Hold the recent window in float16 instead of float32 (half its bytes; values beyond
+    /// float16's range are a typed error). Sinks stay float32. Tokens pass through the window
+    /// dtype before they are encoded, so pages do not depend on how appends were split.
+    pub window_f16: bool,
     /// Sequences (batch size) at construction. [`KvStore::select_seqs`] may change the number
     /// of sequences later; [`KvStore::batch`] is the current one.
     pub batch: usize,
@@ -140,12 +144,12 @@ impl StoreConfig {
     }
 
     /// Bytes the codebooks of all layers hold in RAM once trained: per KV head, each key and
-    /// value quantizer ([`ProductQuantizer::held_bytes_for`]: float32 centroids, their norms,
-    /// the midpoints of 1-dim subspaces).
+    /// value quantizer held compactly ([`ProductQuantizer::held_bytes_for`]: float16 centroids,
+    /// the midpoints of 1-dim subspaces; no norms).
     pub fn codebook_bytes(&self) -> usize {
         let d = self.head_dim;
-        let k = ProductQuantizer::held_bytes_for(d, self.k_m, self.k_nbits);
-        let v = ProductQuantizer::held_bytes_for(d, self.v_m, self.v_nbits);
+        let k = ProductQuantizer::held_bytes_for(d, self.k_m, self.k_nbits, true);
+        let v = ProductQuantizer::held_bytes_for(d, self.v_m, self.v_nbits, true);
         self.layers * self.kv_heads * (k + v)
     }
 
@@ -155,12 +159,23 @@ impl StoreConfig {
         self.kv_heads * (8 + 3 * self.head_dim)
     }
 
+    /// Bytes of one sink token's keys and values (float32).
+    pub fn sink_token_bytes(&self) -> usize {
+        2 * self.kv_heads * self.head_dim * 4
+    }
+
+    /// Bytes of one window token's keys and values (float16 with `window_f16`, else float32).
+    pub fn window_token_bytes(&self) -> usize {
+        2 * self.kv_heads * self.head_dim * if self.window_f16 { 2 } else { 4 }
+    }
+
     /// Fixed RAM: codebooks, sinks + window, the open page and one resident page per layer and
     /// sequence (of the initial `batch`). A budget below this is rejected.
     pub fn min_ram_budget(&self) -> u64 {
-        let fp_token = 2 * self.kv_heads * self.head_dim * 4;
-        let per_layer =
-            (self.sinks + self.window) * fp_token + 2 * self.page_bytes() + self.abstract_bytes();
+        let per_layer = self.sinks * self.sink_token_bytes()
+            + self.window * self.window_token_bytes()
+            + 2 * self.page_bytes()
+            + self.abstract_bytes();
         (self.codebook_bytes() + self.batch * self.layers * per_layer) as u64
     }
 }
@@ -309,9 +324,63 @@ impl OpenPage {
     }
 }
 
-/// One token's keys and values, each Layout `(H, D)`.
-/// Shared, not copied, by the snapshot a decode step attends over.
-pub(crate) type TokenKv = (Arc<[f32]>, Arc<[f32]>);
+/// One token's keys or values in the window, Layout `(H, D)`, in the window's dtype
+/// ([`StoreConfig::window_f16`]). Shared, not copied, by the snapshot a decode step reads.
+#[derive(Clone, Debug)]
+pub(crate) enum Row {
+    F32(Arc<[f32]>),
+    F16(Arc<[half::f16]>),
+}
+
+impl Row {
+    /// `x` held as `f16` (`half`) or float32; a value beyond float16's range is a typed error.
+    fn new(x: &[f32], half: bool) -> Result<Row> {
+        if !half {
+            return Ok(Row::F32(x.into()));
+        }
+        let mut h = vec![half::f16::ZERO; x.len()];
+        {
+            use half::slice::HalfFloatSliceExt;
+            h.convert_from_f32_slice(x);
+        }
+        if let Some(i) = h.iter().position(|v| v.is_infinite()) {
+            return Err(Error::config(format!(
+                "a K/V value of {} is beyond float16's range (|x| <= 65504): the window is held in \
+                 float16; use window_dtype=\"float32\" for this model",
+                x[i]
+            )));
+        }
+        Ok(Row::F16(h.into()))
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Row::F32(x) => x.len(),
+            Row::F16(x) => x.len(),
+        }
+    }
+
+    /// Write the values as float32 into `out` (`len()` values).
+    pub(crate) fn read_into(&self, out: &mut [f32]) {
+        match self {
+            Row::F32(x) => out.copy_from_slice(x),
+            Row::F16(x) => {
+                use half::slice::HalfFloatSliceExt;
+                x.convert_to_f32_slice(out)
+            }
+        }
+    }
+
+    /// The values as float32.
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.len()];
+        self.read_into(&mut out);
+        out
+    }
+}
+
+/// One token's keys and values in the window, each Layout `(H, D)`.
+pub(crate) type TokenKv = (Row, Row);
 /// A just-closed page: blob and quantized abstract.
 type ClosedPage = (Vec<u8>, Box<[u8]>);
 
@@ -389,8 +458,13 @@ pub(crate) struct LayerBooks {
 }
 
 impl LayerBooks {
+    /// Held compactly ([`ProductQuantizer::compact`]: float16 centroids, no norms).
     fn new(k: Vec<ProductQuantizer>, v: Vec<ProductQuantizer>) -> Arc<Self> {
-        Arc::new(LayerBooks { k, v })
+        let compact = |qs: Vec<ProductQuantizer>| qs.iter().map(|q| q.compact()).collect();
+        Arc::new(LayerBooks {
+            k: compact(k),
+            v: compact(v),
+        })
     }
 
     /// The centroids of every KV head flattened for the kernels, Layout `(H, m, ksub, dsub)`
@@ -399,7 +473,7 @@ impl LayerBooks {
     pub(crate) fn flat(&self) -> FlatBooks {
         let cat = |qs: &[ProductQuantizer]| -> Vec<f32> {
             qs.iter()
-                .flat_map(|p| p.centroids().unwrap_or(&[]).iter().copied())
+                .flat_map(|p| p.centroids().unwrap_or_default().into_owned())
                 .collect()
         };
         Arc::new((cat(&self.k), cat(&self.v)))
@@ -568,11 +642,11 @@ impl Shared {
     fn fixed_bytes(&self, st: &State) -> u64 {
         let cfg = &self.cfg;
         let mut b = cfg.codebook_bytes() as u64;
-        let fp_token = (2 * cfg.kv_heads * cfg.head_dim * 4) as u64;
+        let (sink_token, window_token) = (cfg.sink_token_bytes(), cfg.window_token_bytes());
         for seq in &st.seqs {
             for l in seq {
-                b += (l.sinks_k.len() / (cfg.kv_heads * cfg.head_dim)) as u64 * fp_token;
-                b += l.window.len() as u64 * fp_token;
+                b += ((l.sinks_k.len() / (cfg.kv_heads * cfg.head_dim)) * sink_token) as u64;
+                b += (l.window.len() * window_token) as u64;
                 if l.open.is_some() {
                     b += cfg.page_bytes() as u64;
                 }
@@ -950,18 +1024,25 @@ impl KvStore {
                 what: "append beyond sinks + window (set_codebooks for this layer first)",
             });
         }
-        let tok = |x: &[f32], i: usize| -> Arc<[f32]> {
+        let tok = |x: &[f32], i: usize| -> Vec<f32> {
             let mut b = vec![0f32; h * d];
             for hh in 0..h {
                 b[hh * d..(hh + 1) * d].copy_from_slice(&x[(hh * t + i) * d..(hh * t + i + 1) * d]);
             }
-            b.into()
+            b
         };
+        let row = |x: &[f32], i: usize| Row::new(&tok(x, i), cfg.window_f16);
+        // Everything that enters the window or passes it, in the window's dtype (checked
+        // before the state changes: all or nothing).
+        let rows: Vec<TokenKv> = (to_sinks..t)
+            .map(|i| Ok((row(k, i)?, row(v, i)?)))
+            .collect::<Result<_>>()?;
         let ls = &mut st.seqs[seq][layer];
         for i in 0..to_sinks {
             ls.sinks_k.extend_from_slice(&tok(k, i));
             ls.sinks_v.extend_from_slice(&tok(v, i));
         }
+        let mut rows = rows.into_iter();
         // Tokens leaving the window, oldest first: from the current window, then from the input.
         let mut leaving: Vec<TokenKv> = Vec::with_capacity(overflow);
         let from_window = overflow.min(win_len);
@@ -969,12 +1050,8 @@ impl KvStore {
             leaving.push(ls.window.pop_front().expect("counted"));
         }
         let first_kept = to_sinks + (overflow - from_window);
-        for i in to_sinks..first_kept {
-            leaving.push((tok(k, i), tok(v, i)));
-        }
-        for i in first_kept..t {
-            ls.window.push_back((tok(k, i), tok(v, i)));
-        }
+        leaving.extend(rows.by_ref().take(first_kept - to_sinks));
+        ls.window.extend(rows);
         ls.n_tokens += t;
         if !leaving.is_empty() {
             let books = st.books[layer].as_ref().expect("checked above");
@@ -1145,13 +1222,28 @@ impl KvStore {
         let st = self.shared.lock()?;
         self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
+        let window: (Vec<f32>, Vec<f32>);
         let toks: Vec<(&[f32], &[f32])> = match which {
             Region::Sinks => l
                 .sinks_k
                 .chunks_exact(h * d)
                 .zip(l.sinks_v.chunks_exact(h * d))
                 .collect(),
-            Region::Window => l.window.iter().map(|(a, b)| (&a[..], &b[..])).collect(),
+            Region::Window => {
+                let (t, hd) = (l.window.len(), h * d);
+                let mut k = vec![0f32; hd * t];
+                let mut v = vec![0f32; hd * t];
+                for (i, (tk, tv)) in l.window.iter().enumerate() {
+                    tk.read_into(&mut k[i * hd..(i + 1) * hd]);
+                    tv.read_into(&mut v[i * hd..(i + 1) * hd]);
+                }
+                window = (k, v);
+                window
+                    .0
+                    .chunks_exact(hd)
+                    .zip(window.1.chunks_exact(hd))
+                    .collect()
+            }
         };
         let t = toks.len();
         let mut k = vec![0f32; h * t * d];
@@ -1369,6 +1461,10 @@ fn encode_into_pages(
     // Encode per head in one batch: codes Layout (H, n, c).
     let mut kc = vec![0u8; h * n * ck];
     let mut vc = vec![0u8; h * n * cv];
+    let leaving: Vec<(Vec<f32>, Vec<f32>)> = leaving
+        .iter()
+        .map(|(k, v)| (k.to_f32(), v.to_f32()))
+        .collect();
     let mut buf = vec![0f32; n * d];
     for hh in 0..h {
         for (i, (tk, _)) in leaving.iter().enumerate() {

@@ -24,8 +24,9 @@ use super::{KvStore, LayerBooks, LayerState, OpenPage, PageMeta, RamTier, State,
 use crate::error::{Error, Result};
 use crate::pq::ProductQuantizer;
 
-/// Version of the on-disk context format.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// Version of the on-disk context format. Version 2 added the window's dtype (bit 1 of the
+/// flags byte after the code widths); version 1 files (float32 windows) still load.
+pub const STORE_FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"CTXCKV\0\0";
 const META: &str = "meta.ctxkv";
 
@@ -141,9 +142,10 @@ pub(super) fn write_fp_part(w: &mut W, l: &LayerState) {
     w.f32s(&l.sinks_k);
     w.f32s(&l.sinks_v);
     w.u64(l.window.len() as u64);
+    // Window values as float32 whatever the window's dtype (exact for float16 ones).
     for (k, v) in &l.window {
-        w.f32s(k);
-        w.f32s(v);
+        w.f32s(&k.to_f32());
+        w.f32s(&v.to_f32());
     }
     match &l.open {
         None => w.u8(0),
@@ -172,7 +174,8 @@ pub(super) fn read_fp_part(r: &mut R, cfg: &StoreConfig, ls: &mut LayerState) ->
                 "window token of the wrong size",
             ));
         }
-        ls.window.push_back((k.into(), v.into()));
+        let row = |x: &[f32]| super::Row::new(x, cfg.window_f16);
+        ls.window.push_back((row(&k)?, row(&v)?));
     }
     ls.open = None;
     if r.u8()? == 1 {
@@ -298,7 +301,7 @@ impl KvStore {
         }
         w.u32(cfg.k_nbits);
         w.u32(cfg.v_nbits);
-        w.u8(cfg.keep_full_precision as u8);
+        w.u8(cfg.keep_full_precision as u8 | (cfg.window_f16 as u8) << 1);
         w.bytes(cfg.model_id.as_bytes());
         w.bytes(seg_name.as_bytes());
         w.u32(next);
@@ -375,7 +378,7 @@ impl KvStore {
             ));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().expect("4"));
-        if version != STORE_FORMAT_VERSION {
+        if !(1..=STORE_FORMAT_VERSION).contains(&version) {
             return Err(Error::Version {
                 what: file,
                 found: version,
@@ -402,7 +405,11 @@ impl KvStore {
         }
         let [layers, kv_heads, head_dim, page_size, window, sinks, k_m, v_m, batch] = u;
         let (k_nbits, v_nbits) = (r.u32()?, r.u32()?);
-        let keep = r.u8()? != 0;
+        let flags = r.u8()?;
+        if flags > 3 || (version == 1 && flags > 1) {
+            return Err(Error::corrupt(file, format!("unknown flags byte {flags:#04x}")));
+        }
+        let (keep, window_f16) = (flags & 1 != 0, flags & 2 != 0);
         let model_id = String::from_utf8_lossy(r.bytes()?).to_string();
         let cfg = StoreConfig {
             layers,
@@ -416,6 +423,7 @@ impl KvStore {
             v_m,
             v_nbits,
             keep_full_precision: keep,
+            window_f16,
             batch,
             ram_budget: opts.ram_budget,
             offload_dir: opts.offload_dir.clone(),

@@ -14,6 +14,7 @@ fn cfg(budget: Option<u64>, dir: Option<PathBuf>) -> StoreConfig {
         v_m: 8,
         v_nbits: 4,
         keep_full_precision: true,
+        window_f16: false,
         batch: 1,
         ram_budget: budget,
         offload_dir: dir,
@@ -698,6 +699,7 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
     // No fp16 copies: Quest selects by the abstracts and attends the selected pages' codes.
     let c = StoreConfig {
         keep_full_precision: false,
+        window_f16: false,
         ..cfg(None, Some(tmpdir("quest-codes")))
     };
     let s = store(c.clone());
@@ -2188,6 +2190,7 @@ fn pages_read_in_parallel_equal_single_reads_and_check_every_checksum() {
 fn quest_exact_fallback_widens_to_dense_only_where_the_bound_says_so() {
     let c = StoreConfig {
         keep_full_precision: false,
+        window_f16: false,
         ..cfg(None, None)
     };
     let s = store(c.clone());
