@@ -347,10 +347,10 @@ def test_memory_stats_counts_everything():
     with torch.no_grad():
         model(_ids(399), past_key_values=cache)
         held = cache.memory_stats()
-        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 centroid floats and
-        # head_dim / 2 x 256 norms; values, 4-bit over 1 dim: head_dim x 16 centroids and
-        # head_dim x 15 midpoints (float32), head_dim x 16 rank bytes)
-        codebooks = 2 * 2 * ((16 * 256 + 8 * 256 + 16 * 16 + 16 * 15) * 4 + 16 * 16)
+        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 centroid values in
+        # float16, no norms; values, 4-bit over 1 dim: head_dim x 16 centroids in float16,
+        # head_dim x 15 midpoints in float32 and head_dim x 16 rank bytes)
+        codebooks = 2 * 2 * ((16 * 256 + 16 * 16) * 2 + 16 * 15 * 4 + 16 * 16)
         assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
         model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()

@@ -108,6 +108,14 @@ class ProductQuantizer:
         """Whether the codebooks are trained."""
         return self._codec.is_trained
 
+    def compact(self) -> ProductQuantizer:
+        """A copy holding its centroids in float16 and computing their norms per call, as a
+        :class:`ctxcore.KVStore` holds its codebooks: about half the bytes; codes, decoding and
+        scores are those of the float16-rounded centroids (computed in float32)."""
+        obj = type(self).__new__(type(self))
+        obj._codec = self._codec.compact()
+        return obj
+
     @property
     def centroids(self) -> np.ndarray | None:
         """A copy of the codebooks, float32 ``[m, 2**nbits, dim // m]``; None before training."""

@@ -192,9 +192,10 @@ class KVStore:
         bits: average bits per stored K/V element (1, 2, 4 or 8), mapped by :func:`bits_to_pq`;
             or give ``k_m, k_nbits, v_m, v_nbits`` explicitly.
         keep_full_precision: also keep an fp16 copy of K/V in each page (for exact re-ranking).
-        window_dtype: ``"float16"`` (default: half the window's bytes; K/V values beyond
-            float16's range, ``|x| > 65504``, are a :class:`~ctxcore.exceptions.ConfigError`)
-            or ``"float32"``. Tokens pass through it before they are encoded.
+        window_dtype: ``"float32"`` (default: the window exact) or ``"float16"`` (half the
+            window's bytes; K/V values beyond float16's range, ``|x| > 65504``, are a
+            :class:`~ctxcore.exceptions.ConfigError`; what :class:`ctxcore.CompressedCache`
+            uses by default). Tokens pass through it before they are encoded.
         batch: number of sequences at construction (``config["batch"]``); :meth:`select_seqs`
             may change it later, see :attr:`batch`.
         ram_budget: bytes (or a size string like ``"256MB"``) for everything held in RAM;
@@ -220,7 +221,7 @@ class KVStore:
         v_m: int | None = None,
         v_nbits: int | None = None,
         keep_full_precision: bool = False,
-        window_dtype: str = "float16",
+        window_dtype: str = "float32",
         batch: int = 1,
         ram_budget: int | str | None = None,
         offload_dir: str | os.PathLike | None = None,

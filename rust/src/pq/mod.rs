@@ -75,7 +75,6 @@ enum Centroids {
 }
 
 impl Centroids {
-
     /// The centroids as float32 (borrowed, or converted when held in float16).
     fn f32s(&self) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;
@@ -463,7 +462,10 @@ impl ProductQuantizer {
         // Float32 centroids and their norms for the search (converted and computed per call
         // for a compact quantizer; unused by 1-dim subspaces, which search by comparisons).
         let (cents, norms) = match books.scalar {
-            Some(_) => (std::borrow::Cow::Borrowed(&[][..]), std::borrow::Cow::Borrowed(&[][..])),
+            Some(_) => (
+                std::borrow::Cow::Borrowed(&[][..]),
+                std::borrow::Cow::Borrowed(&[][..]),
+            ),
             None => (books.centroids.f32s(), books.norms(dsub)),
         };
         let search = Search {
@@ -510,8 +512,7 @@ impl ProductQuantizer {
                     for (o, c) in oblk.chunks_exact_mut(dim).zip(cblk.chunks_exact(cb)) {
                         for j in 0..m {
                             let k = code_at(c, j, four);
-                            let src =
-                                &cents[(j * ksub + k) * dsub..(j * ksub + k + 1) * dsub];
+                            let src = &cents[(j * ksub + k) * dsub..(j * ksub + k + 1) * dsub];
                             o[j * dsub..(j + 1) * dsub].copy_from_slice(src);
                         }
                     }
@@ -573,16 +574,7 @@ impl ProductQuantizer {
                 // shapes are the validated ones of this quantizer.
                 unsafe {
                     crate::attention::avx512::key_scores(
-                        q,
-                        1.0,
-                        nq,
-                        len,
-                        c,
-                        cb,
-                        m,
-                        dsub,
-                        &cents,
-                        &mut s,
+                        q, 1.0, nq, len, c, cb, m, dsub, &cents, &mut s,
                     )
                 };
                 for (qi, row) in rows.iter_mut().enumerate() {
@@ -812,6 +804,54 @@ mod tests {
         (0..n * dim)
             .map(|_| (r.next_f64() as f32 - 0.5) * 4.0)
             .collect()
+    }
+
+    #[test]
+    fn compact_quantizer_is_the_float16_rounded_one_in_fewer_bytes() {
+        // A compact quantizer encodes, decodes and scores exactly like a float32 quantizer
+        // built from its float16-rounded centroids, for vector and scalar subspaces.
+        let dim = 16;
+        for (m, nbits) in [(8, 8), (8, 4), (16, 4), (16, 8), (4, 8)] {
+            let mut pq = ProductQuantizer::new(dim, m, nbits).unwrap();
+            pq.train(&data(2000, dim, 1), 5, 2).unwrap();
+            let small = pq.compact();
+            assert!(small.is_compact() && !pq.is_compact());
+            let rounded: Vec<f32> = pq
+                .centroids()
+                .unwrap()
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            let same = ProductQuantizer::with_centroids(dim, m, nbits, rounded.clone()).unwrap();
+            assert_eq!(small.centroids().unwrap().as_ref(), &rounded[..]);
+            let x = data(700, dim, 3);
+            assert_eq!(
+                small.encode(&x).unwrap(),
+                same.encode(&x).unwrap(),
+                "{m}x{nbits}"
+            );
+            let codes = same.encode(&x).unwrap();
+            assert_eq!(small.decode(&codes).unwrap(), same.decode(&codes).unwrap());
+            let q = data(3, dim, 4);
+            for metric in [Metric::InnerProduct, Metric::L2] {
+                assert_eq!(
+                    small.scores(&q, &codes, metric).unwrap(),
+                    same.scores(&q, &codes, metric).unwrap()
+                );
+            }
+            assert_eq!(
+                small.held_bytes(),
+                ProductQuantizer::held_bytes_for(dim, m, nbits, true)
+            );
+            assert_eq!(
+                pq.held_bytes(),
+                ProductQuantizer::held_bytes_for(dim, m, nbits, false)
+            );
+            assert!(small.held_bytes() < pq.held_bytes());
+            // Serialized, a compact quantizer is its float32 values (exact) and loads the same.
+            let back = ProductQuantizer::from_bytes(&small.to_bytes()).unwrap();
+            assert_eq!(back.encode(&x).unwrap(), same.encode(&x).unwrap());
+        }
     }
 
     #[test]

@@ -92,6 +92,13 @@ impl PQCodec {
         self.inner.is_trained()
     }
 
+    /// The same quantizer with float16 centroids and no held norms (as a KV store holds it).
+    fn compact(&self) -> PQCodec {
+        PQCodec {
+            inner: self.inner.compact(),
+        }
+    }
+
     /// Copy of the centroids, float32 ``[m, ksub, dsub]``, or None before training.
     #[getter]
     fn centroids<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyArray3<f32>>>> {

@@ -757,8 +757,10 @@ impl KvStore {
             .fp
             .iter()
             .map(|(_, _, win)| {
-                let halves: Vec<&TokenKv> =
-                    win.iter().filter(|(k, _)| matches!(k, Row::F16(_))).collect();
+                let halves: Vec<&TokenKv> = win
+                    .iter()
+                    .filter(|(k, _)| matches!(k, Row::F16(_)))
+                    .collect();
                 let mut k = vec![0f32; halves.len() * hd];
                 let mut v = vec![0f32; halves.len() * hd];
                 for (i, (tk, tv)) in halves.iter().enumerate() {

@@ -407,7 +407,10 @@ impl KvStore {
         let (k_nbits, v_nbits) = (r.u32()?, r.u32()?);
         let flags = r.u8()?;
         if flags > 3 || (version == 1 && flags > 1) {
-            return Err(Error::corrupt(file, format!("unknown flags byte {flags:#04x}")));
+            return Err(Error::corrupt(
+                file,
+                format!("unknown flags byte {flags:#04x}"),
+            ));
         }
         let (keep, window_f16) = (flags & 1 != 0, flags & 2 != 0);
         let model_id = String::from_utf8_lossy(r.bytes()?).to_string();

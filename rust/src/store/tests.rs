@@ -2303,3 +2303,117 @@ fn repeated_scans_larger_than_ram_still_hit_and_smaller_ones_all_hit() {
     assert_eq!(a.hits - b.hits + a.misses - b.misses, 30);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `x` rounded to float16 and back.
+fn round16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+}
+
+#[test]
+fn float16_window_holds_half_the_bytes_and_rounds_what_it_holds() {
+    let c32 = StoreConfig {
+        keep_full_precision: false,
+        ..cfg(None, None)
+    };
+    let c16 = StoreConfig {
+        window_f16: true,
+        ..c32.clone()
+    };
+    let (s32, s16) = (store(c32.clone()), store(c16.clone()));
+    let (h, d, t) = (c16.kv_heads, c16.head_dim, 13);
+    let k = rand(h * t * d, 1);
+    let v = rand(h * t * d, 2);
+    s32.append(0, 0, &k, &v, t).unwrap();
+    s16.append(0, 0, &k, &v, t).unwrap();
+    // The window holds the float16 rounding of the last tokens; the sinks stay exact.
+    let (wk, wv, nw) = s16.full_precision(0, 0, Region::Window).unwrap();
+    let (ek, ev, _) = s32.full_precision(0, 0, Region::Window).unwrap();
+    assert_eq!(nw, c16.window);
+    assert_eq!(wk, round16(&ek));
+    assert_eq!(wv, round16(&ev));
+    assert_ne!(wk, ek, "random values are not all float16-exact");
+    assert_eq!(
+        s16.full_precision(0, 0, Region::Sinks).unwrap(),
+        s32.full_precision(0, 0, Region::Sinks).unwrap()
+    );
+    // Fixed bytes: the window counts 2 bytes a value instead of 4.
+    let (b32, b16) = (s32.stats().unwrap(), s16.stats().unwrap());
+    assert_eq!(
+        b32.ram_bytes - b16.ram_bytes,
+        (c16.window * h * d * 2 * 2) as u64
+    );
+    assert_eq!(
+        c32.min_ram_budget() - c16.min_ram_budget(),
+        (c16.layers * c16.batch * c16.window * h * d * 2 * 2) as u64
+    );
+}
+
+#[test]
+fn float16_window_pages_do_not_depend_on_how_appends_are_split() {
+    // Tokens pass through the window's dtype before they are encoded, whether they leave the
+    // window later (one token at a time) or skip it (one long append).
+    let c = StoreConfig {
+        window_f16: true,
+        keep_full_precision: false,
+        ..cfg(None, None)
+    };
+    let (a, b) = (store(c.clone()), store(c.clone()));
+    let (h, d, t) = (c.kv_heads, c.head_dim, 23);
+    let k = rand(h * t * d, 3);
+    let v = rand(h * t * d, 4);
+    a.append(0, 0, &k, &v, t).unwrap();
+    let tok = |x: &[f32], i: usize| -> Vec<f32> {
+        (0..h)
+            .flat_map(|hh| x[(hh * t + i) * d..(hh * t + i + 1) * d].to_vec())
+            .collect()
+    };
+    for i in 0..t {
+        b.append(0, 0, &tok(&k, i), &tok(&v, i), 1).unwrap();
+    }
+    assert_eq!(a.num_pages(0, 0).unwrap(), b.num_pages(0, 0).unwrap());
+    for p in 0..a.num_pages(0, 0).unwrap() {
+        assert_eq!(
+            a.page(0, 0, p).unwrap().blob(),
+            b.page(0, 0, p).unwrap().blob(),
+            "page {p}"
+        );
+    }
+    assert_eq!(
+        a.full_precision(0, 0, Region::Window).unwrap(),
+        b.full_precision(0, 0, Region::Window).unwrap()
+    );
+}
+
+#[test]
+fn float16_window_rejects_values_beyond_its_range_and_survives_save_load() {
+    let dir = tmpdir("window16");
+    let c = StoreConfig {
+        window_f16: true,
+        ..cfg(None, None)
+    };
+    let s = store(c.clone());
+    let (h, d) = (c.kv_heads, c.head_dim);
+    fill(&s, 11, 7);
+    let before = s.full_precision(0, 0, Region::Window).unwrap();
+    let mut k = rand(h * 2 * d, 8);
+    k[5] = 1.0e5;
+    let e = s.append(0, 0, &k, &rand(h * 2 * d, 9), 2).unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
+    assert!(e.to_string().contains("window_dtype"), "{e}");
+    assert_eq!(s.num_tokens(0, 0).unwrap(), 11, "nothing appended");
+    assert_eq!(s.full_precision(0, 0, Region::Window).unwrap(), before);
+    // Saved and loaded: the same window, still float16, still appending the same pages.
+    s.save(&dir, b"").unwrap();
+    let (l, _) = KvStore::load(&dir, &LoadOptions::default()).unwrap();
+    assert!(l.config().window_f16);
+    assert_eq!(l.full_precision(0, 0, Region::Window).unwrap(), before);
+    fill(&l, 9, 10);
+    fill(&s, 9, 10);
+    for p in 0..s.num_pages(0, 0).unwrap() {
+        assert_eq!(
+            l.page(0, 0, p).unwrap().blob(),
+            s.page(0, 0, p).unwrap().blob()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
