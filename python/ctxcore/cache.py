@@ -816,8 +816,8 @@ class CompressedCache(Cache):
             layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
             page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=bool(keep_full_precision),
-            window_dtype=window_dtype, ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
-            max_disk_bytes=max_disk_bytes, model_id=self.model_id,
+            window_dtype=window_dtype, ram_budget=_parse_bytes(ram_budget, "ram_budget"),
+            offload_dir=offload_dir, max_disk_bytes=max_disk_bytes, model_id=self.model_id,
         )  # fmt: skip
         if offload_dir is not None:
             os.makedirs(offload_dir, exist_ok=True)
