@@ -686,15 +686,8 @@ def test_dense_attention_from_store():
     cents = (np.stack([p.centroids for p in kq]), np.stack([p.centroids for p in vq]))
     out2, _ = ops.dense_attention_from_store(q[0], store, 0, codebooks=cents)
     torch.testing.assert_close(out2, out[0])
-    # The store holds its codebooks in float16: store.codebooks(0) are the rounded centroids.
-    held = tuple(c.astype(np.float16).astype(np.float32) for c in cents)
-    for got, want in zip(store.codebooks(0), held, strict=True):
-        np.testing.assert_array_equal(got, want)
     out3, _ = ops.dense_attention_from_store(q, store, 0)  # codebooks from store.codebooks(0)
-    torch.testing.assert_close(
-        out3, ops.dense_attention_from_store(q, store, 0, codebooks=held)[0], rtol=0, atol=0
-    )
-    torch.testing.assert_close(out3, out, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out3, out)
     bare = ctxcore.KVStore(layers=1, kv_heads=HKV, head_dim=D, page_size=PS, window=WIN, sinks=SINKS)
     with pytest.raises(ConfigError, match="codebooks"):
         ops.dense_attention_from_store(q, bare, 0)

@@ -347,10 +347,10 @@ def test_memory_stats_counts_everything():
     with torch.no_grad():
         model(_ids(399), past_key_values=cache)
         held = cache.memory_stats()
-        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 centroid values in
-        # float16, no norms; values, 4-bit over 1 dim: head_dim x 16 centroids in float16,
-        # head_dim x 15 midpoints in float32 and head_dim x 16 rank bytes)
-        codebooks = 2 * 2 * ((16 * 256 + 16 * 16) * 2 + 16 * 15 * 4 + 16 * 16)
+        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 centroid floats and
+        # head_dim / 2 x 256 norms; values, 4-bit over 1 dim: head_dim x 16 centroids and
+        # head_dim x 15 midpoints (float32), head_dim x 16 rank bytes)
+        codebooks = 2 * 2 * ((16 * 256 + 8 * 256 + 16 * 16 + 16 * 15) * 4 + 16 * 16)
         assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
         model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()
@@ -358,6 +358,24 @@ def test_memory_stats_counts_everything():
     assert s["dense_bytes"] == 2 * 2 * 2 * 400 * 16 * 4  # layers x K/V x heads x tokens x dim x f32
     assert codebooks < s["compressed_bytes"] < s["dense_fp16_bytes"] + codebooks
     assert s["ram_bytes"] == s["compressed_bytes"] and s["disk_bytes"] == 0
+
+
+def test_float16_window_halves_the_window_bytes_and_keeps_the_logits():
+    model = enable(_model())
+    ids = _ids(120)
+    c16, c32 = _cache(model), _cache(model, window_dtype="float32")
+    assert c16.store.config["window_dtype"] == "float16"  # the default
+    assert c32.store.config["window_dtype"] == "float32"
+    l16 = _teacher_forced(model, c16, ids, 100)
+    l32 = _teacher_forced(model, c32, ids, 100)
+    # float16 rounding of 16 window tokens moves the logits far less than the codes do
+    assert ((l16 - l32).norm() / l32.norm()).item() < 1e-2
+    s16, s32 = c16.memory_stats(), c32.memory_stats()
+    assert s16["tokens"] == s32["tokens"] == 119
+    # layers x heads x window tokens x head_dim x (K, V) x 2 bytes saved
+    assert s32["compressed_bytes"] - s16["compressed_bytes"] == 2 * 2 * 16 * 16 * 2 * 2
+    with pytest.raises(ConfigError, match="window_dtype"):
+        _cache(model, window_dtype="bfloat16")
 
 
 def test_selective_attention_with_full_budget_is_exact_over_fp16():

@@ -52,7 +52,7 @@ def quantizers(store, layer):
         for h in range(H):
             pq = ctxcore.ProductQuantizer(D, c[f"{which}_m"], c[f"{which}_nbits"])
             pq.train(data[h], iters=3, seed=0)
-            row.append(pq.compact())  # what the store holds
+            row.append(pq)
         qs.append(row)
     return qs
 
@@ -426,7 +426,7 @@ def test_codebooks_round_trip_through_save(tmp_path):
     kc, vc = s.codebooks(1)
     kq, vq = quantizers(s, 1)
     assert kc.shape == (H, s.config["k_m"], 1 << s.config["k_nbits"], D // s.config["k_m"])
-    np.testing.assert_array_equal(kc[1], kq[1].centroids)  # kq: compact, as the store holds them
+    np.testing.assert_array_equal(kc[1], kq[1].centroids)
     np.testing.assert_array_equal(vc[0], vq[0].centroids)
     s.save(tmp_path / "c")
     np.testing.assert_array_equal(ctxcore.KVStore.load(tmp_path / "c").codebooks(1)[0], kc)

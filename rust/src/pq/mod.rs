@@ -466,7 +466,15 @@ impl ProductQuantizer {
                 std::borrow::Cow::Borrowed(&[][..]),
                 std::borrow::Cow::Borrowed(&[][..]),
             ),
-            None => (books.centroids.f32s(), books.norms(dsub)),
+            None => {
+                let cents = books.centroids.f32s();
+                let norms = if books.norms.is_empty() {
+                    std::borrow::Cow::Owned(squared_norms(&cents, dsub))
+                } else {
+                    std::borrow::Cow::Borrowed(&books.norms[..])
+                };
+                (cents, norms)
+            }
         };
         let search = Search {
             scalar: books.scalar.as_ref(),
