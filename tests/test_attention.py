@@ -15,6 +15,8 @@ from ctxcore.exceptions import ConfigError, CtxcoreError, DeviceError, DTypeErro
 
 torch = pytest.importorskip("torch")
 ops = pytest.importorskip("ctxcore.ops")
+from store_oracles import dense_attention_from_store, selective_attention  # noqa: E402
+
 F = torch.nn.functional
 
 
@@ -612,12 +614,12 @@ def test_selective_full_budget_is_exact(method, tq):
     q = torch.randn(1, 6, tq, D)
     kf, vf = store_fp_history(store)
     for budget in (1.0, 10_000):
-        out, lse = ops.selective_attention(q, store, 0, budget, method=method, codebooks=cb)
+        out, lse = selective_attention(q, store, 0, budget, method=method, codebooks=cb)
         assert out.shape == q.shape and lse.shape == (1, 6, tq)
         torch.testing.assert_close(out, causal_sdpa(q, kf, vf), rtol=1e-4, atol=1e-5)
     # and close to attention over the original float32 K/V (pages hold fp16 copies)
     torch.testing.assert_close(out, causal_sdpa(q, k[None], v[None]), rtol=0, atol=5e-3)
-    out3, lse3 = ops.selective_attention(q[0], store, 0, 1.0, method=method, codebooks=cb)
+    out3, lse3 = selective_attention(q[0], store, 0, 1.0, method=method, codebooks=cb)
     assert out3.shape == q.shape[1:] and lse3.shape == (6, tq)
 
 
@@ -628,7 +630,7 @@ def test_selective_small_budget(method):
     q = torch.randn(1, 6, 1, D).bfloat16()
     store.evict_all()
     before = store.stats()
-    out, lse = ops.selective_attention(q, store, 0, 0.1, method=method, codebooks=cb)
+    out, lse = selective_attention(q, store, 0, 0.1, method=method, codebooks=cb)
     after = store.stats()
     assert out.shape == q.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     assert torch.isfinite(lse).all()
@@ -641,9 +643,9 @@ def test_selective_small_budget(method):
     assert after["prefetch_requested"] > before["prefetch_requested"]
     if method == "pq":  # centroid arrays (torch scoring) select the same tokens as quantizers (Rust)
         arrays = tuple(np.stack([p.centroids for p in side]) for side in cb)
-        same, _ = ops.selective_attention(q, store, 0, 0.1, method=method, codebooks=arrays)
+        same, _ = selective_attention(q, store, 0, 0.1, method=method, codebooks=arrays)
         torch.testing.assert_close(same, out)
-    out0, _ = ops.selective_attention(q, store, 0, 0, method=method, codebooks=cb)
+    out0, _ = selective_attention(q, store, 0, 0, method=method, codebooks=cb)
     assert torch.isfinite(out0).all()  # sinks + window only
 
 
@@ -659,8 +661,8 @@ def test_selective_quest_finds_a_needle():
     filler = rng.standard_normal((HKV, 3 * PS, D)).astype(np.float32)
     store.append(0, filler, filler)
     q = torch.from_numpy(np.tile(needle * 4, (1, 6, 1, 1)).astype(np.float32))
-    out, _ = ops.selective_attention(q, store, 0, 2 * PS, method="quest")
-    exact, _ = ops.selective_attention(q, store, 0, 1.0, method="quest")
+    out, _ = selective_attention(q, store, 0, 2 * PS, method="quest")
+    exact, _ = selective_attention(q, store, 0, 1.0, method="quest")
     torch.testing.assert_close(out, exact, rtol=0, atol=0.05)
     assert float(out.mean()) > 2.9  # the needle's values dominate
 
@@ -669,7 +671,7 @@ def test_dense_attention_from_store():
     store, _, _ = build_store()
     kq, vq = store_codebooks(store)
     q = torch.randn(1, 6, 2, D)
-    out, lse = ops.dense_attention_from_store(q, store, 0, codebooks=(kq, vq))
+    out, lse = dense_attention_from_store(q, store, 0, codebooks=(kq, vq))
     # reference: decoded page codes, with sinks and window in full precision, in position order
     ks, vs = store.sinks(0)
     kw, vw = store.window(0)
@@ -684,23 +686,23 @@ def test_dense_attention_from_store():
     v = torch.from_numpy(np.concatenate([vs, np.stack(vd), vw], axis=1))[None]
     torch.testing.assert_close(out, causal_sdpa(q, k, v), rtol=1e-4, atol=1e-5)
     cents = (np.stack([p.centroids for p in kq]), np.stack([p.centroids for p in vq]))
-    out2, _ = ops.dense_attention_from_store(q[0], store, 0, codebooks=cents)
+    out2, _ = dense_attention_from_store(q[0], store, 0, codebooks=cents)
     torch.testing.assert_close(out2, out[0])
-    out3, _ = ops.dense_attention_from_store(q, store, 0)  # codebooks from store.codebooks(0)
+    out3, _ = dense_attention_from_store(q, store, 0)  # codebooks from store.codebooks(0)
     torch.testing.assert_close(out3, out)
     bare = ctxcore.KVStore(layers=1, kv_heads=HKV, head_dim=D, page_size=PS, window=WIN, sinks=SINKS)
     with pytest.raises(ConfigError, match="codebooks"):
-        ops.dense_attention_from_store(q, bare, 0)
+        dense_attention_from_store(q, bare, 0)
 
 
 def test_store_errors():
     store, _, _ = build_store(tokens=40)
     with pytest.raises(ConfigError, match="method"):
-        ops.selective_attention(torch.randn(1, 6, 1, D), store, 0, 0.5, method="h2o")
+        selective_attention(torch.randn(1, 6, 1, D), store, 0, 0.5, method="h2o")
     with pytest.raises(ConfigError, match="fraction|budget"):
-        ops.selective_attention(torch.randn(1, 6, 1, D), store, 0, 1.5)
+        selective_attention(torch.randn(1, 6, 1, D), store, 0, 1.5)
     with pytest.raises(ConfigError, match="multiple"):
-        ops.selective_attention(torch.randn(1, 5, 1, D), store, 0, 0.5)
+        selective_attention(torch.randn(1, 5, 1, D), store, 0, 0.5)
     plain = ctxcore.KVStore(layers=1, kv_heads=HKV, head_dim=D, page_size=PS, window=WIN, sinks=SINKS)
     with pytest.raises(ConfigError, match="keep_full_precision"):
-        ops.selective_attention(torch.randn(1, 6, 1, D), plain, 0, 0.5)
+        selective_attention(torch.randn(1, 6, 1, D), plain, 0, 0.5)

@@ -344,13 +344,16 @@ impl Row {
             h.convert_from_f32_slice(x);
         }
         if let Some(i) = h.iter().position(|v| v.is_infinite()) {
-            return Err(Error::config(format!(
-                "a K/V value of {} is beyond float16's range (|x| <= 65504): the window is held in \
-                 float16; use window_dtype=\"float32\" for this model",
-                x[i]
-            )));
+            return Err(Row::out_of_range(x[i]));
         }
         Ok(Row::F16(h.into()))
+    }
+
+    fn out_of_range(x: f32) -> Error {
+        Error::config(format!(
+            "a K/V value of {x} is beyond float16's range (|x| <= 65504): the window is held in \
+             float16; use window_dtype=\"float32\" for this model"
+        ))
     }
 
     fn len(&self) -> usize {
@@ -1032,10 +1035,43 @@ impl KvStore {
             }
             b
         };
+        // Tokens leaving the window, oldest first: from the current window, then from the
+        // input; as float32 in the window's dtype (tokens passing straight to pages are
+        // rounded as if they had been in the window), Layout (H, n, D) each.
+        let from_window = overflow.min(win_len);
+        let first_kept = to_sinks + (overflow - from_window);
+        let (n, fresh) = (overflow, first_kept - to_sinks);
+        let mut lk = vec![0f32; h * n * d];
+        let mut lv = vec![0f32; h * n * d];
+        let mut row_buf = vec![0f32; h * d];
+        for (i, (rk, rv)) in st.seqs[seq][layer]
+            .window
+            .iter()
+            .take(from_window)
+            .enumerate()
+        {
+            for (row, out) in [(rk, &mut lk), (rv, &mut lv)] {
+                row.read_into(&mut row_buf);
+                for hh in 0..h {
+                    out[(hh * n + i) * d..(hh * n + i + 1) * d]
+                        .copy_from_slice(&row_buf[hh * d..(hh + 1) * d]);
+                }
+            }
+        }
+        for (x, out) in [(k, &mut lk), (v, &mut lv)] {
+            for hh in 0..h {
+                let dst = &mut out[(hh * n + from_window) * d..(hh + 1) * n * d];
+                dst.copy_from_slice(&x[(hh * t + to_sinks) * d..(hh * t + first_kept) * d]);
+                if cfg.window_f16 {
+                    round_to_f16(dst)?;
+                }
+            }
+        }
+        debug_assert_eq!(from_window + fresh, n);
+        // Tokens entering the window, in its dtype (checked before the state changes: all or
+        // nothing).
         let row = |x: &[f32], i: usize| Row::new(&tok(x, i), cfg.window_f16);
-        // Everything that enters the window or passes it, in the window's dtype (checked
-        // before the state changes: all or nothing).
-        let rows: Vec<TokenKv> = (to_sinks..t)
+        let rows: Vec<TokenKv> = (first_kept..t)
             .map(|i| Ok((row(k, i)?, row(v, i)?)))
             .collect::<Result<_>>()?;
         let ls = &mut st.seqs[seq][layer];
@@ -1043,20 +1079,12 @@ impl KvStore {
             ls.sinks_k.extend_from_slice(&tok(k, i));
             ls.sinks_v.extend_from_slice(&tok(v, i));
         }
-        let mut rows = rows.into_iter();
-        // Tokens leaving the window, oldest first: from the current window, then from the input.
-        let mut leaving: Vec<TokenKv> = Vec::with_capacity(overflow);
-        let from_window = overflow.min(win_len);
-        for _ in 0..from_window {
-            leaving.push(ls.window.pop_front().expect("counted"));
-        }
-        let first_kept = to_sinks + (overflow - from_window);
-        leaving.extend(rows.by_ref().take(first_kept - to_sinks));
+        ls.window.drain(..from_window);
         ls.window.extend(rows);
         ls.n_tokens += t;
-        if !leaving.is_empty() {
+        if n > 0 {
             let books = st.books[layer].as_ref().expect("checked above");
-            let closed = encode_into_pages(cfg, books, &mut st.seqs[seq][layer], &leaving)?;
+            let closed = encode_into_pages(cfg, books, &mut st.seqs[seq][layer], &lk, &lv, n)?;
             for (blob, abs) in closed {
                 let id = st.add_page(blob, abs);
                 st.seqs[seq][layer].pages.push(id);
@@ -1448,37 +1476,43 @@ pub enum Region {
     Window,
 }
 
-/// Encode `leaving` tokens (oldest first; each (H, D)) into the open page, closing full pages.
+/// `x` rounded to float16 in place; a value beyond float16's range is a typed error.
+fn round_to_f16(x: &mut [f32]) -> Result<()> {
+    use half::slice::HalfFloatSliceExt;
+    let mut h = vec![half::f16::ZERO; x.len()];
+    h.convert_from_f32_slice(x);
+    if let Some(i) = h.iter().position(|v| v.is_infinite()) {
+        return Err(Row::out_of_range(x[i]));
+    }
+    h.convert_to_f32_slice(x);
+    Ok(())
+}
+
+/// Encode `n` leaving tokens (oldest first), `lk`/`lv` Layout `(H, n, D)`, into the open page,
+/// closing full pages.
 /// Returns the closed pages' blobs and abstracts.
 fn encode_into_pages(
     cfg: &StoreConfig,
     books: &LayerBooks,
     ls: &mut LayerState,
-    leaving: &[TokenKv],
+    lk: &[f32],
+    lv: &[f32],
+    n: usize,
 ) -> Result<Vec<ClosedPage>> {
     let (h, d, p) = (cfg.kv_heads, cfg.head_dim, cfg.page_size);
     let (ck, cv) = cfg.code_bytes();
-    let n = leaving.len();
     // Encode per head in one batch: codes Layout (H, n, c).
     let mut kc = vec![0u8; h * n * ck];
     let mut vc = vec![0u8; h * n * cv];
-    let leaving: Vec<(Vec<f32>, Vec<f32>)> = leaving
-        .iter()
-        .map(|(k, v)| (k.to_f32(), v.to_f32()))
-        .collect();
-    let mut buf = vec![0f32; n * d];
     for hh in 0..h {
-        for (i, (tk, _)) in leaving.iter().enumerate() {
-            buf[i * d..(i + 1) * d].copy_from_slice(&tk[hh * d..(hh + 1) * d]);
-        }
-        books.k[hh].encode_into(&buf, &mut kc[hh * n * ck..(hh + 1) * n * ck])?;
-        for (i, (_, tv)) in leaving.iter().enumerate() {
-            buf[i * d..(i + 1) * d].copy_from_slice(&tv[hh * d..(hh + 1) * d]);
-        }
-        books.v[hh].encode_into(&buf, &mut vc[hh * n * cv..(hh + 1) * n * cv])?;
+        let rows = hh * n * d..(hh + 1) * n * d;
+        books.k[hh].encode_into(&lk[rows.clone()], &mut kc[hh * n * ck..(hh + 1) * n * ck])?;
+        books.v[hh].encode_into(&lv[rows], &mut vc[hh * n * cv..(hh + 1) * n * cv])?;
     }
     let mut closed = Vec::new();
-    for (i, (tk, tv)) in leaving.iter().enumerate() {
+    for i in 0..n {
+        let tk = |hh: usize| &lk[(hh * n + i) * d..(hh * n + i + 1) * d];
+        let tv = |hh: usize| &lv[(hh * n + i) * d..(hh * n + i + 1) * d];
         let o = ls.open.get_or_insert_with(|| OpenPage::new(cfg));
         let slot = o.filled;
         for hh in 0..h {
@@ -1489,12 +1523,11 @@ fn encode_into_pages(
             if cfg.keep_full_precision {
                 let base = h * p * (ck + cv);
                 let kd = base + (hh * p + slot) * d * 2;
-                f32_to_f16_bytes(&tk[hh * d..(hh + 1) * d], &mut o.blob[kd..kd + 2 * d]);
+                f32_to_f16_bytes(tk(hh), &mut o.blob[kd..kd + 2 * d]);
                 let vd = base + ((h + hh) * p + slot) * d * 2;
-                f32_to_f16_bytes(&tv[hh * d..(hh + 1) * d], &mut o.blob[vd..vd + 2 * d]);
+                f32_to_f16_bytes(tv(hh), &mut o.blob[vd..vd + 2 * d]);
             }
-            for dd in 0..d {
-                let x = tk[hh * d + dd];
+            for (dd, &x) in tk(hh).iter().enumerate() {
                 let j = hh * d + dd;
                 o.kmin[j] = o.kmin[j].min(x);
                 o.kmax[j] = o.kmax[j].max(x);
