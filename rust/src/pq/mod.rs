@@ -488,15 +488,20 @@ impl ProductQuantizer {
             crate::dispatch!(encode_block(x, codes, books, dim, m, dsub, ksub, nbits));
             return Ok(());
         }
-        crate::parallel::install(|| {
-            codes
-                .par_chunks_mut(BLOCK * cb)
-                .zip(x.par_chunks(BLOCK * dim))
-                .for_each(|(cblk, xblk)| {
-                    crate::dispatch!(encode_block(xblk, cblk, books, dim, m, dsub, ksub, nbits));
-                });
-            Ok(())
-        })
+        // On the calling thread's OpenMP team where there is one (see `crate::parallel::map`):
+        // a store's appends run between torch ops, whose spinning threads a separate pool's
+        // would share the cores with.
+        let blocks = crate::parallel::map(n.div_ceil(BLOCK), |b| {
+            let rows = b * BLOCK..((b + 1) * BLOCK).min(n);
+            let mut c = vec![0u8; rows.len() * cb];
+            let xb = &x[rows.start * dim..rows.end * dim];
+            crate::dispatch!(encode_block(xb, &mut c, books, dim, m, dsub, ksub, nbits));
+            c
+        })?;
+        for (out, c) in codes.chunks_mut(BLOCK * cb).zip(&blocks) {
+            out.copy_from_slice(c);
+        }
+        Ok(())
     }
 
     /// Decode codes, Layout `(n, code_bytes)`, into vectors, Layout `(n, dim)`.
