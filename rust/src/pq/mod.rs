@@ -195,20 +195,11 @@ impl Codebooks {
         }
     }
 
-    /// Centroids transposed per subspace, Layout `(m, dsub, ksub)` (borrowed when `dsub == 1`
-    /// and held in float32).
-    fn transposed(&self, ksub: usize, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
-        let c = self.centroids.f32s();
-        if dsub == 1 {
-            return c;
-        }
-        std::borrow::Cow::Owned(kernels::transpose_books(&c, ksub, dsub))
-    }
-
-    /// The centroids' squared norms, Layout `(m, ksub)` (computed where not held).
-    fn norms(&self, dsub: usize) -> std::borrow::Cow<'_, [f32]> {
+    /// The centroids' squared norms, Layout `(m, ksub)`: held, or computed from `cents`
+    /// (the centroids as float32, see [`Centroids::f32s`]).
+    fn norms<'a>(&'a self, cents: &[f32], dsub: usize) -> std::borrow::Cow<'a, [f32]> {
         if self.norms.is_empty() {
-            return std::borrow::Cow::Owned(squared_norms(&self.centroids.f32s(), dsub));
+            return std::borrow::Cow::Owned(squared_norms(cents, dsub));
         }
         std::borrow::Cow::Borrowed(&self.norms)
     }
@@ -468,11 +459,7 @@ impl ProductQuantizer {
             ),
             None => {
                 let cents = books.centroids.f32s();
-                let norms = if books.norms.is_empty() {
-                    std::borrow::Cow::Owned(squared_norms(&cents, dsub))
-                } else {
-                    std::borrow::Cow::Borrowed(&books.norms[..])
-                };
+                let norms = books.norms(&cents, dsub);
                 (cents, norms)
             }
         };
@@ -557,7 +544,14 @@ impl ProductQuantizer {
         check_finite("queries", q, self.dim)?;
         let (dim, m, dsub, ksub) = (self.dim, self.m, self.dsub(), self.ksub());
         let mut out = vec![0f32; nq * m * ksub];
-        let (ct, norms) = (books.transposed(ksub, dsub), books.norms(dsub));
+        // The centroids as float32 once, transposed per subspace, Layout (m, dsub, ksub).
+        let cents = books.centroids.f32s();
+        let norms = books.norms(&cents, dsub);
+        let ct = if dsub == 1 {
+            cents
+        } else {
+            std::borrow::Cow::Owned(kernels::transpose_books(&cents, ksub, dsub))
+        };
         for (qi, t) in q.chunks_exact(dim).zip(out.chunks_exact_mut(m * ksub)) {
             crate::dispatch!(build_tables(qi, &ct, &norms, m, dsub, ksub, metric, t));
         }

@@ -2190,7 +2190,6 @@ fn pages_read_in_parallel_equal_single_reads_and_check_every_checksum() {
 fn quest_exact_fallback_widens_to_dense_only_where_the_bound_says_so() {
     let c = StoreConfig {
         keep_full_precision: false,
-        window_f16: false,
         ..cfg(None, None)
     };
     let s = store(c.clone());
