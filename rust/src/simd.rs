@@ -92,3 +92,49 @@ macro_rules! dispatch {
         }
     }};
 }
+
+/// Convert float16 values to float32 (`dst.len() == src.len()`): eight at a time with F16C's
+/// `vcvtph2ps` where the CPU has it (every AVX2 CPU the fast paths run on), else `half`'s
+/// conversion. Exact either way (every float16 is a float32).
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "f16_to_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() {
+        // SAFETY: the CPU supports F16C and AVX (checked just above); the lengths are equal.
+        unsafe { f16_to_f32_f16c(src, dst) };
+        return;
+    }
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// Whether the CPU has F16C (and AVX), read once; off under `CTXCORE_PORTABLE=1`.
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    static F16C: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F16C.get_or_init(|| {
+        level() >= Level::Avx2
+            && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("avx")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn f16_to_f32_f16c(src: &[half::f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n8 = src.len() / 8 * 8;
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    let mut i = 0;
+    while i < n8 {
+        // SAFETY: i + 8 <= len for both slices; unaligned loads and stores.
+        unsafe {
+            let h = _mm_loadu_si128(s.add(i) as *const __m128i);
+            _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(h));
+        }
+        i += 8;
+    }
+    for j in n8..src.len() {
+        dst[j] = src[j].to_f32();
+    }
+}

@@ -77,12 +77,11 @@ enum Centroids {
 impl Centroids {
     /// The centroids as float32 (borrowed, or converted when held in float16).
     fn f32s(&self) -> std::borrow::Cow<'_, [f32]> {
-        use half::slice::HalfFloatSliceExt;
         match self {
             Centroids::F32(c) => std::borrow::Cow::Borrowed(c),
             Centroids::F16(c) => {
                 let mut out = vec![0f32; c.len()];
-                c.convert_to_f32_slice(&mut out);
+                crate::simd::f16_to_f32(c, &mut out);
                 std::borrow::Cow::Owned(out)
             }
         }
@@ -216,10 +215,40 @@ impl Codebooks {
 
 /// Squared norm of every `dsub`-float centroid.
 fn squared_norms(centroids: &[f32], dsub: usize) -> Vec<f32> {
-    centroids
-        .chunks_exact(dsub)
-        .map(|c| c.iter().map(|v| v * v).sum())
-        .collect()
+    let mut out = vec![0f32; centroids.len() / dsub];
+    squared_norms_into(centroids, dsub, &mut out);
+    out
+}
+
+/// [`squared_norms`] into `out` (`centroids.len() / dsub` values): the squares summed left to
+/// right, with the common widths unrolled (a compact quantizer computes them per encode).
+#[inline(always)]
+fn squared_norms_into(centroids: &[f32], dsub: usize, out: &mut [f32]) {
+    #[inline(always)]
+    fn fixed<const N: usize>(centroids: &[f32], out: &mut [f32]) {
+        for (o, c) in out.iter_mut().zip(centroids.chunks_exact(N)) {
+            let mut s = c[0] * c[0];
+            for v in &c[1..N] {
+                s += v * v;
+            }
+            *o = s;
+        }
+    }
+    match dsub {
+        1 => fixed::<1>(centroids, out),
+        2 => fixed::<2>(centroids, out),
+        4 => fixed::<4>(centroids, out),
+        8 => fixed::<8>(centroids, out),
+        _ => {
+            for (o, c) in out.iter_mut().zip(centroids.chunks_exact(dsub)) {
+                let mut s = c[0] * c[0];
+                for v in &c[1..] {
+                    s += v * v;
+                }
+                *o = s;
+            }
+        }
+    }
 }
 
 impl ProductQuantizer {
@@ -325,6 +354,20 @@ impl ProductQuantizer {
     /// compact quantizer).
     pub fn centroids(&self) -> Option<std::borrow::Cow<'_, [f32]>> {
         self.trained.as_ref().map(|c| c.centroids.f32s())
+    }
+
+    /// Append the centroids as float32, Layout `(m, ksub, dsub)`, to `out` (converted in
+    /// place for a compact quantizer); nothing if untrained.
+    pub fn extend_centroids(&self, out: &mut Vec<f32>) {
+        match self.trained.as_ref().map(|c| &c.centroids) {
+            Some(Centroids::F32(c)) => out.extend_from_slice(c),
+            Some(Centroids::F16(c)) => {
+                let at = out.len();
+                out.resize(at + c.len(), 0.0);
+                crate::simd::f16_to_f32(c, &mut out[at..]);
+            }
+            None => {}
+        }
     }
 
     fn books(&self, what: &'static str) -> Result<&Codebooks> {
@@ -450,22 +493,23 @@ impl ProductQuantizer {
         }
         check_finite("encode input", x, self.dim)?;
         let (dim, m, dsub, ksub, nbits) = (self.dim, self.m, self.dsub(), self.ksub(), self.nbits);
-        // Float32 centroids and their norms for the search (converted and computed per call
-        // for a compact quantizer; unused by 1-dim subspaces, which search by comparisons).
-        let (cents, norms) = match books.scalar {
-            Some(_) => (
-                std::borrow::Cow::Borrowed(&[][..]),
-                std::borrow::Cow::Borrowed(&[][..]),
-            ),
-            None => {
-                let cents = books.centroids.f32s();
-                let norms = books.norms(&cents, dsub);
-                (cents, norms)
-            }
+        // Float32 centroids and their norms for the search: held, or for a compact quantizer
+        // converted and computed per subspace inside the search (no codebook-sized copies:
+        // a decode step encodes a token or two); 1-dim subspaces search by comparisons.
+        let norms = match (&books.scalar, &books.centroids) {
+            (None, Centroids::F32(c)) => books.norms(c, dsub),
+            _ => std::borrow::Cow::Borrowed(&[][..]),
         };
         let search = Search {
             scalar: books.scalar.as_ref(),
-            centroids: &cents,
+            centroids: match &books.centroids {
+                Centroids::F32(c) => c,
+                Centroids::F16(_) => &[],
+            },
+            half: match &books.centroids {
+                Centroids::F16(c) if books.scalar.is_none() => c,
+                _ => &[],
+            },
             norms: &norms,
         };
         let books = &search;
@@ -698,11 +742,13 @@ fn code_at(c: &[u8], j: usize, four: bool) -> usize {
     }
 }
 
-/// What [`encode_block`] searches: the scalar tables of 1-dim subspaces, or float32 centroids
-/// and their squared norms, Layouts `(m, ksub, dsub)` and `(m, ksub)`.
+/// What [`encode_block`] searches: the scalar tables of 1-dim subspaces, float32 centroids
+/// and their squared norms, Layouts `(m, ksub, dsub)` and `(m, ksub)`, or float16 centroids
+/// (`half`, a compact quantizer's) converted and normed per subspace.
 struct Search<'a> {
     scalar: Option<&'a ScalarCodes>,
     centroids: &'a [f32],
+    half: &'a [half::f16],
     norms: &'a [f32],
 }
 
@@ -728,9 +774,27 @@ fn encode_block(
     // arithmetic (scaling by 2 is exact), without a second copy of every codebook.
     let xm2: Vec<f32> = x.iter().map(|v| -2.0 * v).collect();
     let x = &xm2[..];
+    // One subspace of a compact quantizer at a time, as float32 with its norms (the same
+    // values, so the same codes, as the float32 quantizer of the rounded centroids).
+    let (mut cbuf, mut nbuf) = if books.half.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        (vec![0f32; ksub * dsub], vec![0f32; ksub])
+    };
     for j in 0..m {
-        let cm2 = &books.centroids[j * ksub * dsub..(j + 1) * ksub * dsub];
-        let norms = &books.norms[j * ksub..(j + 1) * ksub];
+        let (cm2, norms) = if books.half.is_empty() {
+            (
+                &books.centroids[j * ksub * dsub..(j + 1) * ksub * dsub],
+                &books.norms[j * ksub..(j + 1) * ksub],
+            )
+        } else {
+            crate::simd::f16_to_f32(
+                &books.half[j * ksub * dsub..(j + 1) * ksub * dsub],
+                &mut cbuf,
+            );
+            squared_norms_into(&cbuf, dsub, &mut nbuf);
+            (&cbuf[..], &nbuf[..])
+        };
         if nbits == 8 {
             nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {
                 codes[i * cb + j] = k as u8

@@ -144,12 +144,12 @@ impl StoreConfig {
     }
 
     /// Bytes the codebooks of all layers hold in RAM once trained: per KV head, each key and
-    /// value quantizer ([`ProductQuantizer::held_bytes_for`]: float32 centroids, their norms,
-    /// the midpoints of 1-dim subspaces).
+    /// value quantizer ([`ProductQuantizer::held_bytes_for`], compact: float16 centroids, the
+    /// midpoints of 1-dim subspaces).
     pub fn codebook_bytes(&self) -> usize {
         let d = self.head_dim;
-        let k = ProductQuantizer::held_bytes_for(d, self.k_m, self.k_nbits, false);
-        let v = ProductQuantizer::held_bytes_for(d, self.v_m, self.v_nbits, false);
+        let k = ProductQuantizer::held_bytes_for(d, self.k_m, self.k_nbits, true);
+        let v = ProductQuantizer::held_bytes_for(d, self.v_m, self.v_nbits, true);
         self.layers * self.kv_heads * (k + v)
     }
 
@@ -375,10 +375,7 @@ impl Row {
     pub(crate) fn read_into(&self, out: &mut [f32]) {
         match self {
             Row::F32(x) => out.copy_from_slice(x),
-            Row::F16(x) => {
-                use half::slice::HalfFloatSliceExt;
-                x.convert_to_f32_slice(out)
-            }
+            Row::F16(x) => crate::simd::f16_to_f32(x, out),
         }
     }
 
@@ -469,22 +466,26 @@ pub(crate) struct LayerBooks {
 }
 
 impl LayerBooks {
-    /// Held as given: float32 centroids and norms. (Compact quantizers, float16 centroids
-    /// with norms computed per call, would hold 3.41 instead of 9.21 MiB for SmolLM2 but made
-    /// a decode step's encode and codebook flattening about 0.2-0.4 ms slower per layer on the
-    /// AVX2 VM, 2026-12-07; see the README.)
+    /// Held compactly ([`ProductQuantizer::compact`]: float16 centroids, norms computed per
+    /// encode call): 3.41 instead of 9.21 MiB for SmolLM2's 30 layers x 3 KV heads, 0.02x
+    /// instead of 0.06x of the fp16 KV bytes of a 7K context.
     fn new(k: Vec<ProductQuantizer>, v: Vec<ProductQuantizer>) -> Arc<Self> {
-        Arc::new(LayerBooks { k, v })
+        let compact = |qs: Vec<ProductQuantizer>| qs.iter().map(|q| q.compact()).collect();
+        Arc::new(LayerBooks {
+            k: compact(k),
+            v: compact(v),
+        })
     }
 
-    /// The centroids of every KV head flattened for the kernels, Layout `(H, m, ksub, dsub)`
-    /// for keys and for values: a copy per call (about the cost of the transposition the
-    /// kernel does per call anyway), so the store holds each codebook once.
+    /// The centroids of every KV head as float32 for the kernels, Layout `(H, m, ksub, dsub)`
+    /// for keys and for values: converted per call straight into one buffer per side (about
+    /// the cost of the transposition the kernel does per call anyway), so the store holds
+    /// each codebook once, in float16.
     pub(crate) fn flat(&self) -> FlatBooks {
         let cat = |qs: &[ProductQuantizer]| -> Vec<f32> {
             let mut out = Vec::new();
             for p in qs {
-                out.extend_from_slice(&p.centroids().unwrap_or_default());
+                p.extend_centroids(&mut out);
             }
             out
         };
@@ -1499,7 +1500,7 @@ fn round_to_f16(x: &mut [f32]) -> Result<()> {
     if let Some(i) = h.iter().position(|v| v.is_infinite()) {
         return Err(Row::out_of_range(x[i]));
     }
-    h.convert_to_f32_slice(x);
+    crate::simd::f16_to_f32(&h, x);
     Ok(())
 }
 
