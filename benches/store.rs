@@ -27,6 +27,7 @@ fn cfg(dir: Option<PathBuf>, budget: Option<u64>) -> StoreConfig {
         v_nbits: 4,
         keep_full_precision: true,
         window_f16: false,
+        abstracts: true,
         batch: 1,
         ram_budget: budget,
         offload_dir: dir,

@@ -319,6 +319,40 @@ def test_save_load_roundtrip(tmp_path):
         CompressedCache.load(tmp_path / "ctx", other.config)
 
 
+def test_page_abstracts_only_with_select(tmp_path):
+    # Abstracts (what Quest selection scores pages by) cost RAM per page: a cache that never
+    # selects keeps none, one with select= does; a context saved without them cannot be loaded
+    # into a selecting cache (a typed error, not a wrong selection).
+    model = enable(_model())
+    ids = _ids(100)
+    plain, sel = _cache(model), _cache(model, select=1.0)
+    assert plain.store.config["abstracts"] is False and plain.store.config["abstract_bytes"] == 0
+    assert sel.store.config["abstracts"] is True and sel.store.config["abstract_bytes"] > 0
+    with torch.no_grad():
+        for c in (plain, sel):
+            model(ids, past_key_values=c)
+        # the first decode step compresses the prefill
+        a = model(_ids(1, seed=3), past_key_values=plain).logits
+        b = model(_ids(1, seed=3), past_key_values=sel).logits
+    torch.testing.assert_close(a, b)  # select=1.0 attends every page: the same codes
+    pages = plain.store.paged_tokens(0) // 8
+    assert pages > 0
+    per_page = sel.store.config["abstract_bytes"] * len(plain.compressed_layers)
+    assert sel.memory_stats()["compressed_bytes"] - plain.memory_stats()["compressed_bytes"] == pages * per_page
+    with pytest.raises(ConfigError, match="abstracts"):
+        plain.store.abstracts(0)
+    plain.save(tmp_path / "ctx", token_ids=ids[0])
+    with pytest.raises(ConfigError, match="without page abstracts"):
+        CompressedCache.load(tmp_path / "ctx", model.config, select=0.5)
+    loaded = CompressedCache.load(tmp_path / "ctx", model.config)
+    assert loaded.store.config["abstracts"] is False
+    nxt = _ids(3, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(nxt, past_key_values=loaded).logits, model(nxt, past_key_values=plain).logits
+        )
+
+
 def test_ram_budget_offloads_without_changing_results(tmp_path):
     model = enable(_model())
     ids = _ids(300)
@@ -347,10 +381,10 @@ def test_memory_stats_counts_everything():
     with torch.no_grad():
         model(_ids(399), past_key_values=cache)
         held = cache.memory_stats()
-        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 centroid floats and
-        # head_dim / 2 x 256 norms; values, 4-bit over 1 dim: head_dim x 16 centroids and
-        # head_dim x 15 midpoints (float32), head_dim x 16 rank bytes)
-        codebooks = 2 * 2 * ((16 * 256 + 8 * 256 + 16 * 16 + 16 * 15) * 4 + 16 * 16)
+        # held: layers x heads x (keys, 8-bit over 2 dims: head_dim x 256 float16 centroids;
+        # values, 4-bit over 1 dim: head_dim x 16 float16 centroids, head_dim x 15 float32
+        # midpoints, head_dim x 16 rank bytes); no page abstracts without select=
+        codebooks = 2 * 2 * ((16 * 256 + 16 * 16) * 2 + 16 * 15 * 4 + 16 * 16)
         assert held["ram_bytes"] == held["compressed_bytes"] == codebooks + 2 * 2 * 2 * 399 * 16 * 4
         model(_ids(1), past_key_values=cache)
     s = cache.memory_stats()

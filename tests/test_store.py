@@ -43,7 +43,8 @@ def make_store(layers=2, page_size=8, window=4, sinks=2, **kw) -> ctxcore.KVStor
 
 
 def quantizers(store, layer):
-    """Re-train the same codebooks (training is deterministic) to compute expected codes."""
+    """Re-train the same codebooks (training is deterministic) to compute expected codes, held
+    compactly as the store holds them (float16 centroids)."""
     c = store.config
     qs = []
     for which, seed in (("k", layer), ("v", 100 + layer)):
@@ -52,7 +53,7 @@ def quantizers(store, layer):
         for h in range(H):
             pq = ctxcore.ProductQuantizer(D, c[f"{which}_m"], c[f"{which}_nbits"])
             pq.train(data[h], iters=3, seed=0)
-            row.append(pq)
+            row.append(pq.compact())
         qs.append(row)
     return qs
 
@@ -418,6 +419,30 @@ class StoreMachine(RuleBasedStateMachine):
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=25, stateful_step_count=25, deadline=None,
                                      suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+
+
+def test_store_without_abstracts_saves_their_bytes_and_refuses_selection(tmp_path):
+    with_abs, without = make_store(), make_store(abstracts=False)
+    assert without.config["abstract_bytes"] == 0 < with_abs.config["abstract_bytes"]
+    k, v = rand((H, 203, D), 5), rand((H, 203, D), 6)
+    for s in (with_abs, without):
+        s.append(0, k, v)
+    pages = without.paged_tokens(0) // 8  # closed pages (the open one keeps running statistics)
+    assert pages == with_abs.paged_tokens(0) // 8 > 0
+    saved = with_abs.stats()["ram_bytes"] - without.stats()["ram_bytes"]
+    assert saved == pages * with_abs.config["abstract_bytes"]
+    q = rand((2 * H, 1, D), 7)
+    np.testing.assert_array_equal(without.attend(0, q)[0], with_abs.attend(0, q)[0])
+    for call in (lambda: without.attend(0, q, method="quest", budget=0.5), lambda: without.abstracts(0)):
+        with pytest.raises(ConfigError, match="abstracts=True"):
+            call()
+    # the flag survives a save and a load; the loaded store attends the same
+    without.save(tmp_path / "s")
+    loaded = ctxcore.KVStore.load(tmp_path / "s")
+    assert loaded.config["abstracts"] is False
+    np.testing.assert_array_equal(loaded.attend(0, q)[0], without.attend(0, q)[0])
+    with pytest.raises(ConfigError, match="abstracts"):
+        loaded.attend(0, q, method="quest", budget=0.5)
 
 
 def test_codebooks_round_trip_through_save(tmp_path):

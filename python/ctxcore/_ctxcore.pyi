@@ -78,6 +78,7 @@ class KVStore:
         max_disk_bytes: int | None,
         model_id: str,
         window_f16: bool = False,
+        abstracts: bool = True,
     ) -> None: ...
     @property
     def config(self) -> dict[str, object]: ...
@@ -155,6 +156,7 @@ class KVStore:
         tail: bytes | None,
         pending: list[int] | None = None,
         window_f16: bool = False,
+        abstracts: bool = True,
     ) -> KVStore: ...
     @staticmethod
     def load(

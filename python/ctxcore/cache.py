@@ -696,7 +696,8 @@ class CompressedCache(Cache):
             abstracts bound ``q . k`` highest (Quest) are attended, over their codes (read from
             RAM or the disk tier, only those pages), plus sinks and window. An int is a token
             budget, a float in (0, 1] a fraction of the paged tokens. None: dense attention over
-            every page's codes.
+            every page's codes, and no page abstracts are kept (``abstract_bytes`` per page
+            saved; ``select`` cannot be turned on later for this cache's pages).
         select_fallback: exact fallback for ``select`` (over the codes): where the page
             abstracts bound the share of a query's attention that the left-out pages could hold
             above this value in ``[0, 1)``, that KV head attends every page that step. None:
@@ -816,7 +817,7 @@ class CompressedCache(Cache):
             layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
             page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=bool(keep_full_precision),
-            window_dtype=window_dtype, ram_budget=_parse_bytes(ram_budget, "ram_budget"),
+            window_dtype=window_dtype, abstracts=select is not None, ram_budget=_parse_bytes(ram_budget, "ram_budget"),
             offload_dir=offload_dir, max_disk_bytes=max_disk_bytes, model_id=self.model_id,
         )  # fmt: skip
         if offload_dir is not None:
@@ -1353,6 +1354,11 @@ class CompressedCache(Cache):
         the caller's ``ram_budget`` / ``offload_dir`` / ``model_id`` / ``select``."""
         c = store.config
         select = kw.get("select", info.get("select"))
+        if select is not None and not c.get("abstracts", True):
+            raise ConfigError(
+                f"select={select!r}: this context was saved without page abstracts (by a cache "
+                "without select=); load it without select=, or build it with select= set"
+            )
         cache = cls(
             config, bits=info.get("bits", 4), window=c["window"], sinks=c["sinks"], page_size=c["page_size"],
             ram_budget=kw.get("ram_budget"), offload_dir=kw.get("offload_dir"), select=select,

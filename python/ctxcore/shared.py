@@ -530,6 +530,7 @@ def load(
                 c["v_m"], c["v_nbits"], c["keep_full_precision"], c["ram_budget"], c["offload_dir"],
                 c["max_disk_bytes"], c["model_id"], books, sink_piece, [[] for _ in range(layers)], tail,
                 pending=[len(lk) for lk in page_keys], window_f16=c["window_dtype"] == "float16",
+                abstracts=c.get("abstracts", True),
             )  # fmt: skip
         except CorruptDataError as e:
             raise type(e)(f"{conn.where} (namespace {conn.ns!r}, codebooks {cand.books}): {e}") from e

@@ -196,6 +196,10 @@ class KVStore:
             window's bytes; K/V values beyond float16's range, ``|x| > 65504``, are a
             :class:`~ctxcore.exceptions.ConfigError`; what :class:`ctxcore.CompressedCache`
             uses by default). Tokens pass through it before they are encoded.
+        abstracts: keep each page's abstract (per KV head, min, max and mean of the keys:
+            ``config["abstract_bytes"]`` of RAM per page) for ``method="quest"`` and
+            :meth:`abstracts`. With False (what :class:`ctxcore.CompressedCache` does unless
+            ``select=`` is given) those raise :class:`~ctxcore.exceptions.ConfigError`.
         batch: number of sequences at construction (``config["batch"]``); :meth:`select_seqs`
             may change it later, see :attr:`batch`.
         ram_budget: bytes (or a size string like ``"256MB"``) for everything held in RAM;
@@ -222,6 +226,7 @@ class KVStore:
         v_nbits: int | None = None,
         keep_full_precision: bool = False,
         window_dtype: str = "float32",
+        abstracts: bool = True,
         batch: int = 1,
         ram_budget: int | str | None = None,
         offload_dir: str | os.PathLike | None = None,
@@ -255,7 +260,7 @@ class KVStore:
             bool(keep_full_precision), int(batch), _parse_bytes(ram_budget, "ram_budget"),
             None if offload_dir is None else os.fspath(offload_dir),
             _parse_bytes(max_disk_bytes, "max_disk_bytes"), str(model_id),
-            window_f16=_window_f16(window_dtype),
+            window_f16=_window_f16(window_dtype), abstracts=bool(abstracts),
         )  # fmt: skip
         self.metadata = {}
 

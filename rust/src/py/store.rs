@@ -43,7 +43,7 @@ impl KVStore {
     #[new]
     #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
                         keep_full_precision, batch, ram_budget, offload_dir, max_disk_bytes, model_id,
-                        window_f16=false))]
+                        window_f16=false, abstracts=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         layers: usize,
@@ -63,6 +63,7 @@ impl KVStore {
         max_disk_bytes: Option<u64>,
         model_id: String,
         window_f16: bool,
+        abstracts: bool,
     ) -> PyResult<Self> {
         let cfg = StoreConfig {
             layers,
@@ -77,6 +78,7 @@ impl KVStore {
             v_nbits,
             keep_full_precision,
             window_f16,
+            abstracts,
             batch,
             ram_budget,
             offload_dir,
@@ -108,6 +110,7 @@ impl KVStore {
             "window_dtype",
             if c.window_f16 { "float16" } else { "float32" },
         )?;
+        d.set_item("abstracts", c.abstracts)?;
         d.set_item("batch", c.batch)?;
         d.set_item("ram_budget", c.ram_budget)?;
         d.set_item(
@@ -494,7 +497,8 @@ impl KVStore {
     #[staticmethod]
     #[pyo3(signature = (layers, kv_heads, head_dim, page_size, window, sinks, k_m, k_nbits, v_m, v_nbits,
                         keep_full_precision, ram_budget, offload_dir, max_disk_bytes, model_id,
-                        books, sink_piece, pages, tail, pending=None, window_f16=false))]
+                        books, sink_piece, pages, tail, pending=None, window_f16=false,
+                        abstracts=true))]
     #[allow(clippy::too_many_arguments)]
     fn assemble(
         py: Python<'_>,
@@ -519,6 +523,7 @@ impl KVStore {
         tail: Option<PyBackedBytes>,
         pending: Option<Vec<usize>>,
         window_f16: bool,
+        abstracts: bool,
     ) -> PyResult<KVStore> {
         let pending = pending.unwrap_or_else(|| vec![0; pages.len()]);
         let cfg = StoreConfig {
@@ -534,6 +539,7 @@ impl KVStore {
             v_nbits,
             keep_full_precision,
             window_f16,
+            abstracts,
             batch: 1,
             ram_budget,
             offload_dir,

@@ -282,6 +282,7 @@ impl KvStore {
         keep: usize,
     ) -> Result<(Vec<Vec<usize>>, Vec<f32>)> {
         let c = self.config();
+        c.need_abstracts("method=\"quest\"")?;
         let (h, cand) = (c.kv_heads, closed - first);
         let bounds = {
             let st = self.shared.lock()?;

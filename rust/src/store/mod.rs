@@ -79,6 +79,11 @@ pub struct StoreConfig {
     /// float16's range are a typed error). Sinks stay float32. Tokens pass through the window
     /// dtype before they are encoded, so pages do not depend on how appends were split.
     pub window_f16: bool,
+    /// Keep a page abstract (per KV head: min, max, mean of the keys per dimension) in RAM for
+    /// every closed page: what Quest selection (`method="quest"`) scores pages by. Without
+    /// them (a cache that never selects) the store saves [`StoreConfig::abstract_bytes`] per
+    /// page, and selection is a typed error.
+    pub abstracts: bool,
     /// Sequences (batch size) at construction. [`KvStore::select_seqs`] may change the number
     /// of sequences later; [`KvStore::batch`] is the current one.
     pub batch: usize,
@@ -155,8 +160,25 @@ impl StoreConfig {
 
     /// RAM bytes of one page's abstract: per KV head `lo, hi` (f32) and min, max, mean of the
     /// keys per dimension quantized to `u8` on `[lo, hi]` (min rounded down, max up).
+    /// 0 without [`StoreConfig::abstracts`].
     pub fn abstract_bytes(&self) -> usize {
-        self.kv_heads * (8 + 3 * self.head_dim)
+        if self.abstracts {
+            self.kv_heads * (8 + 3 * self.head_dim)
+        } else {
+            0
+        }
+    }
+
+    /// The typed error of an operation that needs page abstracts on a store without them.
+    pub(crate) fn need_abstracts(&self, what: &str) -> Result<()> {
+        if self.abstracts {
+            return Ok(());
+        }
+        Err(Error::config(format!(
+            "{what} needs page abstracts, but this store keeps none (abstracts=False; a \
+             CompressedCache keeps them only with select=...): create the store with \
+             abstracts=True, or the cache with select=..."
+        )))
     }
 
     /// Bytes of one sink token's keys and values (float32).
@@ -305,7 +327,12 @@ struct OpenPage {
 
 impl OpenPage {
     fn new(cfg: &StoreConfig) -> Self {
-        let hd = cfg.kv_heads * cfg.head_dim;
+        // No running key statistics without abstracts.
+        let hd = if cfg.abstracts {
+            cfg.kv_heads * cfg.head_dim
+        } else {
+            0
+        };
         OpenPage {
             blob: vec![0u8; cfg.page_bytes()],
             filled: 0,
@@ -1308,6 +1335,7 @@ impl KvStore {
     /// (the open page included). Always served from RAM.
     pub fn abstracts(&self, seq: usize, layer: usize) -> Result<(Vec<f32>, usize)> {
         let cfg = &self.shared.cfg;
+        cfg.need_abstracts("abstracts()")?;
         let st = self.shared.lock()?;
         self.check_in(&st, seq, layer)?;
         let l = &st.seqs[seq][layer];
@@ -1543,6 +1571,9 @@ fn encode_into_pages(
                 let vd = base + ((h + hh) * p + slot) * d * 2;
                 f32_to_f16_bytes(tv(hh), &mut o.blob[vd..vd + 2 * d]);
             }
+            if !cfg.abstracts {
+                continue;
+            }
             for (dd, &x) in tk(hh).iter().enumerate() {
                 let j = hh * d + dd;
                 o.kmin[j] = o.kmin[j].min(x);
@@ -1553,7 +1584,11 @@ fn encode_into_pages(
         o.filled += 1;
         if o.filled == p {
             let full = ls.open.take().expect("just filled");
-            let abs = quantize_abstract(&full.abstract_f32(cfg), h, d);
+            let abs = if cfg.abstracts {
+                quantize_abstract(&full.abstract_f32(cfg), h, d)
+            } else {
+                Box::default()
+            };
             closed.push((full.blob, abs));
         }
     }

@@ -182,11 +182,13 @@ pub(super) fn read_fp_part(r: &mut R, cfg: &StoreConfig, ls: &mut LayerState) ->
         let filled = r.usize()?;
         let blob = r.bytes()?.to_vec();
         let (kmin, kmax, ksum) = (r.f32s()?, r.f32s()?, r.f64s()?);
+        // Running key statistics only where pages keep abstracts.
+        let stats = if cfg.abstracts { hd } else { 0 };
         if blob.len() != cfg.page_bytes()
             || filled >= cfg.page_size
-            || kmin.len() != hd
-            || kmax.len() != hd
-            || ksum.len() != hd
+            || kmin.len() != stats
+            || kmax.len() != stats
+            || ksum.len() != stats
         {
             return Err(Error::corrupt(
                 r.file.clone(),
@@ -301,7 +303,7 @@ impl KvStore {
         }
         w.u32(cfg.k_nbits);
         w.u32(cfg.v_nbits);
-        w.u8(cfg.keep_full_precision as u8 | (cfg.window_f16 as u8) << 1);
+        w.u8(cfg.keep_full_precision as u8 | (cfg.window_f16 as u8) << 1 | (!cfg.abstracts as u8) << 2);
         w.bytes(cfg.model_id.as_bytes());
         w.bytes(seg_name.as_bytes());
         w.u32(next);
@@ -406,13 +408,13 @@ impl KvStore {
         let [layers, kv_heads, head_dim, page_size, window, sinks, k_m, v_m, batch] = u;
         let (k_nbits, v_nbits) = (r.u32()?, r.u32()?);
         let flags = r.u8()?;
-        if flags > 3 || (version == 1 && flags > 1) {
+        if flags > 7 || (version == 1 && flags > 1) {
             return Err(Error::corrupt(
                 file,
                 format!("unknown flags byte {flags:#04x}"),
             ));
         }
-        let (keep, window_f16) = (flags & 1 != 0, flags & 2 != 0);
+        let (keep, window_f16, abstracts) = (flags & 1 != 0, flags & 2 != 0, flags & 4 == 0);
         let model_id = String::from_utf8_lossy(r.bytes()?).to_string();
         let cfg = StoreConfig {
             layers,
@@ -427,6 +429,7 @@ impl KvStore {
             v_nbits,
             keep_full_precision: keep,
             window_f16,
+            abstracts,
             batch,
             ram_budget: opts.ram_budget,
             offload_dir: opts.offload_dir.clone(),

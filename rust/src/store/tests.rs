@@ -15,6 +15,7 @@ fn cfg(budget: Option<u64>, dir: Option<PathBuf>) -> StoreConfig {
         v_nbits: 4,
         keep_full_precision: true,
         window_f16: false,
+        abstracts: true,
         batch: 1,
         ram_budget: budget,
         offload_dir: dir,
@@ -700,6 +701,7 @@ fn quest_over_codes_with_every_page_equals_dense_and_reads_only_selected_pages()
     let c = StoreConfig {
         keep_full_precision: false,
         window_f16: false,
+        abstracts: true,
         ..cfg(None, Some(tmpdir("quest-codes")))
     };
     let s = store(c.clone());
@@ -2316,6 +2318,7 @@ fn float16_window_holds_half_the_bytes_and_rounds_what_it_holds() {
     };
     let c16 = StoreConfig {
         window_f16: true,
+        abstracts: true,
         ..c32.clone()
     };
     let (s32, s16) = (store(c32.clone()), store(c16.clone()));
@@ -2353,6 +2356,7 @@ fn float16_window_pages_do_not_depend_on_how_appends_are_split() {
     // window later (one token at a time) or skip it (one long append).
     let c = StoreConfig {
         window_f16: true,
+        abstracts: true,
         keep_full_precision: false,
         ..cfg(None, None)
     };
@@ -2388,6 +2392,7 @@ fn float16_window_rejects_values_beyond_its_range_and_survives_save_load() {
     let dir = tmpdir("window16");
     let c = StoreConfig {
         window_f16: true,
+        abstracts: true,
         ..cfg(None, None)
     };
     let s = store(c.clone());
