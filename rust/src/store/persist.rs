@@ -303,7 +303,9 @@ impl KvStore {
         }
         w.u32(cfg.k_nbits);
         w.u32(cfg.v_nbits);
-        w.u8(cfg.keep_full_precision as u8 | (cfg.window_f16 as u8) << 1 | (!cfg.abstracts as u8) << 2);
+        w.u8(cfg.keep_full_precision as u8
+            | (cfg.window_f16 as u8) << 1
+            | (!cfg.abstracts as u8) << 2);
         w.bytes(cfg.model_id.as_bytes());
         w.bytes(seg_name.as_bytes());
         w.u32(next);

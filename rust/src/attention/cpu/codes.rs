@@ -17,6 +17,18 @@ pub(super) struct GroupTables {
 }
 
 impl GroupTables {
+    /// Whether the 8-bit keys take the AVX-512 byte-plane tables (`k8`).
+    fn has_k8(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            !self.k8.is_empty()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
     fn none() -> Self {
         GroupTables {
             k: Vec::new(),
@@ -40,6 +52,14 @@ pub(super) fn lookup8(nbits: u32, ck: usize) -> bool {
         false
     }
 }
+
+/// Code tokens of one sequence and KV head from which the 8-bit key scan takes the AVX-512
+/// byte-plane tables ([`crate::attention::avx512::Lut8`]) instead of the float byte tables.
+/// Building them costs about 55 us per KV head at GQA 3 and 32 code bytes; their scan is
+/// faster only on long histories: on a 2-core Xeon with AVX-512 (2026-12-07, SmolLM2 shape,
+/// `append_attend` per layer) 0.41 vs 0.25 ms at 512 tokens, 0.53 vs 0.37 at 2K, 0.74 vs 0.72
+/// at 8K, 1.97 vs 2.37 at 32K (planes vs float tables).
+pub(super) const LUT8_MIN_TOKENS: usize = 8192;
 
 #[inline(always)]
 pub(super) fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> GroupTables {
@@ -89,7 +109,7 @@ pub(super) fn build_tables(a: &PqAttention, kt: &[f32], b: usize, h: usize) -> G
         pair_tables_4bit(&lut, a.k_m, &mut k[qi * ck..(qi + 1) * ck]);
     }
     #[cfg(target_arch = "x86_64")]
-    if lookup8(a.k_nbits, ck) {
+    if lookup8(a.k_nbits, ck) && a.code_range[b].1 - a.code_range[b].0 >= LUT8_MIN_TOKENS {
         // A loop, not an iterator adapter: Lut8::new must inline into this function, which is
         // compiled per SIMD level (in a `map` closure it ran at the baseline level, 2x slower).
         let mut k8 = Vec::with_capacity(g * tq);
@@ -265,9 +285,10 @@ pub(super) fn codes_chunk(
                 )
             };
         }
-    } else if cfg!(target_arch = "x86_64") && lookup8(a.k_nbits, ck) {
+    } else if cfg!(target_arch = "x86_64") && tables.has_k8() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: lookup8 says the CPU has the AVX-512 level (F, BW, VBMI) and AVX2.
+        // SAFETY: k8 tables exist only where lookup8 says the CPU has the AVX-512 level (F, BW,
+        // VBMI) and AVX2.
         unsafe {
             crate::attention::avx512::key_scores8(&tables.k8, kc, ck, &mut s)
         };

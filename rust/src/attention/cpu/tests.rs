@@ -87,6 +87,9 @@ fn equals_attention_over_decoded_codes() {
         (3, 1, 16, 8, 8, 8, 8, 700, 5, 1),
         (8, 2, 16, 8, 8, 4, 8, 4100, 3, 1),
         (6, 2, 16, 8, 8, 8, 8, 300, 4, 2),
+        // 8-bit keys over a history of at least LUT8_MIN_TOKENS: the byte-plane tables on
+        // AVX-512 (the float byte tables below that, and on other CPUs).
+        (3, 1, 16, 8, 8, 16, 4, 9000, 2, 1),
     ] {
         let mk = |m: usize, nbits: u32, seed: u64| {
             let mut pq = ProductQuantizer::new(d, m, nbits).unwrap();
