@@ -338,6 +338,28 @@ impl ProductQuantizer {
         ProductQuantizer { trained, ..*self }
     }
 
+    /// The same quantizer with float32 centroids and held norms: a compact quantizer converted
+    /// once (the same codes and scores as the compact one: the same float32 values and norms),
+    /// for many encode calls in a row. Others are returned as they are.
+    pub fn expanded(&self) -> ProductQuantizer {
+        let trained = self.trained.as_ref().map(|b| match &b.centroids {
+            Centroids::F32(_) => b.clone(),
+            Centroids::F16(_) => {
+                let c = b.centroids.f32s().into_owned();
+                let norms = match b.scalar {
+                    Some(_) => Vec::new(),
+                    None => squared_norms(&c, self.dsub()),
+                };
+                Codebooks {
+                    centroids: Centroids::F32(c),
+                    norms,
+                    scalar: b.scalar.clone(),
+                }
+            }
+        });
+        ProductQuantizer { trained, ..*self }
+    }
+
     /// Whether the codebooks are held compactly (see [`ProductQuantizer::compact`]).
     pub fn is_compact(&self) -> bool {
         matches!(
@@ -901,6 +923,16 @@ mod tests {
                 same.encode(&x).unwrap(),
                 "{m}x{nbits}"
             );
+            // One row at a time (a decode step), and expanded back to float32 with norms (what
+            // a batched decode step encodes with): the same codes.
+            let big = small.expanded();
+            assert!(!big.is_compact() && big.held_bytes() == same.held_bytes());
+            assert_eq!(big.encode(&x).unwrap(), same.encode(&x).unwrap());
+            for row in x.chunks_exact(dim).take(20) {
+                let want = same.encode(row).unwrap();
+                assert_eq!(small.encode(row).unwrap(), want, "{m}x{nbits}");
+                assert_eq!(big.encode(row).unwrap(), want, "{m}x{nbits}");
+            }
             let codes = same.encode(&x).unwrap();
             assert_eq!(small.decode(&codes).unwrap(), same.decode(&codes).unwrap());
             let q = data(3, dim, 4);

@@ -691,13 +691,22 @@ impl KvStore {
             }
         }
         let kv = h * tq * d;
+        // Several sequences encode with the layer's codebooks converted once (float16 ->
+        // float32, norms) rather than once per sequence.
+        let held = if batch > 1 {
+            self.shared.lock()?.books[layer].clone()
+        } else {
+            None
+        };
+        let expanded = held.as_ref().map(|b| b.expanded());
         for b in 0..batch {
-            self.append(
+            self.append_with(
                 b,
                 layer,
                 &s.k[b * kv..(b + 1) * kv],
                 &s.v[b * kv..(b + 1) * kv],
                 tq,
+                held.as_ref().zip(expanded.as_ref()),
             )?;
         }
         let per_seq = |b: usize| -> Result<Attended> {

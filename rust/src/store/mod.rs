@@ -504,6 +504,15 @@ impl LayerBooks {
         })
     }
 
+    /// The same codebooks with float32 centroids and norms ([`ProductQuantizer::expanded`]),
+    /// for the encodes of one batched decode step: converted once instead of per sequence.
+    pub(crate) fn expanded(&self) -> LayerBooks {
+        LayerBooks {
+            k: self.k.iter().map(|q| q.expanded()).collect(),
+            v: self.v.iter().map(|q| q.expanded()).collect(),
+        }
+    }
+
     /// The centroids of every KV head as float32 for the kernels, Layout `(H, m, ksub, dsub)`
     /// for keys and for values: converted per call straight into one buffer per side (about
     /// the cost of the transposition the kernel does per call anyway), so the store holds
@@ -1031,7 +1040,21 @@ impl KvStore {
     /// Validates everything before changing state, so an error leaves the store as it was
     /// (except a disk-tier write failure during eviction, after which all data is still held).
     pub fn append(&self, seq: usize, layer: usize, k: &[f32], v: &[f32], t: usize) -> Result<()> {
-        let r = self.append_inner(seq, layer, k, v, t);
+        self.append_with(seq, layer, k, v, t, None)
+    }
+
+    /// [`KvStore::append`], encoding with `books.1` (the [`LayerBooks::expanded`] copy of
+    /// `books.0`) where the layer's codebooks are still `books.0`.
+    pub(crate) fn append_with(
+        &self,
+        seq: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        books: Option<(&Arc<LayerBooks>, &LayerBooks)>,
+    ) -> Result<()> {
+        let r = self.append_inner(seq, layer, k, v, t, books);
         let every = match self.shared.cfg.ram_budget {
             Some(b) => (b / 2).max(TRIM_MIN_BYTES),
             None => TRIM_EVERY_BYTES,
@@ -1045,7 +1068,15 @@ impl KvStore {
         r
     }
 
-    fn append_inner(&self, seq: usize, layer: usize, k: &[f32], v: &[f32], t: usize) -> Result<()> {
+    fn append_inner(
+        &self,
+        seq: usize,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        expanded: Option<(&Arc<LayerBooks>, &LayerBooks)>,
+    ) -> Result<()> {
         self.check(seq, layer)?;
         let cfg = &self.shared.cfg;
         let (h, d) = (cfg.kv_heads, cfg.head_dim);
@@ -1126,7 +1157,11 @@ impl KvStore {
         ls.window.extend(rows);
         ls.n_tokens += t;
         if n > 0 {
-            let books = st.books[layer].as_ref().expect("checked above");
+            let held = st.books[layer].as_ref().expect("checked above");
+            let books = match expanded {
+                Some((from, e)) if Arc::ptr_eq(from, held) => e,
+                _ => &**held,
+            };
             let closed = encode_into_pages(cfg, books, &mut st.seqs[seq][layer], &lk, &lv, n)?;
             for (blob, abs) in closed {
                 let id = st.add_page(blob, abs);

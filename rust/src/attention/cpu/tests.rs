@@ -311,113 +311,136 @@ fn paged_equals_gathered() {
 fn resident_pages_and_rows_give_the_contiguous_result() {
     // The store's path (codes in pages, fp tokens as token-major rows) must compute exactly
     // what the kernel computes over the same data in one array: uneven sequences, left padding
-    // that starts mid-page, a partial last page, for 8-bit and 4-bit key layouts.
-    let (batch, hq, hkv, tq, d, size) = (3, 6, 2, 2, 8, 4);
-    for (km, kb, vm, vb) in [(4, 8, 8, 4), (8, 4, 8, 4), (8, 8, 4, 8)] {
-        let (ck, cv) = (code_bytes(km, kb), code_bytes(vm, vb));
-        let lens = [13usize, 4, 9];
-        let n = 13;
-        let mut r = SplitMix64::new(11, 0);
-        let mut bytes = |len: usize| -> Vec<u8> { (0..len).map(|_| r.next_u64() as u8).collect() };
-        let kc = bytes(batch * hkv * n * ck);
-        let vc = bytes(batch * hkv * n * cv);
-        let kcent = rand(hkv * (1 << kb) * d, 1);
-        let vcent = rand(hkv * (1 << vb) * d, 2);
-        let q = rand(batch * hq * tq * d, 3);
-        let f = 5;
-        let fk = rand(batch * hkv * f * d, 4);
-        let fv = rand(batch * hkv * f * d, 5);
-        let code_range = [(2, 13), (0, 4), (5, 9)];
-        let fp_range = [(0, 5), (1, 5), (3, 5)];
-        let a = PqAttention {
-            batch,
-            hq,
-            hkv,
-            tq,
-            d,
-            q: &q,
-            n,
-            k_codes: &kc,
-            v_codes: &vc,
-            k_cent: &kcent,
-            k_m: km,
-            k_nbits: kb,
-            v_cent: &vcent,
-            v_m: vm,
-            v_nbits: vb,
-            code_range: &code_range,
-            f,
-            fp_k: &fk,
-            fp_v: &fv,
-            fp_range: &fp_range,
-            scale: 0.4,
-            causal: true,
-        };
-        let want = pq_attention(&a).unwrap();
-        // The same codes cut into pages of `size` tokens (each sequence's real length only).
-        let segs: Vec<Vec<(&[u8], &[u8])>> = (0..batch * hkv)
-            .map(|bh| {
-                let len = lens[bh / hkv];
-                (0..len.div_ceil(size))
-                    .map(|p| {
-                        let (t0, t1) = (p * size, ((p + 1) * size).min(len));
-                        let (kb0, vb0) = ((bh * n + t0) * ck, (bh * n + t0) * cv);
-                        (
-                            &kc[kb0..kb0 + (t1 - t0) * ck],
-                            &vc[vb0..vb0 + (t1 - t0) * cv],
-                        )
-                    })
-                    .collect()
-            })
-            .collect();
-        // fp tokens as rows of Layout (hkv, d), as the store's window holds them.
-        let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * f)
-            .map(|bt| {
-                let (b, t) = (bt / f, bt % f);
-                let row = |x: &[f32]| -> Vec<f32> {
-                    (0..hkv)
-                        .flat_map(|h| {
-                            x[((b * hkv + h) * f + t) * d..((b * hkv + h) * f + t + 1) * d].to_vec()
+    // that starts mid-page, a partial last page, for 8-bit and 4-bit key layouts; small pages,
+    // and the default shape (head_dim 64, 64-token pages, 32 code bytes, chunks spanning many
+    // pages) over histories that do and do not reach the 8-bit byte-plane tables
+    // (LUT8_MIN_TOKENS).
+    let (batch, hq, hkv, tq) = (3, 6, 2, 2);
+    let small = [(4, 8, 8, 4), (8, 4, 8, 4), (8, 8, 4, 8)];
+    let wide = [(32, 8, 64, 4), (64, 4, 64, 4), (16, 8, 16, 8)];
+    let shapes: [(
+        usize,
+        usize,
+        [usize; 3],
+        [(usize, usize); 3],
+        &[(usize, u32, usize, u32)],
+    ); 2] = [
+        (8, 4, [13, 4, 9], [(2, 13), (0, 4), (5, 9)], &small),
+        (
+            64,
+            64,
+            [9100, 300, 4200],
+            [(70, 9100), (0, 300), (5, 4200)],
+            &wide,
+        ),
+    ];
+    for (d, size, lens, code_range, layouts) in shapes {
+        for &(km, kb, vm, vb) in layouts {
+            let (ck, cv) = (code_bytes(km, kb), code_bytes(vm, vb));
+            let n = lens[0];
+            let mut r = SplitMix64::new(11, 0);
+            let mut bytes =
+                |len: usize| -> Vec<u8> { (0..len).map(|_| r.next_u64() as u8).collect() };
+            let kc = bytes(batch * hkv * n * ck);
+            let vc = bytes(batch * hkv * n * cv);
+            let kcent = rand(hkv * (1 << kb) * d, 1);
+            let vcent = rand(hkv * (1 << vb) * d, 2);
+            let q = rand(batch * hq * tq * d, 3);
+            let f = 5;
+            let fk = rand(batch * hkv * f * d, 4);
+            let fv = rand(batch * hkv * f * d, 5);
+            let fp_range = [(0, 5), (1, 5), (3, 5)];
+            let a = PqAttention {
+                batch,
+                hq,
+                hkv,
+                tq,
+                d,
+                q: &q,
+                n,
+                k_codes: &kc,
+                v_codes: &vc,
+                k_cent: &kcent,
+                k_m: km,
+                k_nbits: kb,
+                v_cent: &vcent,
+                v_m: vm,
+                v_nbits: vb,
+                code_range: &code_range,
+                f,
+                fp_k: &fk,
+                fp_v: &fv,
+                fp_range: &fp_range,
+                scale: 0.4,
+                causal: true,
+            };
+            let want = pq_attention(&a).unwrap();
+            // The same codes cut into pages of `size` tokens (each sequence's real length only).
+            let segs: Vec<Vec<(&[u8], &[u8])>> = (0..batch * hkv)
+                .map(|bh| {
+                    let len = lens[bh / hkv];
+                    (0..len.div_ceil(size))
+                        .map(|p| {
+                            let (t0, t1) = (p * size, ((p + 1) * size).min(len));
+                            let (kb0, vb0) = ((bh * n + t0) * ck, (bh * n + t0) * cv);
+                            (
+                                &kc[kb0..kb0 + (t1 - t0) * ck],
+                                &vc[vb0..vb0 + (t1 - t0) * cv],
+                            )
                         })
                         .collect()
-                };
-                (row(&fk), row(&fv))
-            })
-            .collect();
-        let fp: Vec<Vec<(&[f32], &[f32])>> = (0..batch)
-            .map(|b| {
-                rows[b * f..(b + 1) * f]
-                    .iter()
-                    .map(|(k, v)| (&k[..], &v[..]))
-                    .collect()
-            })
-            .collect();
-        let at = Resident {
-            segs: &segs,
-            size,
-            fp: &fp,
-        };
-        let empty = PqAttention {
-            k_codes: &[],
-            v_codes: &[],
-            fp_k: &[],
-            fp_v: &[],
-            ..a
-        };
-        let got = pq_attention_paged(&empty, &at).unwrap();
-        assert_eq!(got, want, "k {km}x{kb}, v {vm}x{vb}");
-        // A page list shorter than the code range is a typed error, not a wrong answer.
-        let short: Vec<Vec<(&[u8], &[u8])>> =
-            segs.iter().map(|l| l[..l.len() - 1].to_vec()).collect();
-        let bad = Resident {
-            segs: &short,
-            size,
-            fp: &fp,
-        };
-        assert!(matches!(
-            pq_attention_paged(&empty, &bad),
-            Err(Error::Config(_))
-        ));
+                })
+                .collect();
+            // fp tokens as rows of Layout (hkv, d), as the store's window holds them.
+            let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..batch * f)
+                .map(|bt| {
+                    let (b, t) = (bt / f, bt % f);
+                    let row = |x: &[f32]| -> Vec<f32> {
+                        (0..hkv)
+                            .flat_map(|h| {
+                                x[((b * hkv + h) * f + t) * d..((b * hkv + h) * f + t + 1) * d]
+                                    .to_vec()
+                            })
+                            .collect()
+                    };
+                    (row(&fk), row(&fv))
+                })
+                .collect();
+            let fp: Vec<Vec<(&[f32], &[f32])>> = (0..batch)
+                .map(|b| {
+                    rows[b * f..(b + 1) * f]
+                        .iter()
+                        .map(|(k, v)| (&k[..], &v[..]))
+                        .collect()
+                })
+                .collect();
+            let at = Resident {
+                segs: &segs,
+                size,
+                fp: &fp,
+            };
+            let empty = PqAttention {
+                k_codes: &[],
+                v_codes: &[],
+                fp_k: &[],
+                fp_v: &[],
+                ..a
+            };
+            let got = pq_attention_paged(&empty, &at).unwrap();
+            assert_eq!(got, want, "k {km}x{kb}, v {vm}x{vb}");
+            // A page list shorter than the code range is a typed error, not a wrong answer.
+            let short: Vec<Vec<(&[u8], &[u8])>> =
+                segs.iter().map(|l| l[..l.len() - 1].to_vec()).collect();
+            let bad = Resident {
+                segs: &short,
+                size,
+                fp: &fp,
+            };
+            assert!(matches!(
+                pq_attention_paged(&empty, &bad),
+                Err(Error::Config(_))
+            ));
+        }
     }
 }
 
