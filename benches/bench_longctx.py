@@ -67,8 +67,10 @@ def one(method: str, tokens: int, budget: str | None, steps: int, select: float 
         ctxcore.enable(model)
         if budget is not None:
             tmp = tempfile.TemporaryDirectory(prefix="ctxcore-longctx-")
+        # Selection is switched on after the fill (cache.select below): keep the page abstracts.
         cache = ctxcore.CompressedCache(
             model.config, bits=bits, ram_budget=budget, offload_dir=tmp.name if tmp else None,
+            abstracts=method in ("ctxcore4-select", "ctxcore4-pair") or None,
         )  # fmt: skip
         cache.calibrate(model, ids)
     t0 = time.perf_counter()

@@ -171,7 +171,7 @@ def main() -> int:
 
     from ctxcore import evaluation as ev
     from ctxcore.attention import enable
-    from ctxcore.cache import CompressedLayer
+    from ctxcore.cache import CompressedCache, CompressedLayer
     from ctxcore.cli.qa import _load_model
     from ctxcore.models import SAMPLE_TEXT
 
@@ -210,7 +210,7 @@ def main() -> int:
         ids = ev.passkey_prompt(tok, SAMPLE_TEXT, a.length, depth, key, 7 * trial + int(depth * 13))
         sim.policy, sim.cpq = None, {}
         t0 = time.perf_counter()
-        base = ev.make_cache("ctxcore4", model)
+        base = CompressedCache(model.config, bits=4, abstracts=True)  # the default, abstracts kept
         with torch.no_grad():
             model(ids[:, :-1], use_cache=True, logits_to_keep=1, past_key_values=base)
         base.compress()

@@ -575,7 +575,8 @@ def build_store(tokens=300, seed=0, **kw):
 
 
 def store_codebooks(store):
-    """Rebuild the layer's quantizers the way build_store calibrated them (same data, seed)."""
+    """Rebuild the layer's quantizers the way build_store calibrated them (same data, seed),
+    held compactly as the store holds them (float16 centroids)."""
     rng = np.random.default_rng(0)
     train = rng.standard_normal((HKV, 600, D)).astype(np.float32)
     kq, vq = [], []
@@ -584,7 +585,7 @@ def store_codebooks(store):
         for lst, m, nbits in ((kq, c["k_m"], c["k_nbits"]), (vq, c["v_m"], c["v_nbits"])):
             pq = ctxcore.ProductQuantizer(D, m, nbits)
             pq.train(train[h], iters=3, seed=0)
-            lst.append(pq)
+            lst.append(pq.compact())
     return kq, vq
 
 

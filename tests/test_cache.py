@@ -338,10 +338,19 @@ def test_page_abstracts_only_with_select(tmp_path):
     pages = plain.store.paged_tokens(0) // 8
     assert pages > 0
     per_page = sel.store.config["abstract_bytes"] * len(plain.compressed_layers)
-    assert sel.memory_stats()["compressed_bytes"] - plain.memory_stats()["compressed_bytes"] == pages * per_page
+    saved = sel.memory_stats()["compressed_bytes"] - plain.memory_stats()["compressed_bytes"]
+    assert saved == pages * per_page
     with pytest.raises(ConfigError, match="abstracts"):
         plain.store.abstracts(0)
+    # abstracts=True keeps them without select=, so selection can be switched on later; on a
+    # cache without them, switching it on is a typed error at the next step.
+    late = _cache(model, abstracts=True)
+    assert late.store.config["abstracts"] is True
     plain.save(tmp_path / "ctx", token_ids=ids[0])
+    twin = copy.deepcopy(plain)
+    twin.select = 0.5
+    with torch.no_grad(), pytest.raises(ConfigError, match="abstracts"):
+        model(_ids(1, seed=5), past_key_values=twin)
     with pytest.raises(ConfigError, match="without page abstracts"):
         CompressedCache.load(tmp_path / "ctx", model.config, select=0.5)
     loaded = CompressedCache.load(tmp_path / "ctx", model.config)

@@ -373,7 +373,7 @@ def test_pages_are_read_on_first_use_a_layer_at_a_time(model, redis_server, tmp_
     # A copy taken before any page is read fetches its own; both answer as the prefilled cache.
     twin = copy.deepcopy(cache)
     # Reading one layer reads that layer (and the next one ahead of use), not the others.
-    cache.store.abstracts(0)
+    cache.store.page(0, 0)
     assert cache.store._s.pending_pages(0) == [] and len(cache.store._s.pending_pages(1)) == n
     assert answer(model, prompt, cache) == ref
     assert all(cache.store._s.pending_pages(layer) == [] for layer in range(LAYERS))

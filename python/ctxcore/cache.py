@@ -697,7 +697,7 @@ class CompressedCache(Cache):
             RAM or the disk tier, only those pages), plus sinks and window. An int is a token
             budget, a float in (0, 1] a fraction of the paged tokens. None: dense attention over
             every page's codes, and no page abstracts are kept (``abstract_bytes`` per page
-            saved; ``select`` cannot be turned on later for this cache's pages).
+            saved; see ``abstracts``).
         select_fallback: exact fallback for ``select`` (over the codes): where the page
             abstracts bound the share of a query's attention that the left-out pages could hold
             above this value in ``[0, 1)``, that KV head attends every page that step. None:
@@ -710,6 +710,10 @@ class CompressedCache(Cache):
             relative, well below the codes' error) or ``"float32"`` (the window exact for a
             float32 model, and for K/V beyond float16's range ``|x| > 65504``, which are a
             :class:`~ctxcore.exceptions.ConfigError` in float16).
+        abstracts: keep each page's abstract (what ``select`` ranks pages by; about 0.012x of
+            the fp16 K/V bytes). None (default): only with ``select=``. True lets ``select`` be
+            set on the cache later; setting it on a cache without abstracts makes decode raise
+            :class:`~ctxcore.exceptions.ConfigError`.
         prefill_block: tokens per forward in :meth:`prefill` (bounds peak memory of long
             prefills; ``generate(..., prefill_chunk_size=N)`` does the same inside generate).
         calibration_tokens: online calibration holds up to this many leading tokens exactly
@@ -767,6 +771,7 @@ class CompressedCache(Cache):
         codebooks: str | os.PathLike = "reuse",
         keep_full_precision: bool = False,
         window_dtype: str = "float16",
+        abstracts: bool | None = None,
         _store: KVStore | None = None,
     ) -> None:
         cfg = check_supported(config)
@@ -813,12 +818,14 @@ class CompressedCache(Cache):
         #: "directory" or "none"; ``tokens``; ...). None otherwise.
         self.load_info: dict | None = None
         self._trained: list[_books.LayerBooks | None] = [None] * self.num_layers
+        keep_abstracts = select is not None if abstracts is None else bool(abstracts)
         self._store_kwargs = dict(
             layers=max(1, self.num_layers), kv_heads=self.kv_heads, head_dim=self.head_dim,
             page_size=self.page_size,
             window=self.window, sinks=self.sinks, bits=bits, keep_full_precision=bool(keep_full_precision),
-            window_dtype=window_dtype, abstracts=select is not None, ram_budget=_parse_bytes(ram_budget, "ram_budget"),
-            offload_dir=offload_dir, max_disk_bytes=max_disk_bytes, model_id=self.model_id,
+            window_dtype=window_dtype, abstracts=keep_abstracts,
+            ram_budget=_parse_bytes(ram_budget, "ram_budget"), offload_dir=offload_dir,
+            max_disk_bytes=max_disk_bytes, model_id=self.model_id,
         )  # fmt: skip
         if offload_dir is not None:
             os.makedirs(offload_dir, exist_ok=True)
@@ -1367,7 +1374,11 @@ class CompressedCache(Cache):
             window_dtype=c.get("window_dtype", "float32"), _store=store,
         )  # fmt: skip
         # The saved bits may be an explicit (m, nbits) pair; the store's config is authoritative.
-        cache._store_kwargs.update(bits=info.get("bits", 4), keep_full_precision=c["keep_full_precision"])
+        cache._store_kwargs.update(
+            bits=info.get("bits", 4),
+            keep_full_precision=c["keep_full_precision"],
+            abstracts=c.get("abstracts", True),
+        )
         dt = info.get("kv_dtype")
         cache._kv_dtype = getattr(torch, dt) if dt else None
         for i, lay in enumerate(cache._compressed):

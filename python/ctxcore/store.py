@@ -378,8 +378,10 @@ class KVStore:
         return self._s.full_precision(int(seq), int(layer), "window")
 
     def abstracts(self, layer: int, seq: int = 0) -> np.ndarray:
-        """Page abstracts float32 ``[pages, kv_heads, 3, head_dim]``: min, max, mean of the keys."""
-        self._fetch(layer)
+        """Page abstracts float32 ``[pages, kv_heads, 3, head_dim]``: min, max, mean of the keys.
+        A :class:`~ctxcore.exceptions.ConfigError` on a store without them (``abstracts=False``)."""
+        if self.config["abstracts"]:
+            self._fetch(layer)
         return self._s.abstracts(int(seq), int(layer))
 
     def attend(
