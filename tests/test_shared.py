@@ -633,9 +633,12 @@ def test_selective_and_budgeted_contexts_round_trip(model, shared_redis, tmp_pat
     cache = prefilled(model, doc, **kw)
     cache.save(url, token_ids=doc, namespace=ns)
     prompt = torch.cat([doc, rand_ids(6, 64)], 1)
-    # With a RAM budget far below the context: pages spill to the local disk tier as they arrive.
+    # With a RAM budget far below the context (a quarter above the shape's fixed minimum): pages
+    # spill to the local disk tier as they arrive.
+    budget = cache.store.config["min_ram_budget"] * 5 // 4
+    assert budget < cache.memory_stats()["ram_bytes"] // 2
     got = ctxcore.CompressedCache.load(
-        url, model.config, token_ids=prompt, namespace=ns, ram_budget="200KB", offload_dir=tmp_path, **kw
+        url, model.config, token_ids=prompt, namespace=ns, ram_budget=budget, offload_dir=tmp_path, **kw
     )
     assert got.load_info["source"] == "context" and got.select == 0.5
     assert got.memory_stats()["disk_bytes"] == 0  # pages are read on first use
