@@ -318,13 +318,15 @@ fn resident_pages_and_rows_give_the_contiguous_result() {
     let (batch, hq, hkv, tq) = (3, 6, 2, 2);
     let small = [(4, 8, 8, 4), (8, 4, 8, 4), (8, 8, 4, 8)];
     let wide = [(32, 8, 64, 4), (64, 4, 64, 4), (16, 8, 16, 8)];
-    let shapes: [(
+    /// `(head_dim, page size, sequence lengths, code ranges, (k_m, k_nbits, v_m, v_nbits)s)`.
+    type Shape<'a> = (
         usize,
         usize,
         [usize; 3],
         [(usize, usize); 3],
-        &[(usize, u32, usize, u32)],
-    ); 2] = [
+        &'a [(usize, u32, usize, u32)],
+    );
+    let shapes: [Shape; 2] = [
         (8, 4, [13, 4, 9], [(2, 13), (0, 4), (5, 9)], &small),
         (
             64,
