@@ -79,10 +79,22 @@ impl Centroids {
     fn f32s(&self) -> std::borrow::Cow<'_, [f32]> {
         match self {
             Centroids::F32(c) => std::borrow::Cow::Borrowed(c),
-            Centroids::F16(c) => {
-                let mut out = vec![0f32; c.len()];
-                crate::simd::f16_to_f32(c, &mut out);
+            Centroids::F16(_) => {
+                let mut out = Vec::new();
+                self.extend_f32(&mut out);
                 std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Append the centroids as float32 to `out`.
+    fn extend_f32(&self, out: &mut Vec<f32>) {
+        match self {
+            Centroids::F32(c) => out.extend_from_slice(c),
+            Centroids::F16(c) => {
+                let at = out.len();
+                out.resize(at + c.len(), 0.0);
+                crate::simd::f16_to_f32(c, &mut out[at..]);
             }
         }
     }
@@ -225,13 +237,18 @@ fn squared_norms(centroids: &[f32], dsub: usize) -> Vec<f32> {
 #[inline(always)]
 fn squared_norms_into(centroids: &[f32], dsub: usize, out: &mut [f32]) {
     #[inline(always)]
+    fn sum_sq(c: &[f32]) -> f32 {
+        let mut s = c[0] * c[0];
+        for v in &c[1..] {
+            s += v * v;
+        }
+        s
+    }
+    /// A constant width: unrolled and vectorized.
+    #[inline(always)]
     fn fixed<const N: usize>(centroids: &[f32], out: &mut [f32]) {
         for (o, c) in out.iter_mut().zip(centroids.chunks_exact(N)) {
-            let mut s = c[0] * c[0];
-            for v in &c[1..N] {
-                s += v * v;
-            }
-            *o = s;
+            *o = sum_sq(&c[..N]);
         }
     }
     match dsub {
@@ -241,11 +258,7 @@ fn squared_norms_into(centroids: &[f32], dsub: usize, out: &mut [f32]) {
         8 => fixed::<8>(centroids, out),
         _ => {
             for (o, c) in out.iter_mut().zip(centroids.chunks_exact(dsub)) {
-                let mut s = c[0] * c[0];
-                for v in &c[1..] {
-                    s += v * v;
-                }
-                *o = s;
+                *o = sum_sq(c);
             }
         }
     }
@@ -381,14 +394,8 @@ impl ProductQuantizer {
     /// Append the centroids as float32, Layout `(m, ksub, dsub)`, to `out` (converted in
     /// place for a compact quantizer); nothing if untrained.
     pub fn extend_centroids(&self, out: &mut Vec<f32>) {
-        match self.trained.as_ref().map(|c| &c.centroids) {
-            Some(Centroids::F32(c)) => out.extend_from_slice(c),
-            Some(Centroids::F16(c)) => {
-                let at = out.len();
-                out.resize(at + c.len(), 0.0);
-                crate::simd::f16_to_f32(c, &mut out[at..]);
-            }
-            None => {}
+        if let Some(b) = &self.trained {
+            b.centroids.extend_f32(out);
         }
     }
 
@@ -518,21 +525,10 @@ impl ProductQuantizer {
         // Float32 centroids and their norms for the search: held, or for a compact quantizer
         // converted and computed per subspace inside the search (no codebook-sized copies:
         // a decode step encodes a token or two); 1-dim subspaces search by comparisons.
-        let norms = match (&books.scalar, &books.centroids) {
-            (None, Centroids::F32(c)) => books.norms(c, dsub),
-            _ => std::borrow::Cow::Borrowed(&[][..]),
-        };
-        let search = Search {
-            scalar: books.scalar.as_ref(),
-            centroids: match &books.centroids {
-                Centroids::F32(c) => c,
-                Centroids::F16(_) => &[],
-            },
-            half: match &books.centroids {
-                Centroids::F16(c) if books.scalar.is_none() => c,
-                _ => &[],
-            },
-            norms: &norms,
+        let search = match (&books.scalar, &books.centroids) {
+            (Some(sc), _) => Search::Scalar(sc),
+            (None, Centroids::F32(c)) => Search::F32(c, books.norms(c, dsub)),
+            (None, Centroids::F16(c)) => Search::F16(c),
         };
         let books = &search;
         if n <= BLOCK {
@@ -764,14 +760,14 @@ fn code_at(c: &[u8], j: usize, four: bool) -> usize {
     }
 }
 
-/// What [`encode_block`] searches: the scalar tables of 1-dim subspaces, float32 centroids
-/// and their squared norms, Layouts `(m, ksub, dsub)` and `(m, ksub)`, or float16 centroids
-/// (`half`, a compact quantizer's) converted and normed per subspace.
-struct Search<'a> {
-    scalar: Option<&'a ScalarCodes>,
-    centroids: &'a [f32],
-    half: &'a [half::f16],
-    norms: &'a [f32],
+/// What [`encode_block`] searches.
+enum Search<'a> {
+    /// The comparison tables of 1-dim subspaces.
+    Scalar(&'a ScalarCodes),
+    /// float32 centroids and their squared norms, Layouts `(m, ksub, dsub)` and `(m, ksub)`.
+    F32(&'a [f32], std::borrow::Cow<'a, [f32]>),
+    /// A compact quantizer's float16 centroids, converted and normed one subspace at a time.
+    F16(&'a [half::f16]),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -788,7 +784,7 @@ fn encode_block(
 ) {
     let n = x.len() / dim;
     let cb = codes.len() / n.max(1);
-    if let Some(sc) = books.scalar {
+    if let Search::Scalar(sc) = books {
         sc.encode(x, codes, m, ksub, nbits);
         return;
     }
@@ -798,24 +794,20 @@ fn encode_block(
     let x = &xm2[..];
     // One subspace of a compact quantizer at a time, as float32 with its norms (the same
     // values, so the same codes, as the float32 quantizer of the rounded centroids).
-    let (mut cbuf, mut nbuf) = if books.half.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        (vec![0f32; ksub * dsub], vec![0f32; ksub])
+    let (mut cbuf, mut nbuf) = match books {
+        Search::F16(_) => (vec![0f32; ksub * dsub], vec![0f32; ksub]),
+        _ => (Vec::new(), Vec::new()),
     };
+    let book = ksub * dsub;
     for j in 0..m {
-        let (cm2, norms) = if books.half.is_empty() {
-            (
-                &books.centroids[j * ksub * dsub..(j + 1) * ksub * dsub],
-                &books.norms[j * ksub..(j + 1) * ksub],
-            )
-        } else {
-            crate::simd::f16_to_f32(
-                &books.half[j * ksub * dsub..(j + 1) * ksub * dsub],
-                &mut cbuf,
-            );
-            squared_norms_into(&cbuf, dsub, &mut nbuf);
-            (&cbuf[..], &nbuf[..])
+        let (cm2, norms) = match books {
+            Search::F32(c, nr) => (&c[j * book..(j + 1) * book], &nr[j * ksub..(j + 1) * ksub]),
+            Search::F16(c) => {
+                crate::simd::f16_to_f32(&c[j * book..(j + 1) * book], &mut cbuf);
+                squared_norms_into(&cbuf, dsub, &mut nbuf);
+                (&cbuf[..], &nbuf[..])
+            }
+            Search::Scalar(_) => unreachable!("handled above"),
         };
         if nbits == 8 {
             nearest_rows(x, n, dim, j * dsub, dsub, cm2, norms, |i, k, _| {

@@ -487,6 +487,10 @@ impl RamTier {
 pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
 
 /// One layer's quantizers (one per KV head), shared by the snapshots that read them.
+/// A layer's held codebooks and their [`LayerBooks::expanded`] copy, which a batched decode
+/// step encodes with while the layer still holds the former.
+pub(crate) type Expanded<'a> = (&'a Arc<LayerBooks>, &'a LayerBooks);
+
 pub(crate) struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
@@ -1043,8 +1047,8 @@ impl KvStore {
         self.append_with(seq, layer, k, v, t, None)
     }
 
-    /// [`KvStore::append`], encoding with `books.1` (the [`LayerBooks::expanded`] copy of
-    /// `books.0`) where the layer's codebooks are still `books.0`.
+    /// [`KvStore::append`], encoding with `books` where the layer's codebooks are still the
+    /// ones they were expanded from (see [`Expanded`]).
     pub(crate) fn append_with(
         &self,
         seq: usize,
@@ -1052,7 +1056,7 @@ impl KvStore {
         k: &[f32],
         v: &[f32],
         t: usize,
-        books: Option<(&Arc<LayerBooks>, &LayerBooks)>,
+        books: Option<Expanded>,
     ) -> Result<()> {
         let r = self.append_inner(seq, layer, k, v, t, books);
         let every = match self.shared.cfg.ram_budget {
@@ -1075,7 +1079,7 @@ impl KvStore {
         k: &[f32],
         v: &[f32],
         t: usize,
-        expanded: Option<(&Arc<LayerBooks>, &LayerBooks)>,
+        expanded: Option<Expanded>,
     ) -> Result<()> {
         self.check(seq, layer)?;
         let cfg = &self.shared.cfg;
