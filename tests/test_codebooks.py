@@ -33,8 +33,8 @@ def model():
     return _model(0)
 
 
-def _run(model, seed: int, **kw):
-    ids = torch.randint(0, 64, (1, TOKENS), generator=torch.Generator().manual_seed(seed))
+def _run(model, seed: int, tokens: int = TOKENS, **kw):
+    ids = torch.randint(0, 64, (1, tokens), generator=torch.Generator().manual_seed(seed))
     cache = ctxcore.CompressedCache(model.config, bits=4, **kw)
     out = model.generate(ids, past_key_values=cache, max_new_tokens=3, do_sample=False)
     return cache, out
@@ -56,6 +56,31 @@ def test_second_context_reuses_the_first_contexts_codebooks(model):
         for a, b in zip(first.store.codebooks(layer), second.store.codebooks(layer), strict=True):
             np.testing.assert_array_equal(a, b)
     assert out.shape == (1, TOKENS + 3)
+    assert _files() == [path]
+
+
+def test_a_longer_context_replaces_the_codebooks_it_does_not_fit(model, monkeypatch):
+    # Keys carry their position's rotation: codebooks of a short context may not fit a longer
+    # one. The longer context's own codebooks then replace them; a context no longer than the
+    # stored codebooks' leaves the file alone.
+    _run(model, 1)
+    (path,) = _files()
+    before = path.read_bytes()
+    stored = [lb.tokens for lb in cb.CodebookSet.load(path).layers]
+    monkeypatch.setattr(cb, "FIT_RATIO", 0.0)  # every check fails
+    same, _ = _run(model, 2)
+    assert same.codebook_source == ["trained", "trained"]
+    assert path.read_bytes() == before
+    longer, _ = _run(model, 3, tokens=TOKENS + 700)
+    assert longer.codebook_source == ["trained", "trained"]
+    after = cb.CodebookSet.load(path)
+    assert all(a > b for a, b in zip([lb.tokens for lb in after.layers], stored, strict=True))
+    monkeypatch.setattr(cb, "FIT_RATIO", 3.0)
+    third, _ = _run(model, 4)
+    assert third.codebook_source == ["reused", "reused"]
+    for layer in range(2):
+        for a, b in zip(longer.store.codebooks(layer), third.store.codebooks(layer), strict=True):
+            np.testing.assert_array_equal(a, b)
     assert _files() == [path]
 
 

@@ -507,15 +507,20 @@ class CompressedLayer(CacheLayerMixin):
         store, past = self.cache.store, self._committed
         ks, vs = [], []
         for b in range(k.shape[0]):
+            kn, vn = k[b].detach().float().cpu().numpy(), v[b].detach().float().cpu().numpy()
+            if past == 0:  # a first prefill: nothing held yet, padding at the front only
+                ks.append(kn[:, starts[b] :])
+                vs.append(vn[:, starts[b] :])
+                continue
             (sk, sv), (wk, wv) = store.sinks(self.idx, b), store.window(self.idx, b)
             pos = np.concatenate(
                 [np.arange(sk.shape[1]), np.arange(past - wk.shape[1], past), past + np.arange(k.shape[2])]
             )
             keep = pos >= starts[b]
-            kb = np.concatenate([sk, wk, k[b].detach().float().cpu().numpy()], axis=1)[:, keep]
-            vb = np.concatenate([sv, wv, v[b].detach().float().cpu().numpy()], axis=1)[:, keep]
-            ks.append(kb)
-            vs.append(vb)
+            ks.append(np.concatenate([sk, wk, kn], axis=1)[:, keep])
+            vs.append(np.concatenate([sv, wv, vn], axis=1)[:, keep])
+        if len(ks) == 1:
+            return ks[0], vs[0]
         return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
 
     def dequantized(self, seqs: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -981,15 +986,20 @@ class CompressedCache(Cache):
 
     def _online_books(self, layer: int, kv: tuple[np.ndarray, np.ndarray]) -> None:
         """Set layer ``layer``'s codebooks for the context sampled in ``kv``: reused from the
-        codebook file where they fit, else trained here (and published once every layer is)."""
+        codebook file where they fit, else trained here. Once every layer has codebooks, trained
+        ones are published: all of them when there is no file yet, else those trained on more
+        tokens than the stored ones they failed to replace (codebooks of a short context do not
+        cover the key rotations of later positions)."""
         path = self._book_file()
         stored = None if path is None else _books.read_set(path, self.model_id, self._codec())
+        n = int(kv[0].shape[1])
         if stored is not None:
             lb = stored.layers[layer]
             ok, rk, rv = lb.fits(kv[0], kv[1])
             if ok:
                 self.store.set_codebooks(layer, lb.keys, lb.values)
                 self.codebook_source[layer] = "reused"
+                self._maybe_publish(path)
                 return
             log.info(
                 "layer %d: the cached codebooks do not fit this context (error %.2fx / %.2fx their "
@@ -998,18 +1008,37 @@ class CompressedCache(Cache):
             )  # fmt: skip
         books = self._train_layer(layer, kv)
         self.codebook_source[layer] = "trained"
-        if path is None or stored is not None:
+        if path is None:
             return
-        errs = [_books.relative_error(books[i], kv[i]) for i in (0, 1)]
-        self._trained[layer] = _books.LayerBooks(books[0], books[1], errs[0], errs[1], int(kv[0].shape[1]))
-        done = [lb for lb in self._trained if lb is not None]
-        if len(done) < self.num_layers or min(lb.tokens for lb in done) < _books.MIN_PUBLISH_TOKENS:
+        if stored is None or n > stored.layers[layer].tokens:
+            errs = [_books.relative_error(books[i], kv[i]) for i in (0, 1)]
+            self._trained[layer] = _books.LayerBooks(books[0], books[1], errs[0], errs[1], n)
+        self._maybe_publish(path)
+
+    def _maybe_publish(self, path: Path | None) -> None:
+        """Once every layer has codebooks, write the trained ones worth keeping (see
+        :meth:`_online_books`) to the codebook file; a new file needs every layer."""
+        if path is None or None in self.codebook_source:
             return
+        new = {i: lb for i, lb in enumerate(self._trained) if lb is not None and lb.tokens >= _books.MIN_PUBLISH_TOKENS}
         self._trained = [None] * self.num_layers  # the store holds them; this was for publishing
-        if _books.read_set(path, self.model_id, self._codec()) is not None:
-            return  # another cache published meanwhile
+        if not new:
+            return
+        current = _books.read_set(path, self.model_id, self._codec())  # another cache may have written
+        if current is None:
+            if len(new) < self.num_layers:
+                return
+            layers = [new[i] for i in range(self.num_layers)]
+        else:
+            layers = list(current.layers)
+            better = [i for i, lb in new.items() if lb.tokens > layers[i].tokens]
+            if not better:
+                return
+            for i in better:
+                layers[i] = new[i]
+            log.info("codebook cache: layers %s replaced by codebooks of a longer context", better)
         try:
-            _books.CodebookSet(self.model_id, self._codec(), done).save(path)
+            _books.CodebookSet(self.model_id, self._codec(), layers).save(path)
         except OSError as e:
             log.warning("could not publish codebooks to %s: %s", path, e)
 
@@ -1119,6 +1148,7 @@ class CompressedCache(Cache):
         super().reset()
         self.store = KVStore(**self._store_kwargs)
         self.codebook_source = [None] * self.num_layers
+        self._trained = [None] * self.num_layers
         for i, books in enumerate(self._fixed_books):
             if books is not None:
                 self.store.set_codebooks(i, *books)
