@@ -1020,7 +1020,8 @@ class CompressedCache(Cache):
         :meth:`_online_books`) to the codebook file; a new file needs every layer."""
         if path is None or None in self.codebook_source:
             return
-        new = {i: lb for i, lb in enumerate(self._trained) if lb is not None and lb.tokens >= _books.MIN_PUBLISH_TOKENS}
+        least = _books.MIN_PUBLISH_TOKENS
+        new = {i: lb for i, lb in enumerate(self._trained) if lb is not None and lb.tokens >= least}
         self._trained = [None] * self.num_layers  # the store holds them; this was for publishing
         if not new:
             return
