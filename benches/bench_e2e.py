@@ -19,7 +19,8 @@ decode throughput (tokens/s over ``--steps`` steps) for both caches.
 
 Ratios > 1 mean ctxcore is better (faster, or fewer bytes). Every figure is the median of
 ``--reps`` interleaved repetitions (full, ctxcore, full, ctxcore, ...); min and max are kept in the
-JSON (default bench-results/e2e.json).
+JSON (default bench-results/e2e.json). ``paired`` also gives the ratios per repetition (each ctxcore
+run against the DynamicCache run just before it), robust to a machine whose speed drifts.
 
 Usage: python benches/bench_e2e.py [--lengths 2048 4096 7168] [--reps 3] [--steps 32]
 """
@@ -72,6 +73,11 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
+def paired(num: list[dict], den: list[dict], key: str) -> dict:
+    """Spread of the per-repetition ratios ``num[i][key] / den[i][key]``."""
+    return spread([a[key] / b[key] for a, b in zip(num, den, strict=True)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", nargs="+", type=int, default=[2048, 4096, 7168])
@@ -108,6 +114,14 @@ def main() -> None:
         row["ttft_ratio_train"] = t["ttft_s"]["median"] / f["ttft_s"]["median"]
         row["tpot_speedup"] = f["tpot_s"]["median"] / c["tpot_s"]["median"]
         row["kv_vs_fp16"] = c["kv_bytes_per_token"]["median"] / f["kv_bytes_per_token"]["median"]
+        # Per repetition, against the DynamicCache run just before it: on a VM whose speed drifts
+        # between minutes, the adjacent pair is the fairer comparison.
+        full = runs["full"]
+        row["paired"] = {
+            "ttft_ratio": paired(runs["ctxcore4"], full, "ttft_s"),
+            "ttft_ratio_train": paired(runs["ctxcore4-train"], full, "ttft_s"),
+            "tpot_speedup": paired(full, runs["ctxcore4"], "tpot_s"),
+        }
         rows.append(row)
         print(
             f"L={n}: TTFT full {f['ttft_s']['median']:.2f} s, ctxcore {c['ttft_s']['median']:.2f} s "
@@ -115,7 +129,9 @@ def main() -> None:
             f"{row['ttft_ratio_train']:.2f}x); TPOT full {f['tpot_s']['median'] * 1e3:.1f} ms, ctxcore "
             f"{c['tpot_s']['median'] * 1e3:.1f} ms ({row['tpot_speedup']:.2f}x faster); KV "
             f"{c['kv_bytes_per_token']['median']:.0f} B/token = {row['kv_vs_fp16']:.3f}x of fp16; layers "
-            f"with reused codebooks {c['reused_layers']}",
+            f"with reused codebooks {c['reused_layers']}; paired per repetition: TTFT ratio "
+            f"{row['paired']['ttft_ratio']['median']:.2f}x, TPOT speedup "
+            f"{row['paired']['tpot_speedup']['median']:.2f}x",
             flush=True,
         )
     batch = run_batch(model, ids, args) if args.batch else None
@@ -150,10 +166,12 @@ def run_batch(model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     batch["throughput_ratio"] = (
         batch["ctxcore4"]["tokens_per_s"]["median"] / batch["full"]["tokens_per_s"]["median"]
     )
+    batch["paired_throughput_ratio"] = paired(bruns["ctxcore4"], bruns["full"], "tokens_per_s")
     bf, bc = batch["full"]["tokens_per_s"]["median"], batch["ctxcore4"]["tokens_per_s"]["median"]
     print(
         f"batch {args.batch} x {args.batch_tokens}: full {bf:.1f} tok/s, ctxcore {bc:.1f} tok/s "
-        f"({batch['throughput_ratio']:.2f}x)",
+        f"({batch['throughput_ratio']:.2f}x; paired per repetition "
+        f"{batch['paired_throughput_ratio']['median']:.2f}x)",
         flush=True,
     )
     return batch
