@@ -18,9 +18,10 @@ Then a batch of ``--batch`` sequences of ``--batch-tokens`` tokens (different te
 decode throughput (tokens/s over ``--steps`` steps) for both caches.
 
 Ratios > 1 mean ctxcore is better (faster, or fewer bytes). Every figure is the median of
-``--reps`` interleaved repetitions (full, ctxcore, full, ctxcore, ...); min and max are kept in the
+``--reps`` interleaved repetitions (full, ctxcore, ..., the order rotated by one per repetition so
+that no cache always runs right after another); min and max are kept in the
 JSON (default bench-results/e2e.json). ``paired`` also gives the ratios per repetition (each ctxcore
-run against the DynamicCache run just before it), robust to a machine whose speed drifts.
+run against the DynamicCache run of the same repetition), robust to a machine whose speed drifts.
 
 Usage: python benches/bench_e2e.py [--lengths 2048 4096 7168] [--reps 3] [--steps 32]
 """
@@ -73,6 +74,14 @@ def spread(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
 
 
+def rotated(methods: list[str], rep: int) -> list[str]:
+    """The order of repetition ``rep``: rotated by one each time, so that each method runs in
+    each position equally often (measured on the 2-core VM, 2026-12-08: the run right after a
+    DynamicCache run prefilled 2K tokens 0.1-1.3 s slower, whichever cache it was)."""
+    k = rep % len(methods)
+    return methods[k:] + methods[:k]
+
+
 def paired(num: list[dict], den: list[dict], key: str) -> dict:
     """Spread of the per-repetition ratios ``num[i][key] / den[i][key]``."""
     return spread([a[key] / b[key] for a, b in zip(num, den, strict=True)])
@@ -101,8 +110,8 @@ def main() -> None:
     rows = []
     for n in args.lengths:
         runs: dict[str, list[dict]] = {"full": [], "ctxcore4": [], "ctxcore4-train": []}
-        for _ in range(args.reps):
-            for m in runs:
+        for rep in range(args.reps):
+            for m in rotated(list(runs), rep):
                 runs[m].append(single(model, ids[None, :n], m, args.steps))
         row = {"tokens": n}
         for m, rs in runs.items():
@@ -114,8 +123,8 @@ def main() -> None:
         row["ttft_ratio_train"] = t["ttft_s"]["median"] / f["ttft_s"]["median"]
         row["tpot_speedup"] = f["tpot_s"]["median"] / c["tpot_s"]["median"]
         row["kv_vs_fp16"] = c["kv_bytes_per_token"]["median"] / f["kv_bytes_per_token"]["median"]
-        # Per repetition, against the DynamicCache run just before it: on a VM whose speed drifts
-        # between minutes, the adjacent pair is the fairer comparison.
+        # Per repetition, against the DynamicCache run of the same repetition: on a VM whose
+        # speed drifts between minutes, runs close in time are the fairer comparison.
         full = runs["full"]
         row["paired"] = {
             "ttft_ratio": paired(runs["ctxcore4"], full, "ttft_s"),
@@ -158,8 +167,8 @@ def run_batch(model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     starts = [i * 7919 for i in range(args.batch)]
     bids = torch.stack([ids[s : s + args.batch_tokens] for s in starts])
     bruns: dict[str, list[dict]] = {"full": [], "ctxcore4": []}
-    for _ in range(args.reps):
-        for m in bruns:
+    for rep in range(args.reps):
+        for m in rotated(list(bruns), rep):
             bruns[m].append(batched(model, bids, m, args.steps))
     keys = ("step_s", "tokens_per_s")
     batch = {m: {k: spread([r[k] for r in rs]) for k in keys} for m, rs in bruns.items()}
