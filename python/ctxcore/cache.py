@@ -731,7 +731,8 @@ class CompressedCache(Cache):
         codebooks: where online calibration gets its codebooks. ``"reuse"`` (default): from the
             model's file in the codebook cache (:func:`ctxcore.codebooks.cache_dir`), per layer
             where they fit this context (:data:`ctxcore.codebooks.FIT_RATIO`), else trained
-            here; the first context that trains every layer publishes them there.
+            here; the first context that trains every layer publishes them there, and a
+            longer context replaces the stored layers it trains (they did not fit it).
             ``"train"``: always trained on this context, nothing read or written. A path: a
             codebook file to reuse from and publish to, instead of the cache's.
             :attr:`codebook_source` tells, per layer, what happened.
