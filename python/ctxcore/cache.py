@@ -1011,7 +1011,8 @@ class CompressedCache(Cache):
         self.codebook_source[layer] = "trained"
         if path is None:
             return
-        if stored is None or n > stored.layers[layer].tokens:
+        # Worth publishing: a long enough context, and a new file or more tokens than stored.
+        if n >= _books.MIN_PUBLISH_TOKENS and (stored is None or n > stored.layers[layer].tokens):
             errs = [_books.relative_error(books[i], kv[i]) for i in (0, 1)]
             self._trained[layer] = _books.LayerBooks(books[0], books[1], errs[0], errs[1], n)
         self._maybe_publish(path)
@@ -1021,8 +1022,7 @@ class CompressedCache(Cache):
         :meth:`_online_books`) to the codebook file; a new file needs every layer."""
         if path is None or None in self.codebook_source:
             return
-        least = _books.MIN_PUBLISH_TOKENS
-        new = {i: lb for i, lb in enumerate(self._trained) if lb is not None and lb.tokens >= least}
+        new = {i: lb for i, lb in enumerate(self._trained) if lb is not None}
         self._trained = [None] * self.num_layers  # the store holds them; this was for publishing
         if not new:
             return

@@ -486,11 +486,11 @@ impl RamTier {
 /// Key and value centroids of every KV head, each Layout `(H, m, ksub, dsub)`.
 pub(crate) type FlatBooks = Arc<(Vec<f32>, Vec<f32>)>;
 
-/// One layer's quantizers (one per KV head), shared by the snapshots that read them.
 /// A layer's held codebooks and their [`LayerBooks::expanded`] copy, which a batched decode
 /// step encodes with while the layer still holds the former.
 pub(crate) type Expanded<'a> = (&'a Arc<LayerBooks>, &'a LayerBooks);
 
+/// One layer's quantizers (one per KV head), shared by the snapshots that read them.
 pub(crate) struct LayerBooks {
     k: Vec<ProductQuantizer>,
     v: Vec<ProductQuantizer>,
